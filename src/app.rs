@@ -1,0 +1,133 @@
+//! Init: configuration -> model bytes -> engine -> service, timed step by step.
+//!
+//! Runs once per execution environment (the Lambda init phase, or the CLI's start). Both the
+//! `bootstrap` binary and the CLI build the same [`App`], so a local invoke exercises exactly what
+//! the function runs. Must not run on the request path.
+
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::artifacts::{self, ArtifactError};
+use crate::config::Config;
+use crate::engine::{self, EngineError};
+use crate::service::{ModelMeta, Service};
+
+/// Why init failed; `error_type` is the stable name reported to Lambda and in logs.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error("InvalidModel: {0}")]
+    Engine(#[from] EngineError),
+}
+
+impl InitError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            InitError::Artifact(a) => a.error_type(),
+            InitError::Engine(_) => "InvalidModel",
+        }
+    }
+}
+
+/// Where init time went, in milliseconds.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct InitReport {
+    pub fetch_ms: f64,
+    pub verify_ms: f64,
+    /// GGUF parse + weight preparation + tokenizer build.
+    pub engine_ms: f64,
+    pub total_ms: f64,
+    pub model_bytes: usize,
+}
+
+/// Everything an execution environment serves with.
+pub struct App {
+    pub service: Service,
+    pub report: InitReport,
+}
+
+/// Sizes the compute pool. Must run before any candle or rayon work: rayon's global pool is built
+/// once, and candle's gemm reads RAYON_NUM_THREADS to split work. Rayon workers park on a condvar
+/// after a short yield loop, so idle threads do not burn the function's CPU share.
+pub fn configure_threads(threads: usize) {
+    // SAFETY of set_var (a plain fn in edition 2021): called at process start, before other
+    // threads exist that could read the environment concurrently.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("compute-{i}"))
+        .build_global();
+}
+
+impl App {
+    /// Loads and verifies the model and builds the engine. Blocking (CPU and file I/O).
+    pub fn init(config: &Config) -> Result<App, InitError> {
+        let t0 = Instant::now();
+        let art = artifacts::load(&config.model_uri, config.model_sha256.as_deref())?;
+        let t1 = Instant::now();
+        let engine = engine::load(&art.bytes)?;
+        let engine_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let model_bytes = art.bytes.len();
+        drop(art.bytes);
+        let id = config
+            .model_id
+            .clone()
+            .unwrap_or_else(|| engine.info().name.clone());
+        let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let report = InitReport {
+            fetch_ms: art.fetch_ms,
+            verify_ms: art.verify_ms,
+            engine_ms,
+            total_ms,
+            model_bytes,
+        };
+        if config.model_sha256.is_none() {
+            tracing::info!(sha256 = %art.sha256, "MODEL_SHA256 unset: digest computed, not enforced");
+        }
+        tracing::info!(
+            target: "cold_start",
+            breakdown = %json!({
+                "model": id, "source": art.source, "sha256": art.sha256,
+                "threads": config.threads, "threads_reason": config.threads_reason,
+                "fetch_ms": report.fetch_ms, "verify_ms": report.verify_ms,
+                "engine_ms": report.engine_ms, "total_ms": report.total_ms,
+                "bytes": model_bytes,
+            }),
+            "model ready"
+        );
+        let meta = ModelMeta {
+            id,
+            sha256: art.sha256,
+            source: art.source,
+            init_ms: total_ms,
+            threads: config.threads,
+        };
+        Ok(App {
+            service: Service::new(engine, config.limits, meta),
+            report,
+        })
+    }
+}
+
+/// JSON logs on stderr (what Lambda's JSON log format expects), level from RUST_LOG or
+/// AWS_LAMBDA_LOG_LEVEL, default info.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| {
+            EnvFilter::try_new(
+                std::env::var("AWS_LAMBDA_LOG_LEVEL")
+                    .unwrap_or_else(|_| "info".into())
+                    .to_lowercase(),
+            )
+        })
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_current_span(false)
+        .try_init();
+}

@@ -1,0 +1,134 @@
+//! Model artifacts: where the GGUF bytes come from, and proof of what they are.
+//!
+//! Used once, at init: the bytes are read (a local file now; S3 through the same interface),
+//! hashed with SHA-256 and checked against MODEL_SHA256 before any engine sees them. Must not
+//! parse the model, and must not be called on the request path.
+
+use std::io::Read;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::ModelUri;
+
+/// Why the model could not be had. The names are the stable `errorType`s of init failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("ModelNotFound: {0}")]
+    NotFound(String),
+    #[error("AccessDenied: {0}")]
+    AccessDenied(String),
+    #[error("DigestMismatch: model {source} has sha256 {actual}, MODEL_SHA256 expects {expected}")]
+    DigestMismatch {
+        source: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("FetchFailed: {0}")]
+    Io(String),
+    #[error("Unsupported: {0}")]
+    Unsupported(String),
+}
+
+impl ArtifactError {
+    /// The stable Lambda `errorType` for an init failure of this kind.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ArtifactError::NotFound(_) => "ModelNotFound",
+            ArtifactError::AccessDenied(_) => "AccessDenied",
+            ArtifactError::DigestMismatch { .. } => "DigestMismatch",
+            ArtifactError::Io(_) => "FetchFailed",
+            ArtifactError::Unsupported(_) => "InvalidConfig",
+        }
+    }
+}
+
+/// Model bytes in memory, with their digest and timings.
+pub struct Artifact {
+    pub bytes: Vec<u8>,
+    /// Lowercase hex SHA-256 of `bytes`.
+    pub sha256: String,
+    pub source: String,
+    pub fetch_ms: f64,
+    pub verify_ms: f64,
+}
+
+/// Fetches the model named by `uri` into memory and verifies it against `expected_sha256`.
+pub fn load(uri: &ModelUri, expected_sha256: Option<&str>) -> Result<Artifact, ArtifactError> {
+    match uri {
+        ModelUri::File(p) => load_file(p, expected_sha256),
+        ModelUri::S3 { .. } => Err(ArtifactError::Unsupported(format!(
+            "{uri}: S3 model sources are not built into this version"
+        ))),
+    }
+}
+
+fn load_file(path: &Path, expected: Option<&str>) -> Result<Artifact, ArtifactError> {
+    let source = path.display().to_string();
+    let t0 = std::time::Instant::now();
+    let mut f = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ArtifactError::NotFound(format!("{source}: no such file")),
+        std::io::ErrorKind::PermissionDenied => ArtifactError::AccessDenied(format!("{source}: {e}")),
+        _ => ArtifactError::Io(format!("{source}: {e}")),
+    })?;
+    let len = f.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    // One read into one preallocated buffer; hashing it afterwards touches warm cache lines.
+    let mut bytes = Vec::with_capacity(len);
+    f.read_to_end(&mut bytes)
+        .map_err(|e| ArtifactError::Io(format!("{source}: {e}")))?;
+    let fetch_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = std::time::Instant::now();
+    let sha256 = hex(&Sha256::digest(&bytes));
+    let verify_ms = t1.elapsed().as_secs_f64() * 1e3;
+    verify(&source, &sha256, expected)?;
+    Ok(Artifact {
+        bytes,
+        sha256,
+        source,
+        fetch_ms,
+        verify_ms,
+    })
+}
+
+/// Fails with both digests named when `expected` is set and differs.
+pub fn verify(source: &str, actual: &str, expected: Option<&str>) -> Result<(), ArtifactError> {
+    match expected {
+        Some(exp) if !exp.eq_ignore_ascii_case(actual) => Err(ArtifactError::DigestMismatch {
+            source: source.to_owned(),
+            expected: exp.to_owned(),
+            actual: actual.to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_is_read_hashed_and_verified() {
+        let dir = std::env::temp_dir().join(format!("li-art-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("m.gguf");
+        std::fs::write(&p, b"abc").unwrap();
+        let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let a = load(&ModelUri::File(p.clone()), Some(sha)).unwrap();
+        assert_eq!(a.bytes, b"abc");
+        assert_eq!(a.sha256, sha);
+        let e = load(&ModelUri::File(p.clone()), Some(&"0".repeat(64))).err().unwrap();
+        assert_eq!(e.error_type(), "DigestMismatch");
+        assert!(e.to_string().contains(sha), "{e}");
+        let e = load(&ModelUri::File(dir.join("nope.gguf")), None).err().unwrap();
+        assert_eq!(e.error_type(), "ModelNotFound");
+    }
+}

@@ -1,0 +1,1 @@
+//! Bench commands (stub; being written).

@@ -1,0 +1,42 @@
+//! `lambda-inference`: the local face of the function. `invoke` runs the very handler the
+//! function runs, in process, and prints exactly what Lambda would return; `convert` turns a
+//! Hugging Face folder into a GGUF; `bench` measures cold start, latency and throughput.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use lambda_inference::{app, config::Config, events};
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs the function's handler on an event file (events/*.json) and prints the response.
+    Invoke {
+        event: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Invoke { event } => {
+            let config = Config::from_env()?;
+            app::configure_threads(config.threads);
+            let raw = std::fs::read(&event).with_context(|| format!("reading {}", event.display()))?;
+            let event: serde_json::Value = serde_json::from_slice(&raw)
+                .with_context(|| format!("{} is not JSON", event.display()))?;
+            let app = app::App::init(&config).map_err(|e| anyhow::anyhow!("{}: {e}", e.error_type()))?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let out = rt.block_on(events::handle(&app.service, event));
+            println!("{}", serde_json::to_string(&out)?);
+        }
+    }
+    Ok(())
+}

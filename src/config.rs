@@ -1,0 +1,302 @@
+//! Configuration: every environment variable the function reads, read once, validated into typed
+//! values. Errors name the variable. Nothing else in the crate calls `std::env::var` (the AWS SDK
+//! reads its own standard variables, AWS_ENDPOINT_URL_S3 and friends).
+
+use std::path::{Path, PathBuf};
+
+use crate::service::Limits;
+
+/// Where the model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelUri {
+    /// A local file (`file:///path` or a plain path): the model baked into the image, or a dev file.
+    File(PathBuf),
+    /// `s3://bucket/key`.
+    S3 { bucket: String, key: String },
+}
+
+impl std::fmt::Display for ModelUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelUri::File(p) => write!(f, "{}", p.display()),
+            ModelUri::S3 { bucket, key } => write!(f, "s3://{bucket}/{key}"),
+        }
+    }
+}
+
+/// A configuration error: which variable, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+/// Typed configuration of one execution environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub model_uri: ModelUri,
+    /// Lowercase hex SHA-256 the model must have; `None`: computed and reported, not enforced.
+    pub model_sha256: Option<String>,
+    /// Overrides the reported model id.
+    pub model_id: Option<String>,
+    pub limits: Limits,
+    /// Compute threads, and how the number was chosen (for the logs).
+    pub threads: usize,
+    pub threads_reason: String,
+}
+
+/// Where the image keeps its default model (Dockerfile.lambda copies it there).
+pub const IMAGE_DEFAULT_MODEL: &str = "/opt/models/default.gguf";
+/// The local default, made by `scripts/fetch-models`.
+pub const LOCAL_DEFAULT_MODEL: &str = "models/default.gguf";
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads configuration through `get` (the environment, or a map in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let model_uri = match get("MODEL_URI") {
+            Some(v) => parse_model_uri(v.trim())?,
+            None => default_model()?,
+        };
+        let model_sha256 = match get("MODEL_SHA256") {
+            Some(v) => {
+                let v = v.trim().to_ascii_lowercase();
+                if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(err("MODEL_SHA256", format!("expected 64 hex digits, got {v:?}")));
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        let d = Limits::default();
+        let limits = Limits {
+            max_inputs: positive(&get, "MAX_INPUTS", d.max_inputs)?,
+            max_input_tokens: positive(&get, "MAX_INPUT_TOKENS", d.max_input_tokens)?,
+            max_new_tokens: positive(&get, "MAX_NEW_TOKENS", d.max_new_tokens)?,
+            max_request_bytes: positive(&get, "MAX_REQUEST_BYTES", d.max_request_bytes)?,
+        };
+        let memory_mb = match get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE") {
+            Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+                err("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", format!("not a number: {v:?}"))
+            })?),
+            None => None,
+        };
+        let explicit = match get("THREADS") {
+            Some(v) => Some(
+                v.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=256).contains(n))
+                    .ok_or_else(|| err("THREADS", format!("expected 1..=256, got {v:?}")))?,
+            ),
+            None => None,
+        };
+        let visible = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (threads, threads_reason) =
+            compute_threads(explicit, memory_mb, cgroup_cpu_quota(), visible);
+        Ok(Config {
+            model_uri,
+            model_sha256,
+            model_id: get("MODEL_ID").map(|s| s.trim().to_owned()),
+            limits,
+            threads,
+            threads_reason,
+        })
+    }
+}
+
+fn positive(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    match get(var) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| err(var, format!("expected a positive integer, got {v:?}"))),
+    }
+}
+
+fn default_model() -> Result<ModelUri, ConfigError> {
+    for p in [IMAGE_DEFAULT_MODEL, LOCAL_DEFAULT_MODEL] {
+        if Path::new(p).exists() {
+            return Ok(ModelUri::File(PathBuf::from(p)));
+        }
+    }
+    Err(err(
+        "MODEL_URI",
+        format!(
+            "unset, and no default model at {IMAGE_DEFAULT_MODEL} or ./{LOCAL_DEFAULT_MODEL} \
+             (run scripts/fetch-models, or set MODEL_URI=s3://bucket/key.gguf or a path)"
+        ),
+    ))
+}
+
+/// Parses `s3://bucket/key`, `file:///path` or a plain path.
+pub fn parse_model_uri(v: &str) -> Result<ModelUri, ConfigError> {
+    if let Some(rest) = v.strip_prefix("s3://") {
+        let (bucket, key) = rest
+            .split_once('/')
+            .filter(|(b, k)| !b.is_empty() && !k.is_empty())
+            .ok_or_else(|| err("MODEL_URI", format!("expected s3://bucket/key, got {v:?}")))?;
+        return Ok(ModelUri::S3 {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+        });
+    }
+    if let Some(path) = v.strip_prefix("file://") {
+        if path.is_empty() {
+            return Err(err("MODEL_URI", "file:// needs a path"));
+        }
+        return Ok(ModelUri::File(PathBuf::from(path)));
+    }
+    if v.contains("://") {
+        return Err(err(
+            "MODEL_URI",
+            format!("unsupported scheme in {v:?}: use s3://, file:// or a path"),
+        ));
+    }
+    Ok(ModelUri::File(PathBuf::from(v)))
+}
+
+/// Chooses the compute pool size. Lambda shows every function 2+ CPUs but gives a *share* of a
+/// vCPU proportional to memory (1,769 MB = one full vCPU, up to 6 at 10,240 MB); threads beyond
+/// that share only contend. So: THREADS if set; otherwise the smallest of the memory-derived share,
+/// the cgroup CPU quota and the visible CPUs.
+pub fn compute_threads(
+    explicit: Option<usize>,
+    lambda_memory_mb: Option<u64>,
+    cgroup_quota_cpus: Option<f64>,
+    visible: usize,
+) -> (usize, String) {
+    if let Some(n) = explicit {
+        return (n, format!("THREADS={n}"));
+    }
+    let mut n = visible.max(1);
+    let mut why = format!("{visible} visible CPUs");
+    if let Some(mb) = lambda_memory_mb {
+        let share = (mb as f64 / 1769.0).ceil().max(1.0) as usize;
+        if share < n {
+            n = share;
+            why = format!("{mb} MB Lambda memory = {share} vCPU share");
+        }
+    }
+    if let Some(q) = cgroup_quota_cpus {
+        let share = q.ceil().max(1.0) as usize;
+        if share < n {
+            n = share;
+            why = format!("cgroup CPU quota {q:.2} CPUs");
+        }
+    }
+    (n, why)
+}
+
+/// CPU quota from cgroup v2 `cpu.max` ("max 100000" means unlimited) or v1 cfs files.
+fn cgroup_cpu_quota() -> Option<f64> {
+    if let Ok(s) = std::fs::read_to_string("/sys/fs/cgroup/cpu.max") {
+        let mut it = s.split_whitespace();
+        let (q, p) = (it.next()?, it.next()?);
+        if q == "max" {
+            return None;
+        }
+        return Some(q.parse::<f64>().ok()? / p.parse::<f64>().ok()?);
+    }
+    let q: f64 = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let p: f64 = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (q > 0.0 && p > 0.0).then(|| q / p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.entry("MODEL_URI".into()).or_insert("/tmp/x.gguf".into());
+        Config::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn model_uri_forms() {
+        assert_eq!(
+            parse_model_uri("s3://b/k/m.gguf").unwrap(),
+            ModelUri::S3 { bucket: "b".into(), key: "k/m.gguf".into() }
+        );
+        assert_eq!(parse_model_uri("file:///a/b").unwrap(), ModelUri::File("/a/b".into()));
+        assert_eq!(parse_model_uri("rel/m.gguf").unwrap(), ModelUri::File("rel/m.gguf".into()));
+        for bad in ["s3://", "s3://bucket", "s3://bucket/", "http://x/y", "file://"] {
+            let e = parse_model_uri(bad).unwrap_err();
+            assert_eq!(e.var, "MODEL_URI", "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        for (var, val) in [
+            ("MODEL_SHA256", "abc"),
+            ("MAX_INPUTS", "0"),
+            ("MAX_INPUT_TOKENS", "-3"),
+            ("MAX_REQUEST_BYTES", "lots"),
+            ("THREADS", "0"),
+            ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "big"),
+        ] {
+            let e = cfg(&[(var, val)]).unwrap_err();
+            assert_eq!(e.var, var);
+            assert!(e.to_string().starts_with(var), "{e}");
+        }
+    }
+
+    #[test]
+    fn digest_is_normalized_and_limits_parse() {
+        let c = cfg(&[
+            ("MODEL_SHA256", &"AB".repeat(32)),
+            ("MAX_INPUTS", "7"),
+            ("THREADS", "3"),
+        ])
+        .unwrap();
+        assert_eq!(c.model_sha256.unwrap(), "ab".repeat(32));
+        assert_eq!(c.limits.max_inputs, 7);
+        assert_eq!(c.threads, 3);
+    }
+
+    #[test]
+    fn threads_follow_lambda_memory_and_quota_not_visible_cpus() {
+        assert_eq!(compute_threads(None, Some(1024), None, 2).0, 1);
+        assert_eq!(compute_threads(None, Some(1769), None, 2).0, 1);
+        assert_eq!(compute_threads(None, Some(3538), None, 6).0, 2);
+        assert_eq!(compute_threads(None, Some(10240), None, 6).0, 6);
+        assert_eq!(compute_threads(None, None, Some(0.5), 4).0, 1);
+        assert_eq!(compute_threads(None, None, Some(1.5), 4).0, 2);
+        assert_eq!(compute_threads(None, None, None, 2).0, 2);
+        assert_eq!(compute_threads(Some(4), Some(128), Some(0.1), 1).0, 4);
+    }
+}

@@ -1,0 +1,1 @@
+//! Hugging Face folder -> GGUF converter (stub; being written).

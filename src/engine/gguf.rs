@@ -1,0 +1,130 @@
+//! GGUF names shared by the converter (writer) and the engines (readers).
+//!
+//! Keys and tensor names follow llama.cpp's converter for BERT (`bert.*`, `token_embd`,
+//! `blk.N.attn_q`, ...) so that BERT GGUFs written by llama.cpp load too. Two keys are ours,
+//! because llama.cpp has no place for them: the sentence-transformers truncation length and whether
+//! the pipeline ends with a Normalize module. Must not do any I/O of its own.
+
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+
+use super::EngineError;
+
+pub const ARCHITECTURE: &str = "general.architecture";
+pub const NAME: &str = "general.name";
+pub const FILE_TYPE: &str = "general.file_type";
+
+pub const BERT_CONTEXT_LENGTH: &str = "bert.context_length";
+pub const BERT_EMBEDDING_LENGTH: &str = "bert.embedding_length";
+pub const BERT_FEED_FORWARD_LENGTH: &str = "bert.feed_forward_length";
+pub const BERT_BLOCK_COUNT: &str = "bert.block_count";
+pub const BERT_HEAD_COUNT: &str = "bert.attention.head_count";
+pub const BERT_LAYER_NORM_EPS: &str = "bert.attention.layer_norm_epsilon";
+pub const BERT_CAUSAL: &str = "bert.attention.causal";
+/// llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last.
+pub const BERT_POOLING_TYPE: &str = "bert.pooling_type";
+
+/// Ours: tokens per input sentence-transformers feeds the model (`max_seq_length`, 256 for
+/// all-MiniLM-L6-v2); absent: `bert.context_length`.
+pub const ST_MAX_SEQ_LENGTH: &str = "sentence_transformers.max_seq_length";
+/// Ours: whether embeddings are L2-normalized (a Normalize module); absent: true.
+pub const ST_NORMALIZE: &str = "sentence_transformers.normalize";
+
+/// The Hugging Face tokenizer.json, verbatim (standard GGUF key).
+pub const TOKENIZER_HF_JSON: &str = "tokenizer.huggingface.json";
+pub const TOKENIZER_MODEL: &str = "tokenizer.ggml.model";
+pub const TOKENIZER_TOKENS: &str = "tokenizer.ggml.tokens";
+pub const TOKENIZER_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+pub const TOKENIZER_TOKEN_TYPE_COUNT: &str = "tokenizer.ggml.token_type_count";
+pub const TOKENIZER_UNK_ID: &str = "tokenizer.ggml.unknown_token_id";
+/// (sic) llama.cpp spells it this way.
+pub const TOKENIZER_SEP_ID: &str = "tokenizer.ggml.seperator_token_id";
+pub const TOKENIZER_PAD_ID: &str = "tokenizer.ggml.padding_token_id";
+pub const TOKENIZER_CLS_ID: &str = "tokenizer.ggml.cls_token_id";
+pub const TOKENIZER_MASK_ID: &str = "tokenizer.ggml.mask_token_id";
+
+/// llama.cpp pooling types.
+pub const POOLING_NONE: u32 = 0;
+pub const POOLING_MEAN: u32 = 1;
+pub const POOLING_CLS: u32 = 2;
+pub const POOLING_LAST: u32 = 3;
+
+/// Tensor names (llama.cpp's BERT naming). `{i}` is the block index.
+pub mod tensor {
+    pub const TOKEN_EMBD: &str = "token_embd.weight";
+    pub const POSITION_EMBD: &str = "position_embd.weight";
+    pub const TOKEN_TYPES: &str = "token_types.weight";
+    pub const TOKEN_EMBD_NORM: &str = "token_embd_norm";
+    pub fn blk(i: usize, name: &str) -> String {
+        format!("blk.{i}.{name}")
+    }
+    pub const ATTN_Q: &str = "attn_q";
+    pub const ATTN_K: &str = "attn_k";
+    pub const ATTN_V: &str = "attn_v";
+    pub const ATTN_OUTPUT: &str = "attn_output";
+    pub const ATTN_OUTPUT_NORM: &str = "attn_output_norm";
+    pub const FFN_UP: &str = "ffn_up";
+    pub const FFN_DOWN: &str = "ffn_down";
+    pub const LAYER_OUTPUT_NORM: &str = "layer_output_norm";
+}
+
+/// Typed access to GGUF metadata with errors that name the key.
+pub struct Meta<'a>(pub &'a HashMap<String, Value>);
+
+impl<'a> Meta<'a> {
+    pub fn of(content: &'a Content) -> Self {
+        Meta(&content.metadata)
+    }
+
+    fn get(&self, key: &str) -> Result<&'a Value, EngineError> {
+        self.0
+            .get(key)
+            .ok_or_else(|| EngineError::InvalidModel(format!("GGUF metadata has no {key}")))
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    pub fn str(&self, key: &str) -> Result<&'a str, EngineError> {
+        self.get(key)?
+            .to_string()
+            .map(String::as_str)
+            .map_err(|e| EngineError::InvalidModel(format!("{key}: {e}")))
+    }
+
+    /// Any unsigned or signed integer type, as llama.cpp and other writers differ.
+    pub fn usize(&self, key: &str) -> Result<usize, EngineError> {
+        let v = self.get(key)?;
+        let n: Option<i128> = match v {
+            Value::U8(x) => Some(*x as i128),
+            Value::I8(x) => Some(*x as i128),
+            Value::U16(x) => Some(*x as i128),
+            Value::I16(x) => Some(*x as i128),
+            Value::U32(x) => Some(*x as i128),
+            Value::I32(x) => Some(*x as i128),
+            Value::U64(x) => Some(*x as i128),
+            Value::I64(x) => Some(*x as i128),
+            _ => None,
+        };
+        n.filter(|n| *n >= 0)
+            .map(|n| n as usize)
+            .ok_or_else(|| EngineError::InvalidModel(format!("{key}: not a non-negative integer")))
+    }
+
+    pub fn f32(&self, key: &str) -> Result<f32, EngineError> {
+        match self.get(key)? {
+            Value::F32(x) => Ok(*x),
+            Value::F64(x) => Ok(*x as f32),
+            _ => Err(EngineError::InvalidModel(format!("{key}: not a float"))),
+        }
+    }
+
+    pub fn bool(&self, key: &str) -> Result<bool, EngineError> {
+        match self.get(key)? {
+            Value::Bool(b) => Ok(*b),
+            _ => Err(EngineError::InvalidModel(format!("{key}: not a bool"))),
+        }
+    }
+}
