@@ -75,7 +75,10 @@ impl Config {
             Some(v) => {
                 let v = v.trim().to_ascii_lowercase();
                 if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(err("MODEL_SHA256", format!("expected 64 hex digits, got {v:?}")));
+                    return Err(err(
+                        "MODEL_SHA256",
+                        format!("expected 64 hex digits, got {v:?}"),
+                    ));
                 }
                 Some(v)
             }
@@ -90,7 +93,10 @@ impl Config {
         };
         let memory_mb = match get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE") {
             Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
-                err("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", format!("not a number: {v:?}"))
+                err(
+                    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+                    format!("not a number: {v:?}"),
+                )
             })?),
             None => None,
         };
@@ -249,11 +255,26 @@ mod tests {
     fn model_uri_forms() {
         assert_eq!(
             parse_model_uri("s3://b/k/m.gguf").unwrap(),
-            ModelUri::S3 { bucket: "b".into(), key: "k/m.gguf".into() }
+            ModelUri::S3 {
+                bucket: "b".into(),
+                key: "k/m.gguf".into()
+            }
         );
-        assert_eq!(parse_model_uri("file:///a/b").unwrap(), ModelUri::File("/a/b".into()));
-        assert_eq!(parse_model_uri("rel/m.gguf").unwrap(), ModelUri::File("rel/m.gguf".into()));
-        for bad in ["s3://", "s3://bucket", "s3://bucket/", "http://x/y", "file://"] {
+        assert_eq!(
+            parse_model_uri("file:///a/b").unwrap(),
+            ModelUri::File("/a/b".into())
+        );
+        assert_eq!(
+            parse_model_uri("rel/m.gguf").unwrap(),
+            ModelUri::File("rel/m.gguf".into())
+        );
+        for bad in [
+            "s3://",
+            "s3://bucket",
+            "s3://bucket/",
+            "http://x/y",
+            "file://",
+        ] {
             let e = parse_model_uri(bad).unwrap_err();
             assert_eq!(e.var, "MODEL_URI", "{bad}");
         }

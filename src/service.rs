@@ -184,7 +184,8 @@ enum EncodingFormat {
 struct EmbeddingsRequest {
     input: Inputs,
     #[serde(default)]
-    #[allow(dead_code)] // accepted for OpenAI compatibility; the loaded model answers regardless
+    #[allow(dead_code)]
+    // accepted for OpenAI compatibility; the loaded model answers regardless
     model: Option<String>,
     #[serde(default)]
     encoding_format: Option<EncodingFormat>,
@@ -198,7 +199,10 @@ struct EmbeddingsRequest {
 /// Parses a JSON body into `T`: a syntax error is 400, a shape/type error 422.
 pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ApiError::new(ErrorKind::InvalidJson, "request body is empty"));
+        return Err(ApiError::new(
+            ErrorKind::InvalidJson,
+            "request body is empty",
+        ));
     }
     serde_json::from_slice(body).map_err(|e| {
         use serde_json::error::Category;
@@ -206,9 +210,10 @@ pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiErr
             Category::Data => {
                 ApiError::new(ErrorKind::InvalidType, format!("invalid request body: {e}"))
             }
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::new(ErrorKind::InvalidJson, format!("request body is not valid JSON: {e}"))
-            }
+            Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+                ErrorKind::InvalidJson,
+                format!("request body is not valid JSON: {e}"),
+            ),
         }
     })
 }
@@ -263,7 +268,11 @@ impl Service {
             }
         };
         if req.method != allowed {
-            let m = if allowed == Method::Get { "GET" } else { "POST" };
+            let m = if allowed == Method::Get {
+                "GET"
+            } else {
+                "POST"
+            };
             return Err(ApiError::new(
                 ErrorKind::MethodNotAllowed,
                 format!("{path} accepts {m} only"),
@@ -295,7 +304,10 @@ impl Service {
                 } else {
                     Err(ApiError::new(
                         ErrorKind::NotFound,
-                        format!("model {id:?} is not served here; this function serves {:?}", self.meta.id),
+                        format!(
+                            "model {id:?} is not served here; this function serves {:?}",
+                            self.meta.id
+                        ),
                     )
                     .with_param("model"))
                 }
@@ -332,7 +344,8 @@ impl Service {
         let inputs = req.input.0;
         if inputs.is_empty() {
             return Err(
-                ApiError::new(ErrorKind::InvalidValue, "input must not be empty").with_param("input")
+                ApiError::new(ErrorKind::InvalidValue, "input must not be empty")
+                    .with_param("input"),
             );
         }
         if inputs.len() > self.limits.max_inputs {

@@ -18,9 +18,9 @@ pub enum ArtifactError {
     NotFound(String),
     #[error("AccessDenied: {0}")]
     AccessDenied(String),
-    #[error("DigestMismatch: model {source} has sha256 {actual}, MODEL_SHA256 expects {expected}")]
+    #[error("DigestMismatch: model {uri} has sha256 {actual}, MODEL_SHA256 expects {expected}")]
     DigestMismatch {
-        source: String,
+        uri: String,
         expected: String,
         actual: String,
     },
@@ -68,7 +68,9 @@ fn load_file(path: &Path, expected: Option<&str>) -> Result<Artifact, ArtifactEr
     let t0 = std::time::Instant::now();
     let mut f = std::fs::File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ArtifactError::NotFound(format!("{source}: no such file")),
-        std::io::ErrorKind::PermissionDenied => ArtifactError::AccessDenied(format!("{source}: {e}")),
+        std::io::ErrorKind::PermissionDenied => {
+            ArtifactError::AccessDenied(format!("{source}: {e}"))
+        }
         _ => ArtifactError::Io(format!("{source}: {e}")),
     })?;
     let len = f.metadata().map(|m| m.len() as usize).unwrap_or(0);
@@ -94,7 +96,7 @@ fn load_file(path: &Path, expected: Option<&str>) -> Result<Artifact, ArtifactEr
 pub fn verify(source: &str, actual: &str, expected: Option<&str>) -> Result<(), ArtifactError> {
     match expected {
         Some(exp) if !exp.eq_ignore_ascii_case(actual) => Err(ArtifactError::DigestMismatch {
-            source: source.to_owned(),
+            uri: source.to_owned(),
             expected: exp.to_owned(),
             actual: actual.to_owned(),
         }),
@@ -105,10 +107,12 @@ pub fn verify(source: &str, actual: &str, expected: Option<&str>) -> Result<(), 
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -125,10 +129,14 @@ mod tests {
         let a = load(&ModelUri::File(p.clone()), Some(sha)).unwrap();
         assert_eq!(a.bytes, b"abc");
         assert_eq!(a.sha256, sha);
-        let e = load(&ModelUri::File(p.clone()), Some(&"0".repeat(64))).err().unwrap();
+        let e = load(&ModelUri::File(p.clone()), Some(&"0".repeat(64)))
+            .err()
+            .unwrap();
         assert_eq!(e.error_type(), "DigestMismatch");
         assert!(e.to_string().contains(sha), "{e}");
-        let e = load(&ModelUri::File(dir.join("nope.gguf")), None).err().unwrap();
+        let e = load(&ModelUri::File(dir.join("nope.gguf")), None)
+            .err()
+            .unwrap();
         assert_eq!(e.error_type(), "ModelNotFound");
     }
 }

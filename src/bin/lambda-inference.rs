@@ -18,9 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Runs the function's handler on an event file (events/*.json) and prints the response.
-    Invoke {
-        event: PathBuf,
-    },
+    Invoke { event: PathBuf },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,11 +27,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Invoke { event } => {
             let config = Config::from_env()?;
             app::configure_threads(config.threads);
-            let raw = std::fs::read(&event).with_context(|| format!("reading {}", event.display()))?;
+            let raw =
+                std::fs::read(&event).with_context(|| format!("reading {}", event.display()))?;
             let event: serde_json::Value = serde_json::from_slice(&raw)
                 .with_context(|| format!("{} is not JSON", event.display()))?;
-            let app = app::App::init(&config).map_err(|e| anyhow::anyhow!("{}: {e}", e.error_type()))?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let app =
+                app::App::init(&config).map_err(|e| anyhow::anyhow!("{}: {e}", e.error_type()))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let out = rt.block_on(events::handle(&app.service, event));
             println!("{}", serde_json::to_string(&out)?);
         }
