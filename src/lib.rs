@@ -17,7 +17,6 @@
 
 pub mod app;
 pub mod artifacts;
-pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod engine;

@@ -2,6 +2,8 @@
 //! function runs, in process, and prints exactly what Lambda would return; `convert` turns a
 //! Hugging Face folder into a GGUF; `bench` measures cold start, latency and throughput.
 
+mod bench;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -19,6 +21,26 @@ struct Cli {
 enum Cmd {
     /// Runs the function's handler on an event file (events/*.json) and prints the response.
     Invoke { event: PathBuf },
+    /// Measures cold start, warm latency, throughput and memory; prints figures.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Sentence embeddings on a BERT GGUF (default: the q8_0 MiniLM).
+    Embeddings {
+        #[arg(long, default_value = "models/all-MiniLM-L6-v2.q8_0.gguf")]
+        model: PathBuf,
+        /// Fresh processes spawned for the cold-start figure.
+        #[arg(long, default_value_t = 7)]
+        cold_runs: usize,
+        /// Warm requests timed for p50/p95.
+        #[arg(long, default_value_t = 200)]
+        warm_iters: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +61,18 @@ fn main() -> anyhow::Result<()> {
             let out = rt.block_on(events::handle(&app.service, event));
             println!("{}", serde_json::to_string(&out)?);
         }
+        Cmd::Bench {
+            what:
+                BenchWhat::Embeddings {
+                    model,
+                    cold_runs,
+                    warm_iters,
+                },
+        } => bench::embeddings(&bench::Options {
+            model,
+            cold_runs,
+            warm_iters,
+        })?,
     }
     Ok(())
 }

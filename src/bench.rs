@@ -1,1 +1,0 @@
-//! Bench commands (stub; being written).

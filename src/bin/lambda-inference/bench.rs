@@ -1,0 +1,333 @@
+//! `lambda-inference bench embeddings`: the figures users pay for, printed, never asserted.
+//!
+//! - cold start: spawn of this binary's `invoke` on an API Gateway event -> the response on
+//!   stdout, in fresh processes (page cache warm after the first), with each child's peak RSS;
+//! - warm latency: one short sentence through the full handler (event decode -> engine -> JSON);
+//! - throughput: 256 sentences as 8 requests of 32 inputs through the same handler;
+//! - weight modes: dense f32 vs candle's quantized matmul on the same file, same inputs;
+//! - idle CPU: CPU time burnt while the function waits between requests (must be ~0: no spinning).
+//!
+//! Reference figures (sentence-transformers, ONNX Runtime) were measured on this kind of machine
+//! and are printed beside ours as ratios; they cannot be re-run here (no PyTorch in CI).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use lambda_inference::engine::bert::{BertEmbedder, WeightMode};
+use lambda_inference::engine::Embedder;
+use lambda_inference::{app, config::Config, events};
+use serde_json::{json, Value};
+
+/// Reference figures from ../shared/fixtures/README.md (2-vCPU Zen 4 VM, 2 threads).
+const ST_COLD_S: f64 = 6.0;
+const ST_P50_MS: f64 = 13.8;
+const ST_P95_MS: f64 = 19.6;
+const ST_SENT_S: f64 = 173.0;
+const ST_RSS_MB: f64 = 825.0;
+const ORT_INT8_COLD_S: f64 = 0.25;
+const ORT_INT8_P50_MS: f64 = 2.4;
+const ORT_INT8_SENT_S: f64 = 453.0;
+
+pub struct Options {
+    pub model: PathBuf,
+    pub cold_runs: usize,
+    pub warm_iters: usize,
+}
+
+fn apigw_v2(body: &Value) -> Value {
+    json!({
+        "version": "2.0",
+        "routeKey": "POST /v1/embeddings",
+        "rawPath": "/v1/embeddings",
+        "rawQueryString": "",
+        "headers": {"content-type": "application/json"},
+        "requestContext": {
+            "http": {"method": "POST", "path": "/v1/embeddings", "protocol": "HTTP/1.1",
+                     "sourceIp": "127.0.0.1", "userAgent": "bench"},
+            "stage": "$default", "requestId": "bench", "routeKey": "POST /v1/embeddings"
+        },
+        "body": body.to_string(),
+        "isBase64Encoded": false
+    })
+}
+
+/// Deterministic English-like sentences of 8..=28 words.
+fn sentences(n: usize) -> Vec<String> {
+    const WORDS: &[&str] = &[
+        "the",
+        "function",
+        "model",
+        "serverless",
+        "request",
+        "answers",
+        "quickly",
+        "a",
+        "cold",
+        "start",
+        "from",
+        "memory",
+        "vector",
+        "search",
+        "engine",
+        "returns",
+        "similar",
+        "documents",
+        "for",
+        "every",
+        "query",
+        "while",
+        "users",
+        "wait",
+        "on",
+        "their",
+        "phones",
+        "and",
+        "cloud",
+        "bills",
+        "grow",
+        "slowly",
+        "weather",
+        "in",
+        "Paris",
+        "is",
+        "mild",
+        "today",
+        "with",
+        "light",
+        "rain",
+        "expected",
+        "tonight",
+        "guitar",
+        "player",
+        "stage",
+        "concert",
+        "ticket",
+    ];
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..n)
+        .map(|_| {
+            let len = 8 + (next() % 21) as usize;
+            let mut s: Vec<&str> = (0..len)
+                .map(|_| WORDS[(next() % WORDS.len() as u64) as usize])
+                .collect();
+            s.push(".");
+            s.join(" ")
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("timings are finite"));
+    percentile(v, 0.5)
+}
+
+/// Peak RSS of this process (VmHWM), MB.
+fn self_peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// CPU time (user + system) this process has used, seconds.
+fn self_cpu_s() -> f64 {
+    // SAFETY: getrusage writes into the struct we own; RUSAGE_SELF is always valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Spawns `invoke` on `event_file`; returns (seconds to the response line, child peak RSS MB).
+fn cold_once(exe: &Path, model: &Path, event_file: &Path) -> anyhow::Result<(f64, f64, Value)> {
+    let t0 = Instant::now();
+    let mut child = Command::new(exe)
+        .arg("invoke")
+        .arg(event_file)
+        .env("MODEL_URI", model)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawning invoke")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut line)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let pid = child.id() as libc::pid_t;
+    // wait4 instead of Child::wait: it also returns the child's peak RSS.
+    let mut status = 0;
+    // SAFETY: plain syscall on our own child's pid with structs we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    if r != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("invoke exited abnormally (status {status})");
+    }
+    let resp: Value = serde_json::from_str(line.trim()).context("invoke printed no JSON")?;
+    Ok((secs, ru.ru_maxrss as f64 / 1024.0, resp))
+}
+
+pub fn embeddings(opts: &Options) -> anyhow::Result<()> {
+    let model = opts
+        .model
+        .canonicalize()
+        .with_context(|| format!("model {}", opts.model.display()))?;
+    let config = Config::from_lookup(|k| match k {
+        "MODEL_URI" => Some(model.display().to_string()),
+        _ => std::env::var(k).ok(),
+    })?;
+    app::configure_threads(config.threads);
+    let size_mb = std::fs::metadata(&model)?.len() as f64 / 1e6;
+    println!("model        {} ({size_mb:.1} MB)", model.display());
+    println!(
+        "threads      {} ({})",
+        config.threads, config.threads_reason
+    );
+
+    // Cold start: fresh processes through the real invoke path.
+    let short = "A man is playing a guitar on the stage tonight.";
+    let tmp = std::env::temp_dir().join(format!("li-bench-{}.json", std::process::id()));
+    std::fs::write(&tmp, apigw_v2(&json!({"input": short})).to_string())?;
+    let exe = std::env::current_exe()?;
+    let mut colds = Vec::new();
+    let mut rss = Vec::new();
+    for _ in 0..opts.cold_runs.max(1) {
+        let (s, r, resp) = cold_once(&exe, &model, &tmp)?;
+        if resp["statusCode"] != 200 {
+            bail!("cold invoke answered {resp}");
+        }
+        colds.push(s * 1e3);
+        rss.push(r);
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let cold_min = colds.iter().cloned().fold(f64::MAX, f64::min);
+    let cold_p50 = median(&mut colds.clone());
+    let rss_max = rss.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "cold start   p50 {cold_p50:.1} ms, min {cold_min:.1} ms over {} spawns (spawn -> response, \
+         page cache warm); sentence-transformers {ST_COLD_S} s = {:.0}x, ORT int8 {ORT_INT8_COLD_S} s = {:.1}x",
+        colds.len(),
+        ST_COLD_S * 1e3 / cold_p50,
+        ORT_INT8_COLD_S * 1e3 / cold_p50
+    );
+    println!(
+        "peak RSS     {rss_max:.1} MB (cold-start process: load + first answer); sentence-transformers {ST_RSS_MB} MB"
+    );
+
+    // Warm: the same process serves many requests through the full handler.
+    let app = app::App::init(&config).map_err(|e| anyhow::anyhow!("{}: {e}", e.error_type()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let one = apigw_v2(&json!({"input": short}));
+    let mut lat = Vec::with_capacity(opts.warm_iters);
+    for i in 0..opts.warm_iters + 10 {
+        let t = Instant::now();
+        let r = rt.block_on(events::handle(&app.service, one.clone()));
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if r["statusCode"] != 200 {
+            bail!("warm invoke answered {r}");
+        }
+        if i >= 10 {
+            lat.push(ms);
+        }
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    let (p50, p95) = (percentile(&lat, 0.5), percentile(&lat, 0.95));
+    println!(
+        "warm 1 sent  p50 {p50:.2} ms, p95 {p95:.2} ms ({} iters, 13 tokens, full handler); \
+         sentence-transformers p50 {ST_P50_MS} / p95 {ST_P95_MS} ms = {:.1}x, ORT int8 p50 {ORT_INT8_P50_MS} ms = {:.2}x",
+        lat.len(),
+        ST_P50_MS / p50,
+        ORT_INT8_P50_MS / p50
+    );
+
+    // Throughput: 256 sentences, 8 requests of 32.
+    let sents = sentences(256);
+    let reqs: Vec<Value> = sents
+        .chunks(32)
+        .map(|c| apigw_v2(&json!({ "input": c })))
+        .collect();
+    let mut best = f64::MAX;
+    let mut tokens = 0u64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        tokens = 0;
+        for r in &reqs {
+            let out = rt.block_on(events::handle(&app.service, r.clone()));
+            let body: Value = serde_json::from_str(out["body"].as_str().unwrap_or("{}"))?;
+            tokens += body["usage"]["total_tokens"].as_u64().unwrap_or(0);
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let sps = 256.0 / best;
+    println!(
+        "throughput   {sps:.0} sent/s ({:.0} tokens/s, {:.1} tokens/sentence, batches of 32, best of 3); \
+         sentence-transformers {ST_SENT_S} = {:.2}x, ORT int8 {ORT_INT8_SENT_S} = {:.2}x",
+        tokens as f64 / best,
+        tokens as f64 / 256.0,
+        sps / ST_SENT_S,
+        sps / ORT_INT8_SENT_S
+    );
+
+    // Idle: does anything burn CPU while the function waits for its next event?
+    let c0 = self_cpu_s();
+    std::thread::sleep(Duration::from_millis(1000));
+    println!(
+        "idle CPU     {:.1} ms of CPU in 1 s idle after the runs (0 = no spin-waiting threads)",
+        (self_cpu_s() - c0) * 1e3
+    );
+    println!(
+        "bench RSS    {:.1} MB peak in this process (after the runs)",
+        self_peak_rss_mb()
+    );
+    drop(app);
+
+    // Weight modes, engine only, same inputs.
+    let bytes = std::fs::read(&model)?;
+    let content =
+        candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes[..]))?;
+    let refs: Vec<&str> = sents.iter().map(String::as_str).collect();
+    for mode in [WeightMode::Dense, WeightMode::Quantized] {
+        let t = Instant::now();
+        let e = BertEmbedder::load_with(&content, &bytes, mode)?;
+        let load_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut single = Vec::new();
+        for i in 0..60 {
+            let t = Instant::now();
+            e.embed(&[short], 8192)?;
+            if i >= 10 {
+                single.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let t = Instant::now();
+        for c in refs.chunks(32) {
+            e.embed(c, 8192)?;
+        }
+        let sps = 256.0 / t.elapsed().as_secs_f64();
+        println!(
+            "engine {:<9} load {load_ms:.1} ms, 1 sentence p50 {:.2} ms, {sps:.0} sent/s",
+            format!("{mode:?}"),
+            median(&mut single)
+        );
+    }
+    Ok(())
+}
