@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use lambda_inference::convert::{self, ConvertOptions, OutDType};
 use lambda_inference::{app, config::Config, events};
 
 #[derive(Parser)]
@@ -21,6 +22,20 @@ struct Cli {
 enum Cmd {
     /// Runs the function's handler on an event file (events/*.json) and prints the response.
     Invoke { event: PathBuf },
+    /// Converts a Hugging Face BERT folder (config.json, tokenizer.json, model.safetensors) to GGUF.
+    Convert {
+        /// Storage type of the weight matrices.
+        #[arg(long, value_enum, default_value = "q8_0")]
+        dtype: OutDType,
+        /// `general.name` to record (default: from config.json or the folder).
+        #[arg(long)]
+        name: Option<String>,
+        /// Hide the progress bar.
+        #[arg(long)]
+        quiet: bool,
+        input_dir: PathBuf,
+        output: PathBuf,
+    },
     /// Measures cold start, warm latency, throughput and memory; prints figures.
     Bench {
         #[command(subcommand)]
@@ -60,6 +75,30 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             let out = rt.block_on(events::handle(&app.service, event));
             println!("{}", serde_json::to_string(&out)?);
+        }
+        Cmd::Convert {
+            dtype,
+            name,
+            quiet,
+            input_dir,
+            output,
+        } => {
+            let report = convert::convert(&ConvertOptions {
+                input_dir,
+                output,
+                dtype,
+                progress: !quiet,
+                name,
+            })?;
+            eprintln!(
+                "wrote {} ({} tensors, {:.1} MB)",
+                report.output.display(),
+                report.tensors,
+                report.bytes as f64 / 1e6
+            );
+            for f in &report.fallbacks {
+                eprintln!("  fallback: {f}");
+            }
         }
         Cmd::Bench {
             what:
