@@ -197,6 +197,10 @@ struct EmbeddingsRequest {
 }
 
 /// Parses a JSON body into `T`: a syntax error is 400, a shape/type error 422.
+///
+/// Every request body is a JSON object. serde's derived struct deserializers also accept a JSON
+/// array, filling fields by position (`["hi"]` would read as `{"input": "hi"}`), so anything that
+/// is not an object is refused here, before or after parsing.
 pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::new(
@@ -204,18 +208,36 @@ pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiErr
             "request body is empty",
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let not_object = || ApiError::new(ErrorKind::InvalidType, "request body must be a JSON object");
+    let parsed = serde_json::from_slice(body).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
+            Category::Data if !is_object => not_object(),
             Category::Data => {
                 ApiError::new(ErrorKind::InvalidType, format!("invalid request body: {e}"))
+            }
+            // serde_json reports a wrongly typed enum value (`"encoding_format": 3`) as a syntax
+            // error; valid JSON of the wrong shape is a 422 whatever the category says.
+            Category::Syntax | Category::Eof | Category::Io
+                if serde_json::from_slice::<de::IgnoredAny>(body).is_ok() =>
+            {
+                ApiError::new(
+                    ErrorKind::InvalidType,
+                    format!("invalid request body: a field has the wrong type ({e})"),
+                )
             }
             Category::Syntax | Category::Eof | Category::Io => ApiError::new(
                 ErrorKind::InvalidJson,
                 format!("request body is not valid JSON: {e}"),
             ),
         }
-    })
+    })?;
+    if is_object {
+        Ok(parsed)
+    } else {
+        Err(not_object())
+    }
 }
 
 impl Service {
