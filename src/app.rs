@@ -35,6 +35,7 @@ impl InitError {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct InitReport {
     pub fetch_ms: f64,
+    /// SHA-256 of the bytes (overlapped with the engine build).
     pub verify_ms: f64,
     /// GGUF parse + weight preparation + tokenizer build.
     pub engine_ms: f64,
@@ -65,10 +66,25 @@ impl App {
     /// Loads and verifies the model and builds the engine. Blocking (CPU and file I/O).
     pub fn init(config: &Config) -> Result<App, InitError> {
         let t0 = Instant::now();
-        let art = artifacts::load(&config.model_uri, config.model_sha256.as_deref())?;
-        let t1 = Instant::now();
-        let engine = engine::load(&art.bytes)?;
-        let engine_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let art = artifacts::fetch(&config.model_uri)?;
+        // Hash on one core while the engine is built on the other. Building from bytes not yet
+        // verified is harmless: nothing is served, and a mismatch drops the engine and fails init.
+        let (hashed, built) = rayon::join(
+            || {
+                let t = Instant::now();
+                (
+                    artifacts::sha256_hex(&art.bytes),
+                    t.elapsed().as_secs_f64() * 1e3,
+                )
+            },
+            || {
+                let t = Instant::now();
+                (engine::load(&art.bytes), t.elapsed().as_secs_f64() * 1e3)
+            },
+        );
+        let ((sha256, verify_ms), (engine, engine_ms)) = (hashed, built);
+        artifacts::verify(&art.source, &sha256, config.model_sha256.as_deref())?;
+        let engine = engine?;
         let model_bytes = art.bytes.len();
         drop(art.bytes);
         let id = config
@@ -78,18 +94,18 @@ impl App {
         let total_ms = t0.elapsed().as_secs_f64() * 1e3;
         let report = InitReport {
             fetch_ms: art.fetch_ms,
-            verify_ms: art.verify_ms,
+            verify_ms,
             engine_ms,
             total_ms,
             model_bytes,
         };
         if config.model_sha256.is_none() {
-            tracing::info!(sha256 = %art.sha256, "MODEL_SHA256 unset: digest computed, not enforced");
+            tracing::info!(sha256 = %sha256, "MODEL_SHA256 unset: digest computed, not enforced");
         }
         tracing::info!(
             target: "cold_start",
             breakdown = %json!({
-                "model": id, "source": art.source, "sha256": art.sha256,
+                "model": id, "source": art.source, "sha256": sha256,
                 "threads": config.threads, "threads_reason": config.threads_reason,
                 "fetch_ms": report.fetch_ms, "verify_ms": report.verify_ms,
                 "engine_ms": report.engine_ms, "total_ms": report.total_ms,
@@ -99,7 +115,7 @@ impl App {
         );
         let meta = ModelMeta {
             id,
-            sha256: art.sha256,
+            sha256,
             source: art.source,
             init_ms: total_ms,
             threads: config.threads,

@@ -118,10 +118,9 @@ fn too_long_input_is_refused_not_truncated_past_the_limit() {
     };
     let e = load(&path);
     let long = "word ".repeat(300);
-    let err = e
-        .embed(&["short", &long], 100)
-        .err()
-        .expect("limit of 100 tokens");
+    let Err(err) = e.embed(&["short", &long], 100) else {
+        panic!("a 302-token input must be refused under a limit of 100 tokens")
+    };
     assert!(err.to_string().contains("input 1"), "{err}");
     // Under the limit, long inputs are truncated to max_seq_len like sentence-transformers.
     let out = e.embed(&[&long], 8192).unwrap();

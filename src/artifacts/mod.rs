@@ -43,27 +43,26 @@ impl ArtifactError {
     }
 }
 
-/// Model bytes in memory, with their digest and timings.
+/// Model bytes in memory, not yet verified.
 pub struct Artifact {
     pub bytes: Vec<u8>,
-    /// Lowercase hex SHA-256 of `bytes`.
-    pub sha256: String,
     pub source: String,
     pub fetch_ms: f64,
-    pub verify_ms: f64,
 }
 
-/// Fetches the model named by `uri` into memory and verifies it against `expected_sha256`.
-pub fn load(uri: &ModelUri, expected_sha256: Option<&str>) -> Result<Artifact, ArtifactError> {
+/// Fetches the model named by `uri` into memory. The caller hashes and [`verify`]s the bytes
+/// before serving anything: for a local file, hashing overlaps with the engine build (see
+/// `App::init`), which takes the 20 ms of SHA-256 off the cold start.
+pub fn fetch(uri: &ModelUri) -> Result<Artifact, ArtifactError> {
     match uri {
-        ModelUri::File(p) => load_file(p, expected_sha256),
+        ModelUri::File(p) => read_file(p),
         ModelUri::S3 { .. } => Err(ArtifactError::Unsupported(format!(
             "{uri}: S3 model sources are not built into this version"
         ))),
     }
 }
 
-fn load_file(path: &Path, expected: Option<&str>) -> Result<Artifact, ArtifactError> {
+fn read_file(path: &Path) -> Result<Artifact, ArtifactError> {
     let source = path.display().to_string();
     let t0 = std::time::Instant::now();
     let mut f = std::fs::File::open(path).map_err(|e| match e.kind() {
@@ -74,22 +73,20 @@ fn load_file(path: &Path, expected: Option<&str>) -> Result<Artifact, ArtifactEr
         _ => ArtifactError::Io(format!("{source}: {e}")),
     })?;
     let len = f.metadata().map(|m| m.len() as usize).unwrap_or(0);
-    // One read into one preallocated buffer; hashing it afterwards touches warm cache lines.
+    // One read into one preallocated buffer.
     let mut bytes = Vec::with_capacity(len);
     f.read_to_end(&mut bytes)
         .map_err(|e| ArtifactError::Io(format!("{source}: {e}")))?;
-    let fetch_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let t1 = std::time::Instant::now();
-    let sha256 = hex(&Sha256::digest(&bytes));
-    let verify_ms = t1.elapsed().as_secs_f64() * 1e3;
-    verify(&source, &sha256, expected)?;
     Ok(Artifact {
         bytes,
-        sha256,
         source,
-        fetch_ms,
-        verify_ms,
+        fetch_ms: t0.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 /// Fails with both digests named when `expected` is set and differs.
@@ -126,17 +123,14 @@ mod tests {
         let p = dir.join("m.gguf");
         std::fs::write(&p, b"abc").unwrap();
         let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        let a = load(&ModelUri::File(p.clone()), Some(sha)).unwrap();
+        let a = fetch(&ModelUri::File(p.clone())).unwrap();
         assert_eq!(a.bytes, b"abc");
-        assert_eq!(a.sha256, sha);
-        let e = load(&ModelUri::File(p.clone()), Some(&"0".repeat(64)))
-            .err()
-            .unwrap();
+        assert_eq!(sha256_hex(&a.bytes), sha);
+        verify(&a.source, sha, Some(&sha.to_uppercase())).unwrap();
+        let e = verify(&a.source, sha, Some(&"0".repeat(64))).unwrap_err();
         assert_eq!(e.error_type(), "DigestMismatch");
         assert!(e.to_string().contains(sha), "{e}");
-        let e = load(&ModelUri::File(dir.join("nope.gguf")), None)
-            .err()
-            .unwrap();
+        let e = fetch(&ModelUri::File(dir.join("nope.gguf"))).err().unwrap();
         assert_eq!(e.error_type(), "ModelNotFound");
     }
 }

@@ -17,9 +17,11 @@
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
+use rayon::prelude::*;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 
 use super::gguf::{self, tensor as tn, Meta};
+use super::ops::{Attention, GeluErf};
 use super::{EmbedOutput, Embedder, EngineError, ModelInfo, ModelKind};
 
 /// How the encoder's matrices are held in memory.
@@ -117,6 +119,60 @@ impl Weights<'_> {
             .map_err(|e| EngineError::InvalidModel(format!("tensor {name}: {e}")))
     }
 
+    /// Dequantizes tensor `name` (exactly `out.len()` elements) straight from the file bytes into
+    /// `out`: no intermediate QTensor copy, which keeps the load's peak RSS to the final weights.
+    /// f32, f16 and q8_0 (what `convert` writes) are converted here; other types through candle.
+    fn dequantize_into(&self, name: &str, out: &mut [f32]) -> Result<(), EngineError> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| EngineError::InvalidModel(format!("GGUF has no tensor {name}")))?;
+        let n = info.shape.elem_count();
+        if n != out.len() {
+            return Err(EngineError::InvalidModel(format!(
+                "tensor {name} has shape {:?} ({n} elements), expected {} elements",
+                info.shape.dims(),
+                out.len()
+            )));
+        }
+        let dtype = info.ggml_dtype;
+        let size = n / dtype.block_size() * dtype.type_size();
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let raw = self.bytes.get(start..start + size).ok_or_else(|| {
+            EngineError::InvalidModel(format!("tensor {name} runs past the end of the file"))
+        })?;
+        match dtype {
+            GgmlDType::F32 => {
+                for (o, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            GgmlDType::F16 => {
+                for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            GgmlDType::Q8_0 => {
+                // Block: f16 scale, then 32 signed bytes.
+                for (o, b) in out.chunks_exact_mut(32).zip(raw.chunks_exact(34)) {
+                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    for (o, &q) in o.iter_mut().zip(&b[2..]) {
+                        *o = (q as i8) as f32 * d;
+                    }
+                }
+            }
+            _ => {
+                let t = self
+                    .qtensor(name)?
+                    .dequantize(&self.device)?
+                    .flatten_all()?;
+                out.copy_from_slice(&t.to_vec1::<f32>()?);
+            }
+        }
+        Ok(())
+    }
+
     /// A tensor as f32, checked against the expected shape.
     fn f32(&self, name: &str, shape: &[usize]) -> Result<Tensor, EngineError> {
         let t = self.qtensor(name)?.dequantize(&self.device)?;
@@ -159,11 +215,14 @@ impl Linear {
         let bias = Tensor::cat(&biases, 0)?;
         let weight = match mode {
             WeightMode::Dense => {
-                let mut ws = Vec::with_capacity(prefixes.len());
-                for p in prefixes {
-                    ws.push(w.f32(&format!("{p}.weight"), &[out_dim, in_dim])?);
+                // Stacked parts dequantize straight into one buffer: no per-part tensors + cat.
+                let part = out_dim * in_dim;
+                let mut data = vec![0f32; part * prefixes.len()];
+                for (p, out) in prefixes.iter().zip(data.chunks_exact_mut(part)) {
+                    w.dequantize_into(&format!("{p}.weight"), out)?;
                 }
-                LinearWeight::Dense(Tensor::cat(&ws, 0)?)
+                let rows = out_dim * prefixes.len();
+                LinearWeight::Dense(Tensor::from_vec(data, (rows, in_dim), &w.device)?)
             }
             WeightMode::Quantized => {
                 let mut qs = Vec::with_capacity(prefixes.len());
@@ -340,38 +399,26 @@ impl Layer {
         })
     }
 
-    /// `x`: `[b * s, h]`; `mask`: additive `[b, 1, 1, s]` (0 for tokens, very negative for pads).
+    /// `x`: `[b * s, h]`; `lens`: the real length of each of the `b` sequences (padded to `s`).
     fn forward(
         &self,
         x: &Tensor,
         b: usize,
         s: usize,
-        mask: &Tensor,
+        lens: &[usize],
     ) -> Result<Tensor, EngineError> {
         let _enter = self.span.enter();
-        let h = self.heads * self.head_dim;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, s, 3, self.heads, self.head_dim))?;
-        // [b, s, heads, d] -> [b, heads, s, d]
-        let part = |i: usize| -> Result<Tensor, EngineError> {
-            Ok(qkv
-                .narrow(2, i, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = (part(0)? * scale)?;
-        let k = part(1)?;
-        let v = part(2)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h))?;
+        let qkv = self.qkv.forward(x)?;
+        let ctx = qkv.apply_op1_no_bwd(&Attention {
+            batch: b,
+            seq: s,
+            heads: self.heads,
+            head_dim: self.head_dim,
+            lens: lens.to_vec(),
+        })?;
         let attn = self.attn_output.forward(&ctx)?;
         let x = self.attn_output_norm.forward(&(attn + x)?)?;
-        let up = self.ffn_up.forward(&x)?.gelu_erf()?;
+        let up = self.ffn_up.forward(&x)?.apply_op1_no_bwd(&GeluErf)?;
         let down = self.ffn_down.forward(&up)?;
         self.layer_output_norm.forward(&(down + x)?)
     }
@@ -405,20 +452,31 @@ impl BertEmbedder {
     ) -> Result<Self, EngineError> {
         let meta = Meta::of(content);
         let cfg = Config::from_gguf(&meta)?;
-        let tokenizer = load_tokenizer(&meta)?;
-        let added_tokens = tokenizer
-            .get_post_processor()
-            .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
         let device = Device::Cpu;
         let w = Weights {
             content,
             bytes,
             device: device.clone(),
         };
-        let embeddings = Embeddings::load(&w, &cfg)?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::load(&w, &cfg, i, mode))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Cold start is on the user's clock: the tokenizer (JSON parse of a 30k vocab) and the
+        // weights (dequantize + fresh pages) are independent, so they load on both cores.
+        let t0 = std::time::Instant::now();
+        let (tokenizer, weights) = rayon::join(
+            || load_tokenizer(&meta),
+            || -> Result<_, EngineError> {
+                let embeddings = Embeddings::load(&w, &cfg)?;
+                let layers = (0..cfg.num_hidden_layers)
+                    .into_par_iter()
+                    .map(|i| Layer::load(&w, &cfg, i, mode))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((embeddings, layers))
+            },
+        );
+        let (tokenizer, (embeddings, layers)) = (tokenizer?, weights?);
+        tracing::debug!(load_ms = t0.elapsed().as_secs_f64() * 1e3, "bert loaded");
+        let added_tokens = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
         let quantization = content
             .tensor_infos
             .get(&tn::blk(0, tn::ATTN_Q) as &str)
@@ -490,12 +548,12 @@ impl BertEmbedder {
         }
         let ids = Tensor::from_vec(ids, (b, s), &self.device)?;
         let mask = Tensor::from_vec(mask, (b, s), &self.device)?;
-        // Additive attention mask: pads get f32::MIN so softmax gives them zero weight (HF does
-        // the same with finfo.min); every row keeps >= 2 real tokens, so no row is all-masked.
-        let additive = ((mask.clone() - 1.0)? * (-(f32::MIN as f64)))?.reshape((b, 1, 1, s))?;
+        // Padding never enters attention: the fused kernel only looks at each sequence's real
+        // tokens (what HF's additive finfo.min mask achieves), and pooling masks the pads.
+        let lens: Vec<usize> = encs.iter().map(|e| e.len()).collect();
         let mut x = self.embeddings.forward(&ids)?;
         for layer in &self.layers {
-            x = layer.forward(&x, b, s, &additive)?;
+            x = layer.forward(&x, b, s, &lens)?;
         }
         let h = self.cfg.hidden_size;
         let x = x.reshape((b, s, h))?;

@@ -6,6 +6,7 @@
 
 pub mod bert;
 pub mod gguf;
+pub mod ops;
 
 use std::sync::Arc;
 
@@ -89,10 +90,15 @@ impl Engine {
 /// Builds the engine a GGUF asks for (`general.architecture`). The bytes are only borrowed: the
 /// engine copies what it keeps, so the caller can free the file buffer afterwards.
 pub fn load(bytes: &[u8]) -> Result<Engine, EngineError> {
+    let t0 = std::time::Instant::now();
     let mut cursor = std::io::Cursor::new(bytes);
     let content = candle_core::quantized::gguf_file::Content::read(&mut cursor)
         .map_err(|e| EngineError::InvalidModel(format!("not a readable GGUF file: {e}")))?;
     let arch = gguf::Meta::of(&content).str(gguf::ARCHITECTURE)?.to_owned();
+    tracing::debug!(
+        parse_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "gguf header parsed"
+    );
     match arch.as_str() {
         "bert" => Ok(Engine::Embedder(Arc::new(bert::BertEmbedder::load(
             &content, bytes,

@@ -60,6 +60,7 @@ enum BenchWhat {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    app::init_tracing();
     match cli.cmd {
         Cmd::Invoke { event } => {
             let config = Config::from_env()?;
