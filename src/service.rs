@@ -43,6 +43,9 @@ impl Default for Limits {
     }
 }
 
+/// Lambda's limit on a synchronous invocation's response payload (6 MB).
+pub const MAX_RESPONSE_BYTES: usize = 6_000_000;
+
 /// HTTP method, as far as routing cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -400,6 +403,30 @@ impl Service {
             }
             Some(d) => d as usize,
         };
+        let format = req.encoding_format.unwrap_or_default();
+        // Lambda refuses a synchronous response over 6 MB (the client then sees an opaque 502),
+        // so refuse up front what could not be delivered, before spending the compute. Worst-case
+        // bytes per number: a float prints as up to ~14 JSON chars ("-0.0123456789,"), base64
+        // carries 4 bytes as 5.33 chars.
+        let per_value = match format {
+            EncodingFormat::Float => 14.0,
+            EncodingFormat::Base64 => 16.0 / 3.0,
+        };
+        let estimate = inputs.len() as f64 * (dims as f64 * per_value + 64.0) + 256.0;
+        if estimate > MAX_RESPONSE_BYTES as f64 {
+            return Err(ApiError::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "{} embeddings of {dims} dimensions would make a response of ~{:.1} MB, over \
+                     Lambda's {} MB response limit: send fewer inputs per request, or use \
+                     encoding_format=base64 (about 2.6x smaller) or dimensions",
+                    inputs.len(),
+                    estimate / 1e6,
+                    MAX_RESPONSE_BYTES / 1_000_000
+                ),
+            )
+            .with_param("input"));
+        }
         let max_tokens = self.limits.max_input_tokens;
         // Forward passes are CPU-bound for milliseconds to seconds: run them on the blocking pool
         // so the runtime's executor (and the Lambda Runtime API client on it) stays responsive. A
@@ -412,7 +439,6 @@ impl Service {
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("embedding task failed: {e}")))?
         .map_err(engine_error)?;
 
-        let format = req.encoding_format.unwrap_or_default();
         let total: usize = out.token_counts.iter().sum();
         let data: Vec<Value> = out
             .embeddings
@@ -424,7 +450,7 @@ impl Service {
                     l2_normalize(&mut v);
                 }
                 let embedding = match format {
-                    EncodingFormat::Float => json!(v),
+                    EncodingFormat::Float => Value::Array(v.iter().map(|&x| f32_json(x)).collect()),
                     EncodingFormat::Base64 => {
                         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                         json!(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -494,9 +520,110 @@ fn engine_error(e: EngineError) -> ApiError {
     }
 }
 
+/// An f32 as a JSON number with the f32's shortest decimal form. Widening to f64 first would
+/// print ~17 significant digits of which 9 are noise ("0.020110268145799637" for 0.020110268):
+/// 40% more bytes on every response, and closer to Lambda's 6 MB limit.
+fn f32_json(x: f32) -> Value {
+    if !x.is_finite() {
+        return Value::Null;
+    }
+    let mut buf = ryu::Buffer::new();
+    let shortest = buf.format_finite(x);
+    shortest
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
 fn l2_normalize(v: &mut [f32]) {
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     if n > 0.0 {
         v.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{EmbedOutput, ModelInfo, ModelKind};
+
+    /// A fake embedder (unit test of the service layer): zero-cost vectors of a real model's width.
+    struct Wide(ModelInfo);
+
+    impl Embedder for Wide {
+        fn info(&self) -> &ModelInfo {
+            &self.0
+        }
+        fn embed(&self, inputs: &[&str], _: usize) -> Result<EmbedOutput, EngineError> {
+            Ok(EmbedOutput {
+                embeddings: vec![vec![0.051; self.0.dimensions]; inputs.len()],
+                token_counts: vec![3; inputs.len()],
+            })
+        }
+    }
+
+    fn service() -> Service {
+        let info = ModelInfo {
+            name: "wide".into(),
+            architecture: "bert".into(),
+            kind: ModelKind::Embedder,
+            quantization: "q8_0".into(),
+            dimensions: 384,
+            max_seq_len: 256,
+        };
+        Service::new(
+            Engine::Embedder(Arc::new(Wide(info))),
+            Limits::default(),
+            ModelMeta::default(),
+        )
+    }
+
+    async fn post(s: &Service, body: Value) -> ApiResponse {
+        s.handle(ApiRequest {
+            method: Method::Post,
+            path: "/v1/embeddings".into(),
+            body: body.to_string().into_bytes(),
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn responses_lambda_cannot_deliver_are_refused_up_front() {
+        let s = service();
+        let inputs = vec!["x"; 2048];
+        let r = post(&s, json!({ "input": inputs })).await;
+        assert_eq!(r.status, 413, "{}", r.body);
+        assert!(r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("base64"));
+
+        // The same request in base64 fits, and really is under the limit.
+        let r = post(&s, json!({ "input": inputs, "encoding_format": "base64" })).await;
+        assert_eq!(r.status, 200);
+        assert!(r.body.to_string().len() < MAX_RESPONSE_BYTES);
+
+        // The largest float request the estimate lets through also fits.
+        let ok = (1..=2048)
+            .rev()
+            .find(|&n| {
+                let e = n as f64 * (384.0 * 14.0 + 64.0) + 256.0;
+                e <= MAX_RESPONSE_BYTES as f64
+            })
+            .unwrap();
+        let r = post(&s, json!({ "input": vec!["x"; ok] })).await;
+        assert_eq!(r.status, 200);
+        assert!(r.body.to_string().len() < MAX_RESPONSE_BYTES);
+    }
+
+    #[test]
+    fn floats_print_at_f32_precision_and_round_trip() {
+        for x in [0.020110268f32, -0.1688717, 1.0, 3.5e-8, -0.0] {
+            let s = f32_json(x).to_string();
+            assert!(s.len() <= 13, "{s}");
+            assert_eq!(s.parse::<f32>().unwrap(), x);
+        }
+        assert_eq!(f32_json(f32::NAN), Value::Null);
     }
 }

@@ -4,7 +4,6 @@
 //! hashed with SHA-256 and checked against MODEL_SHA256 before any engine sees them. Must not
 //! parse the model, and must not be called on the request path.
 
-use std::io::Read;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -43,9 +42,27 @@ impl ArtifactError {
     }
 }
 
+/// The model's bytes: a heap buffer (downloads) or a read-only mapping of a local file.
+pub enum ModelBytes {
+    Heap(Vec<u8>),
+    /// The image's model is a read-only file in the page cache: mapping it costs one syscall,
+    /// where reading it into a fresh buffer costs a copy and ~6k page faults (~25 ms for 25 MB).
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for ModelBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ModelBytes::Heap(v) => v,
+            ModelBytes::Mapped(m) => m,
+        }
+    }
+}
+
 /// Model bytes in memory, not yet verified.
 pub struct Artifact {
-    pub bytes: Vec<u8>,
+    pub bytes: ModelBytes,
     pub source: String,
     pub fetch_ms: f64,
 }
@@ -65,17 +82,19 @@ pub fn fetch(uri: &ModelUri) -> Result<Artifact, ArtifactError> {
 fn read_file(path: &Path) -> Result<Artifact, ArtifactError> {
     let source = path.display().to_string();
     let t0 = std::time::Instant::now();
-    let mut f = std::fs::File::open(path).map_err(|e| match e.kind() {
+    let f = std::fs::File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ArtifactError::NotFound(format!("{source}: no such file")),
         std::io::ErrorKind::PermissionDenied => {
             ArtifactError::AccessDenied(format!("{source}: {e}"))
         }
         _ => ArtifactError::Io(format!("{source}: {e}")),
     })?;
-    let len = f.metadata().map(|m| m.len() as usize).unwrap_or(0);
-    // One read into one preallocated buffer.
-    let mut bytes = Vec::with_capacity(len);
-    f.read_to_end(&mut bytes)
+    // SAFETY: the mapping is only read, and the model file is not modified while the process
+    // runs (in the image it lives on a read-only layer); a file truncated underneath would
+    // SIGBUS rather than serve a wrong model, and the digest check covers content changes
+    // before serving. MAP_POPULATE maps every page in one go instead of faulting them singly.
+    let bytes = unsafe { memmap2::MmapOptions::new().populate().map(&f) }
+        .map(ModelBytes::Mapped)
         .map_err(|e| ArtifactError::Io(format!("{source}: {e}")))?;
     Ok(Artifact {
         bytes,
@@ -124,7 +143,7 @@ mod tests {
         std::fs::write(&p, b"abc").unwrap();
         let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         let a = fetch(&ModelUri::File(p.clone())).unwrap();
-        assert_eq!(a.bytes, b"abc");
+        assert_eq!(&a.bytes[..], b"abc");
         assert_eq!(sha256_hex(&a.bytes), sha);
         verify(&a.source, sha, Some(&sha.to_uppercase())).unwrap();
         let e = verify(&a.source, sha, Some(&"0".repeat(64))).unwrap_err();
