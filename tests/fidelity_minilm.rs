@@ -51,6 +51,8 @@ fn cosine(a: &[f32], b: &[f64]) -> f64 {
 fn check(file: &str, min_cos: f64) {
     let Some(path) = model(file) else { return };
     let e = load(&path);
+    let dtype = file.split('.').nth(1).unwrap();
+    assert_eq!(e.info().quantization, dtype, "reported quantization");
     let fx = fixture();
     let items = fx["items"].as_array().unwrap();
     let texts: Vec<&str> = items.iter().map(|i| i["text"].as_str().unwrap()).collect();

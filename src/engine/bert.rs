@@ -479,7 +479,7 @@ impl BertEmbedder {
             .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
         let quantization = content
             .tensor_infos
-            .get(&tn::blk(0, tn::ATTN_Q) as &str)
+            .get(&format!("{}.weight", tn::blk(0, tn::FFN_UP)))
             .map(|t| dtype_name(t.ggml_dtype))
             .unwrap_or("unknown")
             .to_owned();
