@@ -1,0 +1,177 @@
+//! End to end: the real `bootstrap` binary under the real AWS Lambda Runtime Interface Emulator
+//! (the `aws-lambda-rie` that ships in the aws-sam-cli wheel; `scripts/fetch-tools` puts it in
+//! .cache/bin), speaking the real Lambda Runtime API, serving the real q8_0 model, fed every
+//! sample in events/.
+//!
+//! Needs the emulator and models/default.gguf (`scripts/fetch-models`). Without them the test says
+//! so and skips, except under CI=true, where a missing piece fails.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn need(p: PathBuf, how: &str) -> Option<PathBuf> {
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "{} is missing: {how} must run before the tests in CI",
+            p.display()
+        );
+    }
+    eprintln!("SKIP: {} missing; run {how}", p.display());
+    None
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The emulator with `bootstrap` under it; killed (by PID) when dropped.
+struct Emulator {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Emulator {
+    fn start(rie: &Path, model: &Path) -> Emulator {
+        let (port, api_port) = (free_port(), free_port());
+        let child = Command::new(rie)
+            .arg("--runtime-interface-emulator-address")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--runtime-api-address")
+            .arg(format!("127.0.0.1:{api_port}"))
+            .arg(env!("CARGO_BIN_EXE_bootstrap"))
+            .env("MODEL_URI", model)
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
+            .env("RUST_LOG", "warn")
+            .env("LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting aws-lambda-rie");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "emulator did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Emulator { child, port }
+    }
+
+    /// One synchronous invoke, as `aws lambda invoke` or API Gateway would make it.
+    fn invoke(&self, payload: &[u8]) -> Value {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(
+            s,
+            "POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            payload.len()
+        )
+        .unwrap();
+        s.write_all(payload).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "emulator answered {head}");
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (len, rest) = s.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(len.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+}
+
+#[test]
+fn every_sample_event_through_the_real_runtime_api() {
+    let Some(rie) = need(
+        root().join(".cache/bin/aws-lambda-rie"),
+        "scripts/fetch-tools",
+    ) else {
+        return;
+    };
+    let Some(model) = need(root().join("models/default.gguf"), "scripts/fetch-models") else {
+        return;
+    };
+    let emu = Emulator::start(&rie, &model);
+
+    // The first invoke includes the init phase: model mapped, verified, engine built.
+    let t = Instant::now();
+    let health = emu.invoke(br#"{"path": "/health"}"#);
+    eprintln!("first invoke (init + answer): {:?}", t.elapsed());
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["quantization"], "q8_0");
+    assert_eq!(health["sha256"].as_str().unwrap().len(), 64);
+
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("events"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "events/ should hold the samples");
+    for f in &files {
+        let event: Value = serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap();
+        let out = emu.invoke(event.to_string().as_bytes());
+        let name = f.file_name().unwrap().to_string_lossy();
+        if event.get("requestContext").is_some() {
+            assert_eq!(out["statusCode"], 200, "{name}: {out}");
+            let body: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
+            assert!(body.get("error").is_none(), "{name}: {body}");
+            if let Some(data) = body["data"].as_array() {
+                assert!(!data.is_empty(), "{name}");
+            }
+        } else {
+            assert!(out.get("error").is_none(), "{name}: {out}");
+        }
+    }
+
+    // Bad input answers a clear error through the same path; the function keeps serving.
+    let bad = emu.invoke(br#"{"input": []}"#);
+    assert_eq!(bad["error"]["code"], "invalid_value", "{bad}");
+    let again = emu.invoke(br#"{"input": "still serving"}"#);
+    assert_eq!(again["data"][0]["embedding"].as_array().unwrap().len(), 384);
+    let health = emu.invoke(br#"{"path": "/health"}"#);
+    assert_eq!(health["state"], "warm");
+}
