@@ -14,22 +14,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn need(p: PathBuf, how: &str) -> Option<PathBuf> {
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "{} is missing: {how} must run before the tests in CI",
-            p.display()
-        );
-    }
-    eprintln!("SKIP: {} missing; run {how}", p.display());
-    None
 }
 
 fn free_port() -> u16 {
@@ -125,13 +113,10 @@ fn dechunk(mut s: &str) -> String {
 
 #[test]
 fn every_sample_event_through_the_real_runtime_api() {
-    let Some(rie) = need(
-        root().join(".cache/bin/aws-lambda-rie"),
-        "scripts/fetch-tools",
-    ) else {
+    let Some(rie) = common::needed_file(".cache/bin/aws-lambda-rie", "scripts/fetch-tools") else {
         return;
     };
-    let Some(model) = need(root().join("models/default.gguf"), "scripts/fetch-models") else {
+    let Some(model) = common::needed_file("models/default.gguf", "scripts/fetch-models") else {
         return;
     };
     let emu = Emulator::start(&rie, &model);

@@ -10,21 +10,10 @@ use lambda_inference::engine::bert::BertEmbedder;
 use lambda_inference::engine::Embedder;
 use serde_json::Value;
 
+mod common;
+
 fn model(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join(name);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "{} is missing: scripts/fetch-models must run before the tests in CI",
-            p.display()
-        );
-    }
-    eprintln!("SKIP: {} missing; run scripts/fetch-models", p.display());
-    None
+    common::needed_file(&format!("models/{name}"), "scripts/fetch-models")
 }
 
 fn load(path: &Path) -> BertEmbedder {

@@ -127,3 +127,20 @@ pub fn fake_service_with(limits: Limits) -> Service {
 pub fn events_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("events")
 }
+
+/// A file a real-parts test needs (model, emulator), relative to the crate root. Missing: `None`
+/// with a SKIP line naming `how` to make it, except under CI=true, where a missing file fails.
+pub fn needed_file(rel: &str, how: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "{} is missing: {how} must run before the tests in CI",
+            p.display()
+        );
+    }
+    eprintln!("SKIP: {} missing; run {how}", p.display());
+    None
+}
