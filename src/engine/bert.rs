@@ -581,6 +581,20 @@ impl Embedder for BertEmbedder {
     }
 
     fn embed(&self, inputs: &[&str], max_input_tokens: usize) -> Result<EmbedOutput, EngineError> {
+        // Run the whole call on a compute-pool worker: every parallel op inside (gemm, attention,
+        // layer norm) then forks from a worker, instead of each one handing its work from the
+        // caller's thread to the pool and sleeping until it is done (a wake-up per op, hundreds
+        // per forward pass).
+        rayon::scope(|_| self.embed_on_pool(inputs, max_input_tokens))
+    }
+}
+
+impl BertEmbedder {
+    fn embed_on_pool(
+        &self,
+        inputs: &[&str],
+        max_input_tokens: usize,
+    ) -> Result<EmbedOutput, EngineError> {
         let (encs, full) = self.tokenize(inputs)?;
         if let Some((index, &tokens)) = full.iter().enumerate().find(|(_, &n)| n > max_input_tokens)
         {
