@@ -224,7 +224,7 @@ mod avx2 {
             let x2 = _mm256_loadu_si256(xp.add(2 * k + o) as *const __m256i);
             let x3 = _mm256_loadu_si256(xp.add(3 * k + o) as *const __m256i);
             let dx = _mm256_broadcast_ps(&*(xd.as_ptr().add(b * MR) as *const __m128));
-            for c in 0..NR {
+            for (c, a) in acc.iter_mut().enumerate() {
                 let w = _mm256_loadu_si256(wp.add(c * k + o) as *const __m256i);
                 let aw = _mm256_sign_epi8(w, w);
                 let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x0, w)), ones);
@@ -234,13 +234,13 @@ mod avx2 {
                 // [p0 lo, p1 lo, p2 lo, p3 lo | p0 hi, p1 hi, p2 hi, p3 hi] (4-lane partial sums).
                 let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
                 let s = _mm256_mul_ps(dx, _mm256_set1_ps(*wd.get_unchecked(c * kb + b)));
-                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), s, acc[c]);
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), s, *a);
             }
         }
-        for c in 0..NR {
-            let lo = _mm256_castps256_ps128(acc[c]);
-            let hi = _mm256_extractf128_ps(acc[c], 1);
-            _mm_storeu_ps(out[c].as_mut_ptr(), _mm_add_ps(lo, hi));
+        for (a, o) in acc.iter().zip(out.iter_mut()) {
+            let lo = _mm256_castps256_ps128(*a);
+            let hi = _mm256_extractf128_ps(*a, 1);
+            _mm_storeu_ps(o.as_mut_ptr(), _mm_add_ps(lo, hi));
         }
     }
 }
@@ -263,10 +263,8 @@ impl CustomOp1 for Q8Linear {
             candle_core::bail!("int8 linear: input {dims:?}, weight in-dim {}", self.k)
         }
         let x = &data[start..end];
-        let m = x.len() / self.k;
         let mut out = dims.to_vec();
         *out.last_mut().expect("non-empty dims") = self.n;
-        let _ = m;
         Ok((CpuStorage::F32(self.forward_slice(x)), Shape::from(out)))
     }
 }
