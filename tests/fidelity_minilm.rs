@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lambda_inference::engine::bert::BertEmbedder;
+use lambda_inference::engine::bert::{BertEmbedder, WeightMode};
 use lambda_inference::engine::Embedder;
 use serde_json::Value;
 
@@ -17,11 +17,15 @@ fn model(name: &str) -> Option<PathBuf> {
 }
 
 fn load(path: &Path) -> BertEmbedder {
+    load_with(path, WeightMode::default())
+}
+
+fn load_with(path: &Path, mode: WeightMode) -> BertEmbedder {
     let bytes = std::fs::read(path).unwrap();
     let content =
         candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes[..]))
             .unwrap();
-    BertEmbedder::load(&content, &bytes).unwrap()
+    BertEmbedder::load_with(&content, &bytes, mode).unwrap()
 }
 
 fn fixture() -> Value {
@@ -38,8 +42,12 @@ fn cosine(a: &[f32], b: &[f64]) -> f64 {
 
 /// Token ids identical, then the minimum cosine over sentences, one at a time and batched.
 fn check(file: &str, min_cos: f64) {
+    check_mode(file, WeightMode::default(), min_cos)
+}
+
+fn check_mode(file: &str, mode: WeightMode, min_cos: f64) {
     let Some(path) = model(file) else { return };
-    let e = load(&path);
+    let e = load_with(&path, mode);
     let dtype = file.split('.').nth(1).unwrap();
     assert_eq!(e.info().quantization, dtype, "reported quantization");
     let fx = fixture();
@@ -85,10 +93,10 @@ fn check(file: &str, min_cos: f64) {
             batched.token_counts[i] as u64,
             item["num_tokens"].as_u64().unwrap()
         );
-        eprintln!("{file} [{i}] cos single {c1:.6} batched {c2:.6}");
+        eprintln!("{file} {mode:?} [{i}] cos single {c1:.6} batched {c2:.6}");
         worst = worst.min(c1).min(c2);
     }
-    eprintln!("{file}: min cosine {worst:.6} (need >= {min_cos})");
+    eprintln!("{file} {mode:?}: min cosine {worst:.6} (need >= {min_cos})");
     assert!(worst >= min_cos, "{file}: min cosine {worst} < {min_cos}");
 }
 
@@ -100,6 +108,16 @@ fn f16_matches_sentence_transformers() {
 #[test]
 fn q8_0_matches_sentence_transformers() {
     check("all-MiniLM-L6-v2.q8_0.gguf", 0.999);
+}
+
+#[test]
+fn q8_0_int8_gemm_matches_sentence_transformers() {
+    check_mode("all-MiniLM-L6-v2.q8_0.gguf", WeightMode::Int8, 0.999);
+}
+
+#[test]
+fn q8_0_dense_matches_sentence_transformers() {
+    check_mode("all-MiniLM-L6-v2.q8_0.gguf", WeightMode::Dense, 0.999);
 }
 
 #[test]

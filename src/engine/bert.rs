@@ -22,6 +22,7 @@ use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 
 use super::gguf::{self, tensor as tn, Meta};
 use super::ops::{Attention, GeluErf};
+use super::qgemm::Q8Linear;
 use super::{EmbedOutput, Embedder, EngineError, ModelInfo, ModelKind};
 
 /// How the encoder's matrices are held in memory.
@@ -32,6 +33,9 @@ pub enum WeightMode {
     Dense,
     /// Kept in the file's quantized format; candle's quantized matmul (less memory).
     Quantized,
+    /// q8_0 weights kept as int8 and multiplied by our int8 GEMM ([`super::qgemm`]): 4x less
+    /// weight memory and traffic than Dense. Matrices stored in any other type load as Dense.
+    Int8,
 }
 
 /// Model hyper-parameters, from GGUF metadata.
@@ -119,6 +123,22 @@ impl Weights<'_> {
             .map_err(|e| EngineError::InvalidModel(format!("tensor {name}: {e}")))
     }
 
+    /// The stored bytes, type and shape of tensor `name`.
+    fn raw(&self, name: &str) -> Result<(&[u8], GgmlDType, Vec<usize>), EngineError> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| EngineError::InvalidModel(format!("GGUF has no tensor {name}")))?;
+        let dtype = info.ggml_dtype;
+        let size = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let raw = self.bytes.get(start..start + size).ok_or_else(|| {
+            EngineError::InvalidModel(format!("tensor {name} runs past the end of the file"))
+        })?;
+        Ok((raw, dtype, info.shape.dims().to_vec()))
+    }
+
     /// Dequantizes tensor `name` (exactly `out.len()` elements) straight from the file bytes into
     /// `out`: no intermediate QTensor copy, which keeps the load's peak RSS to the final weights.
     /// f32, f16 and q8_0 (what `convert` writes) are converted here; other types through candle.
@@ -196,6 +216,8 @@ enum LinearWeight {
     /// f32 `[out, in]`, used through `matmul(w.t())` (gemm reads the transposed view directly).
     Dense(Tensor),
     Quantized(QMatMul),
+    /// q8_0 repacked for the int8 GEMM; holds the bias too.
+    Int8(Q8Linear),
 }
 
 impl Linear {
@@ -213,7 +235,36 @@ impl Linear {
             biases.push(w.f32(&format!("{p}.bias"), &[out_dim])?);
         }
         let bias = Tensor::cat(&biases, 0)?;
+        let all_q8 = || -> Result<bool, EngineError> {
+            for p in prefixes {
+                if w.raw(&format!("{p}.weight"))?.1 != GgmlDType::Q8_0 {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        };
+        let mode = if mode == WeightMode::Int8 && !all_q8()? {
+            WeightMode::Dense
+        } else {
+            mode
+        };
         let weight = match mode {
+            WeightMode::Int8 => {
+                let mut data = Vec::new();
+                for p in prefixes {
+                    let name = format!("{p}.weight");
+                    let (raw, _, dims) = w.raw(&name)?;
+                    if dims != [out_dim, in_dim] {
+                        return Err(EngineError::InvalidModel(format!(
+                            "tensor {name} has shape {dims:?}, expected [{out_dim}, {in_dim}]"
+                        )));
+                    }
+                    data.extend_from_slice(raw);
+                }
+                let rows = out_dim * prefixes.len();
+                let b = bias.to_vec1::<f32>()?;
+                LinearWeight::Int8(Q8Linear::from_q8_0(&data, rows, in_dim, b)?)
+            }
             WeightMode::Dense => {
                 // Stacked parts dequantize straight into one buffer: no per-part tensors + cat.
                 let part = out_dim * in_dim;
@@ -247,6 +298,7 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
+            LinearWeight::Int8(q) => return Ok(x.apply_op1_no_bwd(q)?),
         };
         Ok(y.broadcast_add(&self.bias)?)
     }

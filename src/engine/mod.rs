@@ -7,6 +7,7 @@
 pub mod bert;
 pub mod gguf;
 pub mod ops;
+pub mod qgemm;
 
 use std::sync::Arc;
 

@@ -313,7 +313,7 @@ pub fn embeddings(opts: &Options) -> anyhow::Result<()> {
     let content =
         candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes[..]))?;
     let refs: Vec<&str> = sents.iter().map(String::as_str).collect();
-    for mode in [WeightMode::Dense, WeightMode::Quantized] {
+    for mode in [WeightMode::Dense, WeightMode::Quantized, WeightMode::Int8] {
         let t = Instant::now();
         let e = BertEmbedder::load_with(&content, &bytes, mode)?;
         let load_ms = t.elapsed().as_secs_f64() * 1e3;
