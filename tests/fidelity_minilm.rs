@@ -105,14 +105,10 @@ fn f16_matches_sentence_transformers() {
     check("all-MiniLM-L6-v2.f16.gguf", 0.9999);
 }
 
+/// The default for q8_0 files: the int8 GEMM.
 #[test]
 fn q8_0_matches_sentence_transformers() {
     check("all-MiniLM-L6-v2.q8_0.gguf", 0.999);
-}
-
-#[test]
-fn q8_0_int8_gemm_matches_sentence_transformers() {
-    check_mode("all-MiniLM-L6-v2.q8_0.gguf", WeightMode::Int8, 0.999);
 }
 
 #[test]

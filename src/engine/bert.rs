@@ -28,13 +28,16 @@ use super::{EmbedOutput, Embedder, EngineError, ModelInfo, ModelKind};
 /// How the encoder's matrices are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightMode {
-    /// Dequantized to f32 at load (faster on CPU for batches; more memory).
-    #[default]
+    /// Dequantized to f32 at load, candle's f32 gemm. What f32/f16 files always use.
     Dense,
-    /// Kept in the file's quantized format; candle's quantized matmul (less memory).
+    /// Kept in the file's quantized format; candle's quantized matmul (kept for comparison: 3x
+    /// slower than Dense on batches, it re-reads each weight row for every input row).
     Quantized,
-    /// q8_0 weights kept as int8 and multiplied by our int8 GEMM ([`super::qgemm`]): 4x less
-    /// weight memory and traffic than Dense. Matrices stored in any other type load as Dense.
+    /// The default: q8_0 weights kept as int8 and multiplied by our int8 GEMM
+    /// ([`super::qgemm`]). Measured against Dense in one run (`bench embeddings`): 2.2x faster on
+    /// one sentence, equal on batches of 32, 2.7x faster to load, 4x less weight memory; min
+    /// cosine to sentence-transformers 0.99945 (Dense 0.99973). Other stored types load as Dense.
+    #[default]
     Int8,
 }
 
