@@ -13,6 +13,22 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use rayon::prelude::*;
 
+/// The f32 values a custom op reads: contiguous storage only (every caller makes its input
+/// contiguous; a strided view would need a copy the op should not hide).
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} expects f32")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} expects a contiguous input")
+    };
+    Ok(&data[start..end])
+}
+
 /// Self-attention of one encoder layer.
 ///
 /// Input: `[b * s, 3 * heads * head_dim]`, row `i*s + t` holding token `t` of sequence `i` as
@@ -36,13 +52,7 @@ impl CustomOp1 for Attention {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, s, nh, d) = (self.batch, self.seq, self.heads, self.head_dim);
         let h = nh * d;
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fused-attention expects f32")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused-attention expects a contiguous input")
-        };
-        let qkv = &data[start..end];
+        let qkv = contiguous_f32(storage, layout, self.name())?;
         if qkv.len() != b * s * 3 * h || self.lens.len() != b {
             candle_core::bail!("fused-attention: input does not match [b*s, 3h]")
         }
@@ -96,13 +106,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("gelu-erf-fast expects f32")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("gelu-erf-fast expects a contiguous input")
-        };
-        let src = &data[start..end];
+        let src = contiguous_f32(storage, layout, self.name())?;
         let mut out = vec![0f32; src.len()];
         out.par_chunks_mut(16 * 1024)
             .zip(src.par_chunks(16 * 1024))

@@ -252,17 +252,11 @@ impl CustomOp1 for Q8Linear {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("int8 linear expects f32 input")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("int8 linear expects a contiguous input")
-        };
+        let x = super::ops::contiguous_f32(storage, layout, self.name())?;
         let dims = layout.shape().dims();
         if dims.last() != Some(&self.k) {
             candle_core::bail!("int8 linear: input {dims:?}, weight in-dim {}", self.k)
         }
-        let x = &data[start..end];
         let mut out = dims.to_vec();
         *out.last_mut().expect("non-empty dims") = self.n;
         Ok((CpuStorage::F32(self.forward_slice(x)), Shape::from(out)))
