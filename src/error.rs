@@ -27,6 +27,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// Too many inputs, an input too long, a body too large.
     PayloadTooLarge,
+    /// The request conflicts with stored state (a job id that already has a result).
+    Conflict,
     /// Throttled (by us or by a downstream service).
     TooManyRequests,
     /// The model is not (yet) loaded or a dependency is down; retrying may help.
@@ -42,6 +44,7 @@ impl ErrorKind {
             ErrorKind::InvalidJson | ErrorKind::InvalidValue | ErrorKind::WrongModelKind => 400,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::Conflict => 409,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::InvalidType => 422,
             ErrorKind::TooManyRequests => 429,
@@ -58,6 +61,7 @@ impl ErrorKind {
             | ErrorKind::InvalidValue
             | ErrorKind::WrongModelKind
             | ErrorKind::PayloadTooLarge
+            | ErrorKind::Conflict
             | ErrorKind::MethodNotAllowed => "invalid_request_error",
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::TooManyRequests => "rate_limit_error",
@@ -76,6 +80,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::Conflict => "conflict",
             ErrorKind::TooManyRequests => "rate_limited",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal_error",
@@ -93,6 +98,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "NotFound",
             ErrorKind::MethodNotAllowed => "MethodNotAllowed",
             ErrorKind::PayloadTooLarge => "PayloadTooLarge",
+            ErrorKind::Conflict => "Conflict",
             ErrorKind::TooManyRequests => "Throttled",
             ErrorKind::Unavailable => "Unavailable",
             ErrorKind::Internal => "InternalError",
@@ -175,6 +181,7 @@ mod tests {
             NotFound,
             MethodNotAllowed,
             PayloadTooLarge,
+            Conflict,
             TooManyRequests,
             Unavailable,
             Internal,

@@ -7,6 +7,8 @@
 //!     -> app        init: config -> artifacts -> engine -> service, timed
 //!     -> events     decode Lambda events (API Gateway v1/v2, Function URL, direct) into
 //!                   service requests and encode the answers back; no candle, no inference
+//!     -> jobs       SQS worker + /v1/jobs: job parsing, result store and queue ports (traits;
+//!                   jobs/aws.rs implements them on S3/SQS), runs jobs through the service
 //!     -> service    routing, validation, limits, batching, engine calls off the executor
 //!     -> engine     tokenizer + candle models (BERT embedder); no AWS/Lambda types, no I/O
 //! artifacts         model bytes from a file (or S3) + SHA-256; used at init only
@@ -22,4 +24,5 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod jobs;
 pub mod service;

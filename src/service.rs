@@ -14,8 +14,9 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::{Embedder, Engine, EngineError};
+use crate::engine::{EmbedOutput, Embedder, Engine, EngineError};
 use crate::error::{ApiError, ErrorKind};
+use crate::jobs::{self, JobPorts};
 
 /// Request limits, checked before any work proportional to the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +121,15 @@ pub struct Service {
     meta: ModelMeta,
     /// Whether a request has been served yet: `/health` says cold until then.
     served: AtomicBool,
+    /// Result store and queue for `/v1/jobs` and the SQS worker (empty: jobs disabled).
+    jobs: JobPorts,
+}
+
+/// What an embeddings request asks for besides its inputs.
+#[derive(Debug, Clone, Copy)]
+struct EmbeddingShape {
+    dims: usize,
+    format: EncodingFormat,
 }
 
 /// `input` of an embeddings request: one string or an array of strings.
@@ -250,7 +260,18 @@ impl Service {
             limits,
             meta,
             served: AtomicBool::new(false),
+            jobs: JobPorts::default(),
         }
+    }
+
+    /// Enables `/v1/jobs` and the SQS worker with these ports.
+    pub fn with_jobs(mut self, jobs: JobPorts) -> Self {
+        self.jobs = jobs;
+        self
+    }
+
+    pub fn jobs(&self) -> &JobPorts {
+        &self.jobs
     }
 
     pub fn limits(&self) -> &Limits {
@@ -318,10 +339,7 @@ impl Service {
             "/v1/chat/completions" | "/v1/completions" => Err(self.wrong_kind(path)),
             "/v1/models" => Ok(ApiResponse::ok(self.models())),
             "/health" => Ok(ApiResponse::ok(self.health())),
-            "/v1/jobs" => Err(ApiError::new(
-                ErrorKind::NotFound,
-                "asynchronous jobs are not enabled on this function (JOBS_QUEUE_URL is unset)",
-            )),
+            "/v1/jobs" => jobs::submit(&self.jobs, &self.limits, &req.body).await,
             p if p.starts_with("/v1/models/") => {
                 let id = &p["/v1/models/".len()..];
                 if id == self.meta.id {
@@ -337,10 +355,7 @@ impl Service {
                     .with_param("model"))
                 }
             }
-            _ => Err(ApiError::new(
-                ErrorKind::NotFound,
-                "asynchronous jobs are not enabled on this function (JOBS_QUEUE_URL is unset)",
-            )),
+            p => jobs::status(&self.jobs, &p["/v1/jobs/".len()..]).await,
         }
     }
 
@@ -364,7 +379,73 @@ impl Service {
 
     /// `POST /v1/embeddings`.
     pub async fn embeddings(&self, body: &[u8]) -> Result<Value, ApiError> {
-        let embedder = self.embedder()?.clone();
+        let (inputs, shape) = self.prepare_embeddings(body)?;
+        let out = self.embed(inputs).await?;
+        Ok(self.embeddings_body(shape, out.embeddings, &out.token_counts))
+    }
+
+    /// Several embeddings requests (the embedding jobs of one SQS batch) answered with shared
+    /// forward passes: one engine call over all their inputs, split back per request. An invalid
+    /// request fails alone; if the shared call fails (one input over the token limit, an engine
+    /// panic), the group is bisected until only the guilty request fails.
+    pub async fn embeddings_many(&self, bodies: &[&[u8]]) -> Vec<Result<Value, ApiError>> {
+        let mut results: Vec<Option<Result<Value, ApiError>>> = vec![None; bodies.len()];
+        let mut valid: Vec<(usize, EmbeddingShape, Vec<String>)> = Vec::new();
+        for (i, body) in bodies.iter().enumerate() {
+            match self.prepare_embeddings(body) {
+                Ok((inputs, shape)) => valid.push((i, shape, inputs)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        for (i, r) in self.embed_group(valid).await {
+            results[i] = Some(r);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect()
+    }
+
+    /// One engine call for the whole group; if it fails, the group is split in halves and each
+    /// half tried again, so one bad request costs a few extra calls, not one call per request.
+    fn embed_group(
+        &self,
+        group: Vec<(usize, EmbeddingShape, Vec<String>)>,
+    ) -> futures_util::future::BoxFuture<'_, Vec<(usize, Result<Value, ApiError>)>> {
+        Box::pin(async move {
+            let all: Vec<String> = group
+                .iter()
+                .flat_map(|(_, _, v)| v.iter().cloned())
+                .collect();
+            match self.embed(all).await {
+                Ok(out) => {
+                    let mut embeddings = out.embeddings.into_iter();
+                    let mut counts = out.token_counts.into_iter();
+                    group
+                        .into_iter()
+                        .map(|(i, shape, inputs)| {
+                            let n = inputs.len();
+                            let e: Vec<Vec<f32>> = embeddings.by_ref().take(n).collect();
+                            let c: Vec<usize> = counts.by_ref().take(n).collect();
+                            (i, Ok(self.embeddings_body(shape, e, &c)))
+                        })
+                        .collect()
+                }
+                Err(e) if group.len() == 1 => vec![(group[0].0, Err(e))],
+                Err(_) => {
+                    let mut left = group;
+                    let right = left.split_off(left.len() / 2);
+                    let mut out = self.embed_group(left).await;
+                    out.extend(self.embed_group(right).await);
+                    out
+                }
+            }
+        })
+    }
+
+    /// Parses and validates an embeddings body: everything that can be refused before compute.
+    fn prepare_embeddings(&self, body: &[u8]) -> Result<(Vec<String>, EmbeddingShape), ApiError> {
+        let embedder = self.embedder()?;
         let req: EmbeddingsRequest = parse_body(body)?;
         let inputs = req.input.0;
         if inputs.is_empty() {
@@ -427,21 +508,35 @@ impl Service {
             )
             .with_param("input"));
         }
+        Ok((inputs, EmbeddingShape { dims, format }))
+    }
+
+    /// Runs the embedder on the blocking pool.
+    async fn embed(&self, inputs: Vec<String>) -> Result<EmbedOutput, ApiError> {
+        let embedder = self.embedder()?.clone();
         let max_tokens = self.limits.max_input_tokens;
         // Forward passes are CPU-bound for milliseconds to seconds: run them on the blocking pool
         // so the runtime's executor (and the Lambda Runtime API client on it) stays responsive. A
         // panic in the engine comes back as a JoinError and becomes a 500, not a dead function.
-        let out = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
             embedder.embed(&refs, max_tokens)
         })
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("embedding task failed: {e}")))?
-        .map_err(engine_error)?;
+        .map_err(engine_error)
+    }
 
-        let total: usize = out.token_counts.iter().sum();
-        let data: Vec<Value> = out
-            .embeddings
+    /// The OpenAI response for one request's embeddings.
+    fn embeddings_body(
+        &self,
+        shape: EmbeddingShape,
+        embeddings: Vec<Vec<f32>>,
+        token_counts: &[usize],
+    ) -> Value {
+        let EmbeddingShape { dims, format } = shape;
+        let total: usize = token_counts.iter().sum();
+        let data: Vec<Value> = embeddings
             .into_iter()
             .enumerate()
             .map(|(index, mut v)| {
@@ -459,12 +554,12 @@ impl Service {
                 json!({"object": "embedding", "index": index, "embedding": embedding})
             })
             .collect();
-        Ok(json!({
+        json!({
             "object": "list",
             "data": data,
             "model": self.meta.id,
             "usage": {"prompt_tokens": total, "total_tokens": total},
-        }))
+        })
     }
 
     fn model_object(&self) -> Value {
@@ -546,7 +641,7 @@ fn l2_normalize(v: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{EmbedOutput, ModelInfo, ModelKind};
+    use crate::engine::{ModelInfo, ModelKind};
 
     /// A fake embedder (unit test of the service layer): zero-cost vectors of a real model's width.
     struct Wide(ModelInfo);

@@ -140,7 +140,13 @@ fn every_sample_event_through_the_real_runtime_api() {
         let event: Value = serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap();
         let out = emu.invoke(event.to_string().as_bytes());
         let name = f.file_name().unwrap().to_string_lossy();
-        if event.get("requestContext").is_some() {
+        if name.starts_with("sqs-") {
+            // No RESULTS_URI in this run: nothing can be stored, so nothing is acknowledged and
+            // SQS would redeliver every message (tests/jobs_s3.rs runs them against moto).
+            let records = event["Records"].as_array().unwrap().len();
+            let failures = out["batchItemFailures"].as_array();
+            assert_eq!(failures.map(Vec::len), Some(records), "{name}: {out}");
+        } else if event.get("requestContext").is_some() {
             assert_eq!(out["statusCode"], 200, "{name}: {out}");
             let body: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
             assert!(body.get("error").is_none(), "{name}: {body}");

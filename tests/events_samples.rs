@@ -15,6 +15,8 @@ use common::{events_dir, fake_service, FakeEmbedder, DIMS};
 enum Shape {
     Http,
     Direct,
+    /// An SQS batch: answered with `batchItemFailures`, results in the (fake) store.
+    Sqs,
 }
 
 fn shape_of(name: &str) -> Shape {
@@ -25,6 +27,8 @@ fn shape_of(name: &str) -> Shape {
         Shape::Http
     } else if name.starts_with("direct-") {
         Shape::Direct
+    } else if name.starts_with("sqs-") {
+        Shape::Sqs
     } else {
         panic!(
             "{name}: no expectation for this event source yet; add one to tests/events_samples.rs"
@@ -39,6 +43,7 @@ fn request_body(shape: Shape, event: &Value) -> Value {
             event.get("body").cloned().unwrap_or(Value::Null)
         }
         Shape::Direct => event.clone(),
+        Shape::Sqs => Value::Null,
         Shape::Http => match event["body"].as_str() {
             None => Value::Null,
             Some(b) if event["isBase64Encoded"] == true => {
@@ -164,6 +169,9 @@ async fn every_sample_event_answers_200_in_its_shape() {
         "expected the sample events, found {files:?}"
     );
     for path in files {
+        if shape_of(&path.file_name().unwrap().to_string_lossy()) == Shape::Sqs {
+            continue; // every_sqs_sample_writes_one_result_per_message
+        }
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let event: Value = serde_json::from_slice(&std::fs::read(&path).expect("readable sample"))
             .unwrap_or_else(|e| panic!("{name} is not JSON: {e}"));
@@ -180,6 +188,7 @@ async fn every_sample_event_answers_200_in_its_shape() {
                     .unwrap_or_else(|| panic!("{name}: body not a string"));
                 serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: body not JSON: {e}"))
             }
+            Shape::Sqs => unreachable!(),
             Shape::Direct => {
                 assert!(
                     out.get("statusCode").is_none(),
@@ -225,4 +234,59 @@ async fn the_same_request_gets_the_same_answer_through_every_source() {
     for b in &bodies[1..] {
         assert_eq!(as_f32(b), first);
     }
+}
+
+/// SQS samples run on the fake embedder with a FAKE in-memory result store: no message is left
+/// for redelivery, and each one has a result: the request's embeddings, or (for a body that is not
+/// a job) a failed result with a clear error.
+#[tokio::test]
+async fn every_sqs_sample_writes_one_result_per_message() {
+    use lambda_inference::jobs::JobPorts;
+    use std::sync::Arc;
+    let mut seen = 0;
+    for entry in std::fs::read_dir(events_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("sqs-") {
+            continue;
+        }
+        seen += 1;
+        let store = Arc::new(common::FakeResultStore::default());
+        let service = fake_service().with_jobs(JobPorts {
+            results: Some(store.clone()),
+            queue: None,
+        });
+        let event: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let out = events::handle(&service, event.clone()).await;
+        assert_eq!(
+            out["batchItemFailures"],
+            serde_json::json!([]),
+            "{name}: {out}"
+        );
+        let records = event["Records"].as_array().unwrap();
+        let objects = store.objects.lock().unwrap();
+        assert_eq!(
+            objects.len(),
+            records.len(),
+            "{name}: one result per message"
+        );
+        for r in records {
+            let body = r["body"].as_str().unwrap();
+            match serde_json::from_str::<Value>(body) {
+                Ok(job) => {
+                    let id = job["id"].as_str().or(r["messageId"].as_str()).unwrap();
+                    let result: Value = serde_json::from_slice(&objects[id]).unwrap();
+                    assert_eq!(result["status"], "succeeded", "{name}/{id}: {result}");
+                    check_embeddings(&name, &job["request"], &result["result"]);
+                }
+                Err(_) => {
+                    let id = r["messageId"].as_str().unwrap();
+                    let result: Value = serde_json::from_slice(&objects[id]).unwrap();
+                    assert_eq!(result["status"], "failed", "{name}/{id}");
+                    assert_eq!(result["error"]["code"], "invalid_json", "{name}/{id}");
+                }
+            }
+        }
+    }
+    assert!(seen >= 2, "the SQS samples are in events/");
 }

@@ -3,8 +3,8 @@
 //! that event source expects.
 //!
 //! One module per source: [`http`] (API Gateway HTTP API v2, Function URLs, REST API v1 proxy) and
-//! [`direct`] (`aws lambda invoke`, `sam local invoke`, the CLI). SQS batches are recognised here
-//! and refused with a clear error until the job worker exists.
+//! [`direct`] (`aws lambda invoke`, `sam local invoke`, the CLI) and [`sqs`] (job batches, answered
+//! with a partial batch response).
 //!
 //! Adapters only convert. They must not import candle, run inference or call AWS, and every
 //! failure becomes a response in the event's own shape: never a panic and never a Rust `Err`,
@@ -19,10 +19,10 @@
 
 pub mod direct;
 pub mod http;
+pub mod sqs;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::error::{ApiError, ErrorKind};
 use crate::service::Service;
 
 /// The event sources [`handle`] tells apart.
@@ -83,37 +83,15 @@ pub async fn handle(service: &Service, event: Value) -> Value {
     match source {
         Source::HttpApiV2 | Source::FunctionUrl => http::handle_v2(service, &event).await,
         Source::RestApiV1 => http::handle_v1(service, &event).await,
-        Source::Sqs => sqs_not_enabled(&event),
+        Source::Sqs => sqs::handle(service, &event).await,
         Source::Direct => direct::handle(service, event).await,
     }
-}
-
-/// SQS jobs are not built yet. Returning only an error body would make Lambda treat the batch as a
-/// success (no `batchItemFailures` means "all processed") and delete the messages, so every message
-/// is also listed as failed: SQS redelivers them and the DLQ keeps what this build cannot run.
-fn sqs_not_enabled(event: &Value) -> Value {
-    let failures: Vec<Value> = event["Records"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r.get("messageId").and_then(Value::as_str))
-        .filter(|id| !id.is_empty())
-        .map(|id| json!({"itemIdentifier": id}))
-        .collect();
-    let err = ApiError::new(
-        ErrorKind::InvalidValue,
-        "SQS jobs are not enabled in this build: the messages are reported as failed so SQS retries \
-         them (and the DLQ keeps them); invoke through HTTP or directly instead",
-    )
-    .with_code("sqs_not_enabled");
-    let mut body = err.to_body();
-    body["batchItemFailures"] = Value::Array(failures);
-    body
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn detects_each_source() {
@@ -132,19 +110,5 @@ mod tests {
         assert_eq!(detect(&json!({"path": "/health"})), Source::Direct);
         assert_eq!(detect(&json!("hi")), Source::Direct);
         assert_eq!(detect(&json!({"Records": []})), Source::Direct);
-    }
-
-    #[test]
-    fn sqs_batches_fail_every_message_with_a_clear_error() {
-        let sqs = json!({"Records": [
-            {"messageId": "m1", "eventSource": "aws:sqs", "body": "{}"},
-            {"messageId": "m2", "eventSource": "aws:sqs", "body": "{}"}
-        ]});
-        let out = sqs_not_enabled(&sqs);
-        assert_eq!(out["error"]["code"], "sqs_not_enabled");
-        assert_eq!(
-            out["batchItemFailures"],
-            json!([{"itemIdentifier": "m1"}, {"itemIdentifier": "m2"}])
-        );
     }
 }

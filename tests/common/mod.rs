@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lambda_inference::engine::{EmbedOutput, Embedder, Engine, EngineError, ModelInfo, ModelKind};
+use lambda_inference::jobs::{BoxFuture, JobId, PutOutcome, ResultStore, StoreError};
 use lambda_inference::service::{Limits, ModelMeta, Service};
 
 /// Embedding width of the fake.
@@ -143,4 +144,121 @@ pub fn needed_file(rel: &str, how: &str) -> Option<PathBuf> {
     }
     eprintln!("SKIP: {} missing; run {how}", p.display());
     None
+}
+
+/// A FAKE result store (for testing the job worker without S3): a map in memory with the same
+/// create-only semantics as S3's `If-None-Match: *`. The S3 store is tested against moto.
+#[derive(Default)]
+pub struct FakeResultStore {
+    pub objects: std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+    /// Every successful write, to prove nothing is written twice.
+    pub writes: std::sync::Mutex<Vec<String>>,
+}
+
+impl ResultStore for FakeResultStore {
+    fn get<'a>(&'a self, id: &'a JobId) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        Box::pin(async move { Ok(self.objects.lock().unwrap().get(id.as_str()).cloned()) })
+    }
+    fn put_new<'a>(
+        &'a self,
+        id: &'a JobId,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
+        Box::pin(async move {
+            let mut objects = self.objects.lock().unwrap();
+            if objects.contains_key(id.as_str()) {
+                return Ok(PutOutcome::AlreadyExists);
+            }
+            objects.insert(id.as_str().to_owned(), body);
+            self.writes.lock().unwrap().push(id.as_str().to_owned());
+            Ok(PutOutcome::Written)
+        })
+    }
+    fn location(&self, id: &JobId) -> String {
+        format!("fake://results/{id}.json")
+    }
+}
+
+/// Wraps a store (fake or real) so that the first write of one job id fails with a transient
+/// error: the "S3 hiccup" of the job tests.
+pub struct FailFirstWrite<S> {
+    pub inner: S,
+    pub id: String,
+    pub failed: std::sync::atomic::AtomicBool,
+}
+
+impl<S: ResultStore> ResultStore for FailFirstWrite<S> {
+    fn get<'a>(&'a self, id: &'a JobId) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        self.inner.get(id)
+    }
+    fn put_new<'a>(
+        &'a self,
+        id: &'a JobId,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
+        use std::sync::atomic::Ordering;
+        if id.as_str() == self.id && !self.failed.swap(true, Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(StoreError::Transient(
+                    "injected: connection reset while writing".into(),
+                ))
+            });
+        }
+        self.inner.put_new(id, body)
+    }
+    fn location(&self, id: &JobId) -> String {
+        self.inner.location(id)
+    }
+}
+
+/// The mixed batch of the job tests: 10 SQS records, of which 2 are malformed, 1 makes the engine
+/// panic, 1 (`job-flaky`) has its first result write fail, and 6 are ordinary embedding jobs.
+/// Returns the event and the job ids of all 10 in order.
+pub fn mixed_sqs_batch() -> (serde_json::Value, Vec<String>) {
+    use serde_json::json;
+    let mut bodies = Vec::new();
+    for i in 0..6 {
+        bodies.push((
+            format!("job-ok-{i}"),
+            json!({"id": format!("job-ok-{i}"), "endpoint": "/v1/embeddings",
+                   "request": {"input": [format!("sentence number {i}"), "shared batch"]}})
+            .to_string(),
+        ));
+    }
+    bodies.push((
+        "job-flaky".into(),
+        json!({"id": "job-flaky", "endpoint": "/v1/embeddings", "request": {"input": "flaky write"}})
+            .to_string(),
+    ));
+    bodies.push((
+        "job-panic".into(),
+        json!({"id": "job-panic", "endpoint": "/v1/embeddings", "request": {"input": PANIC_MARKER}})
+            .to_string(),
+    ));
+    // Malformed: not JSON (stored under its messageId), and a job without a request.
+    bodies.push(("msg-bad-json".into(), "{not json".into()));
+    bodies.push((
+        "job-no-request".into(),
+        json!({"id": "job-no-request", "endpoint": "/v1/embeddings"}).to_string(),
+    ));
+    let records: Vec<serde_json::Value> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, (id, body))| {
+            // The messageId equals the job id for the malformed body without an id.
+            let message_id = if id.starts_with("msg-") {
+                id.clone()
+            } else {
+                format!("m-{i}")
+            };
+            json!({"messageId": message_id, "receiptHandle": "rh", "body": body,
+                   "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "1700000000000"},
+                   "eventSource": "aws:sqs", "awsRegion": "us-east-1",
+                   "eventSourceARN": "arn:aws:sqs:us-east-1:000000000000:jobs"})
+        })
+        .collect();
+    (
+        json!({ "Records": records }),
+        bodies.into_iter().map(|(id, _)| id).collect(),
+    )
 }

@@ -1,0 +1,395 @@
+//! Asynchronous jobs: the SQS worker, `POST /v1/jobs` / `GET /v1/jobs/{id}`, and the two ports they
+//! need (a result store and a job queue).
+//!
+//! A job is `{id?, endpoint, request}`: the same OpenAI body a synchronous call would send, run
+//! through the same [`Service`](crate::service::Service), its answer written once to
+//! `RESULTS_URI/<id>.json` as `{id, status, result | error, model, digest, timings}`.
+//!
+//! What is permanent and what is transient decides whether SQS retries: a malformed or invalid job,
+//! and a job whose engine call panicked, get a `failed` result and are acknowledged; a result that
+//! could not be written, a throttled dependency or a model not yet loaded are reported back so SQS
+//! redelivers. Writes are create-only (S3 `If-None-Match: *`), so a redelivered job never overwrites
+//! a finished one.
+//!
+//! This module sees AWS only through the [`ResultStore`] and [`JobQueue`] traits; [`aws`] holds the
+//! S3/SQS implementations and is the only place here that names an AWS type. It never touches
+//! candle: inference goes through the service.
+
+pub mod worker;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ErrorKind};
+use crate::service::{ApiResponse, Limits};
+
+/// A boxed future, so the ports can be trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// SQS's message size limit (1 MiB since 2025): a job over it is refused at submit with 413.
+pub const MAX_JOB_BYTES: usize = 1024 * 1024;
+
+/// The routes a job may run.
+pub const JOB_ENDPOINTS: [&str; 3] = ["/v1/embeddings", "/v1/chat/completions", "/v1/completions"];
+
+/// A validated job id: 1-128 characters of `[A-Za-z0-9._-]`, not starting with `.`, so that
+/// `<prefix><id>.json` can never name an object outside the results prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JobId(String);
+
+impl JobId {
+    pub fn parse(s: &str) -> Result<JobId, ApiError> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && !s.starts_with('.')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(JobId(s.to_owned()))
+        } else {
+            Err(ApiError::new(
+                ErrorKind::InvalidValue,
+                format!(
+                    "job id {:?} is not valid: use 1-128 characters of A-Z a-z 0-9 . _ - , not starting with '.'",
+                    truncate(s, 80)
+                ),
+            )
+            .with_param("id"))
+        }
+    }
+
+    /// A fresh id for a job submitted without one: time + process + counter, hex. Unique within a
+    /// function's lifetime and, with the process id and nanoseconds, across environments in practice.
+    pub fn generate() -> JobId {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut h = sha2::Sha256::default();
+        use sha2::Digest;
+        h.update(nanos.to_le_bytes());
+        h.update(std::process::id().to_le_bytes());
+        h.update(n.to_le_bytes());
+        let d = h.finalize();
+        JobId(format!(
+            "job-{}",
+            d[..12]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// A job as submitted: which route, which body, under which id.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub id: JobId,
+    pub endpoint: &'static str,
+    /// The request body, serialized (what the service parses).
+    pub request: Vec<u8>,
+}
+
+impl JobSpec {
+    /// Reads `{id?, endpoint, request}`. `default_id` is used when the body has no id (the SQS
+    /// messageId); `None` generates one (submit). The error says what is wrong, for the job's result.
+    pub fn parse(body: &[u8], default_id: Option<&str>) -> Result<JobSpec, ApiError> {
+        let v: Value = crate::service::parse_body(body)?;
+        let id = match v.get("id") {
+            None | Some(Value::Null) => match default_id {
+                Some(d) => JobId::parse(d)?,
+                None => JobId::generate(),
+            },
+            Some(Value::String(s)) => JobId::parse(s)?,
+            Some(_) => {
+                return Err(
+                    ApiError::new(ErrorKind::InvalidType, "job id must be a string")
+                        .with_param("id"),
+                )
+            }
+        };
+        let endpoint = match v.get("endpoint").and_then(Value::as_str) {
+            Some(e) => JOB_ENDPOINTS
+                .iter()
+                .find(|&&k| k == e.trim_end_matches('/'))
+                .copied()
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorKind::InvalidValue,
+                        format!(
+                            "endpoint {:?} cannot run as a job; use one of {}",
+                            truncate(e, 80),
+                            JOB_ENDPOINTS.join(", ")
+                        ),
+                    )
+                    .with_param("endpoint")
+                })?,
+            None => {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidType,
+                    format!(
+                        "a job needs \"endpoint\" (one of {}) and \"request\" (its body)",
+                        JOB_ENDPOINTS.join(", ")
+                    ),
+                )
+                .with_param("endpoint"))
+            }
+        };
+        let request = match v.get("request") {
+            Some(r @ Value::Object(m)) => {
+                if m.get("stream").and_then(Value::as_bool) == Some(true) {
+                    return Err(ApiError::new(
+                        ErrorKind::InvalidValue,
+                        "a job cannot stream (its result is one stored object): drop \"stream\"",
+                    )
+                    .with_param("request.stream"));
+                }
+                serde_json::to_vec(r).expect("a JSON value serializes")
+            }
+            _ => {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidType,
+                    "a job needs \"request\": the JSON object the endpoint takes",
+                )
+                .with_param("request"))
+            }
+        };
+        Ok(JobSpec {
+            id,
+            endpoint,
+            request,
+        })
+    }
+
+    /// The SQS message body for this job (id always explicit, so `GET /v1/jobs/{id}` finds it).
+    pub fn to_message(&self) -> String {
+        let request: Value = serde_json::from_slice(&self.request).expect("parsed from JSON");
+        json!({"id": self.id.as_str(), "endpoint": self.endpoint, "request": request}).to_string()
+    }
+}
+
+/// Why a store or queue call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Worth retrying: network, throttling, 5xx.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Retrying the same call will not help: access denied, no such bucket or queue.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// What a create-only write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Written,
+    /// A result for this id was already there (a redelivery, or a concurrent worker won).
+    AlreadyExists,
+}
+
+/// Where job results live (`RESULTS_URI`).
+pub trait ResultStore: Send + Sync {
+    /// The stored result of `id`, if any.
+    fn get<'a>(&'a self, id: &'a JobId) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>>;
+    /// Writes `body` as the result of `id` unless one exists.
+    fn put_new<'a>(
+        &'a self,
+        id: &'a JobId,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, Result<PutOutcome, StoreError>>;
+    /// Where a result goes, for messages (`s3://bucket/prefix/<id>.json`).
+    fn location(&self, id: &JobId) -> String;
+}
+
+/// Where submitted jobs go (`JOBS_QUEUE_URL`).
+pub trait JobQueue: Send + Sync {
+    fn send<'a>(&'a self, body: String) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+/// The job ports a function has: results (needed by the worker and `GET /v1/jobs/{id}`) and the
+/// queue (needed by `POST /v1/jobs`).
+#[derive(Clone, Default)]
+pub struct JobPorts {
+    pub results: Option<Arc<dyn ResultStore>>,
+    pub queue: Option<Arc<dyn JobQueue>>,
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Transient(m) => ApiError::new(ErrorKind::Unavailable, m),
+        StoreError::Permanent(m) => ApiError::new(ErrorKind::Internal, m),
+    }
+}
+
+/// `POST /v1/jobs`: validates the job, refuses what SQS could not carry, sends it, answers 202.
+pub async fn submit(
+    ports: &JobPorts,
+    limits: &Limits,
+    body: &[u8],
+) -> Result<ApiResponse, ApiError> {
+    let Some(queue) = &ports.queue else {
+        return Err(ApiError::new(
+            ErrorKind::NotFound,
+            "asynchronous jobs are not enabled on this function (JOBS_QUEUE_URL is unset)",
+        ));
+    };
+    let spec = JobSpec::parse(body, None)?;
+    let message = spec.to_message();
+    if message.len() > MAX_JOB_BYTES.min(limits.max_request_bytes) {
+        return Err(ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "the job is {} bytes as a queue message, over SQS's limit of {MAX_JOB_BYTES}: \
+                 split it, or call {} synchronously",
+                message.len(),
+                spec.endpoint
+            ),
+        )
+        .with_param("request"));
+    }
+    // An id that already has a result would never run again (writes are create-only): say so
+    // instead of accepting a job that silently does nothing.
+    if let Some(store) = &ports.results {
+        if store.get(&spec.id).await.map_err(store_error)?.is_some() {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "job {} already has a result; GET /v1/jobs/{} reads it, or submit under a new id",
+                    spec.id, spec.id
+                ),
+            )
+            .with_param("id"));
+        }
+    }
+    queue.send(message).await.map_err(store_error)?;
+    Ok(ApiResponse {
+        status: 202,
+        body: json!({"id": spec.id.as_str(), "object": "job", "status": "pending",
+                     "endpoint": spec.endpoint}),
+    })
+}
+
+/// `GET /v1/jobs/{id}`: the stored result, or pending while there is none.
+pub async fn status(ports: &JobPorts, id: &str) -> Result<ApiResponse, ApiError> {
+    let Some(store) = &ports.results else {
+        return Err(ApiError::new(
+            ErrorKind::NotFound,
+            "asynchronous jobs are not enabled on this function (RESULTS_URI is unset)",
+        ));
+    };
+    let id = JobId::parse(id)?;
+    match store.get(&id).await.map_err(store_error)? {
+        Some(bytes) => {
+            let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Internal,
+                    format!("stored result of job {id} is not JSON: {e}"),
+                )
+            })?;
+            Ok(ApiResponse::ok(v))
+        }
+        // Without a result the job is queued, running, or unknown: a queue cannot be searched by
+        // id, so all three read as pending (documented).
+        None => Ok(ApiResponse::ok(
+            json!({"id": id.as_str(), "object": "job", "status": "pending"}),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_cannot_escape_the_results_prefix() {
+        for ok in [
+            "a",
+            "job-1",
+            "3f2a_b.c",
+            "550e8400-e29b-41d4-a716-446655440000",
+        ] {
+            assert!(JobId::parse(ok).is_ok(), "{ok}");
+        }
+        let long = "x".repeat(129);
+        for bad in [
+            "", "../x", "a/b", ".hidden", "..", "a b", "é", "a\\b", "%2e%2e", &long,
+        ] {
+            let e = JobId::parse(bad).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("id"), "{bad}");
+            assert_eq!(e.status(), 400);
+        }
+        let a = JobId::generate();
+        let b = JobId::generate();
+        assert_ne!(a, b);
+        assert!(JobId::parse(a.as_str()).is_ok());
+    }
+
+    #[test]
+    fn specs_parse_and_refuse_clearly() {
+        let s = JobSpec::parse(
+            br#"{"endpoint": "/v1/embeddings", "request": {"input": "hi"}}"#,
+            Some("m-1"),
+        )
+        .unwrap();
+        assert_eq!(s.id.as_str(), "m-1");
+        assert_eq!(s.endpoint, "/v1/embeddings");
+        let round = JobSpec::parse(s.to_message().as_bytes(), None).unwrap();
+        assert_eq!(round.id, s.id);
+        assert_eq!(round.request, s.request);
+
+        let cases: [(&[u8], &str); 7] = [
+            (b"not json", "invalid_json"),
+            (br#"{"request": {}}"#, "endpoint"),
+            (br#"{"endpoint": "/v1/jobs", "request": {}}"#, "endpoint"),
+            (br#"{"endpoint": "/v1/embeddings"}"#, "request"),
+            (
+                br#"{"endpoint": "/v1/embeddings", "request": "hi"}"#,
+                "request",
+            ),
+            (
+                br#"{"id": "../../etc", "endpoint": "/v1/embeddings", "request": {}}"#,
+                "id",
+            ),
+            (
+                br#"{"endpoint": "/v1/chat/completions", "request": {"stream": true}}"#,
+                "request.stream",
+            ),
+        ];
+        for (body, what) in cases {
+            let e = JobSpec::parse(body, Some("m")).unwrap_err();
+            let got = e
+                .param
+                .clone()
+                .unwrap_or_else(|| e.to_body()["error"]["code"].to_string());
+            assert!(
+                got.contains(what),
+                "{}: {got} / {}",
+                String::from_utf8_lossy(body),
+                e.message
+            );
+        }
+    }
+}
