@@ -25,31 +25,102 @@ const BLOCK_BYTES: usize = 34;
 /// Input rows per tile: each weight block load serves this many rows.
 const MR: usize = 4;
 
+/// Columns per VNNI weight group: one 256-bit register of i32 lanes.
+const NV: usize = 8;
+/// Input rows per VNNI tile: each weight load serves 8 rows (AVX-512 has 32 vector registers).
+const MRV: usize = 8;
+
 /// A q8_0 matrix `[n, k]` repacked for the kernel, plus the layer's bias.
 pub struct Q8Linear {
     n: usize,
     k: usize,
-    /// `[n, k]` signed quants, row-major.
-    qs: Vec<i8>,
-    /// `[n, k / 32]` block scales, f16 widened to f32 once at load.
-    ds: Vec<f32>,
     /// `[n]`.
     bias: Vec<f32>,
+    packed: Packed,
+}
+
+/// The weight layout, chosen once at load for the kernel this CPU runs.
+enum Packed {
+    /// Row-major: the AVX2 kernel and the scalar reference.
+    Rows {
+        /// `[n, k]` signed quants.
+        qs: Vec<i8>,
+        /// `[n, k / 32]` block scales, f16 widened to f32 once at load.
+        ds: Vec<f32>,
+    },
+    /// Interleaved for AVX-512 VNNI (`vpdpbusd`, 256-bit form), used when the CPU has it (Zen 4,
+    /// Ice Lake, Cascade Lake, Sapphire Rapids: most x86 Lambda hosts). Per group of 8 columns and
+    /// per block, 8 runs of `[column][4 quants]`: one load gives 4 consecutive quants of 8 columns,
+    /// and one `vpdpbusd` against 4 broadcast activation bytes (an embedded-broadcast memory
+    /// operand) adds 32 products into 8 column lanes, already reduced. `vpdpbusd` multiplies
+    /// unsigned by signed bytes, so the weights are stored offset (`q + 128`, exact) and
+    /// `128 · Σ x` per row and block, computed while quantizing, undoes the offset exactly.
+    Vnni {
+        /// `[n / 8][k / 32][8 runs][8 columns][4]` quants + 128.
+        w: Vec<u8>,
+        /// `[n / 8][k / 32][8 columns]` block scales.
+        ds: Vec<f32>,
+    },
 }
 
 impl Q8Linear {
-    /// From raw GGUF q8_0 bytes (`n * k / 32` blocks of {f16 d, 32 x i8}) and an f32 bias.
+    /// From raw GGUF q8_0 bytes (`n * k / 32` blocks of {f16 d, 32 x i8}) and an f32 bias, in
+    /// the layout of the fastest kernel this CPU has.
     pub fn from_q8_0(raw: &[u8], n: usize, k: usize, bias: Vec<f32>) -> Result<Self> {
-        if k % BLOCK != 0 || raw.len() != n * k / BLOCK * BLOCK_BYTES || bias.len() != n {
+        Self::from_q8_0_with(raw, n, k, bias, use_vnni())
+    }
+
+    /// As [`Q8Linear::from_q8_0`], with the VNNI layout allowed or not (tests run both kernels;
+    /// the CPU must still have it).
+    pub fn from_q8_0_with(
+        raw: &[u8],
+        n: usize,
+        k: usize,
+        bias: Vec<f32>,
+        vnni: bool,
+    ) -> Result<Self> {
+        if !k.is_multiple_of(BLOCK) || raw.len() != n * k / BLOCK * BLOCK_BYTES || bias.len() != n {
             candle_core::bail!("q8_0 matrix [{n}, {k}] does not match its bytes or bias")
         }
-        let mut qs = Vec::with_capacity(n * k);
-        let mut ds = Vec::with_capacity(n * k / BLOCK);
-        for b in raw.chunks_exact(BLOCK_BYTES) {
-            ds.push(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
-            qs.extend(b[2..].iter().map(|&q| q as i8));
+        let kb = k / BLOCK;
+        let block = |c: usize, b: usize| &raw[(c * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+        let packed = if vnni && use_vnni() && n.is_multiple_of(NV) {
+            let mut w = Vec::with_capacity(n * k);
+            let mut ds = Vec::with_capacity(n * kb);
+            for cg in 0..n / NV {
+                for b in 0..kb {
+                    for g in 0..BLOCK / 4 {
+                        for j in 0..NV {
+                            let q = &block(cg * NV + j, b)[2 + g * 4..2 + g * 4 + 4];
+                            w.extend(q.iter().map(|&v| v ^ 0x80));
+                        }
+                    }
+                    for j in 0..NV {
+                        let blk = block(cg * NV + j, b);
+                        ds.push(half::f16::from_le_bytes([blk[0], blk[1]]).to_f32());
+                    }
+                }
+            }
+            Packed::Vnni { w, ds }
+        } else {
+            let mut qs = Vec::with_capacity(n * k);
+            let mut ds = Vec::with_capacity(n * kb);
+            for b in raw.chunks_exact(BLOCK_BYTES) {
+                ds.push(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+                qs.extend(b[2..].iter().map(|&q| q as i8));
+            }
+            Packed::Rows { qs, ds }
+        };
+        Ok(Self { n, k, bias, packed })
+    }
+
+    /// Which kernel this matrix runs on (for logs and the bench).
+    pub fn kernel_name(&self) -> &'static str {
+        match (&self.packed, use_avx2()) {
+            (Packed::Vnni { .. }, _) => "avx512-vnni",
+            (Packed::Rows { .. }, true) => "avx2",
+            (Packed::Rows { .. }, false) => "scalar",
         }
-        Ok(Self { n, k, qs, ds, bias })
     }
 
     pub fn out_dim(&self) -> usize {
@@ -61,15 +132,70 @@ impl Q8Linear {
         let (n, k) = (self.n, self.k);
         let m = x.len() / k;
         let mut y = vec![0f32; m * n];
-        // One task per tile of MR rows; rayon splits the tiles over the pool.
-        y.par_chunks_mut(MR * n)
-            .zip(x.par_chunks(MR * k))
+        let mr = match self.packed {
+            Packed::Rows { .. } => MR,
+            Packed::Vnni { .. } => MRV,
+        };
+        // One task per tile of `mr` rows; rayon splits the tiles over the pool.
+        y.par_chunks_mut(mr * n)
+            .zip(x.par_chunks(mr * k))
             .for_each(|(y, x)| self.tile_rows(x, y, use_avx2()));
         y
     }
 
     /// Up to MR rows of `x` -> the same rows of `y`.
     fn tile_rows(&self, x: &[f32], y: &mut [f32], simd: bool) {
+        match &self.packed {
+            Packed::Rows { qs, ds } => self.tile_rows_avx2(qs, ds, x, y, simd),
+            Packed::Vnni { w, ds } => self.tile_rows_vnni(w, ds, x, y),
+        }
+    }
+
+    /// The VNNI path: quantize MRV rows, then 8 columns at a time.
+    fn tile_rows_vnni(&self, w: &[u8], ds: &[f32], x: &[f32], y: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        let kb = k / BLOCK;
+        let rows = x.len() / k;
+        // Padding rows stay 0 with scale 0: they contribute nothing.
+        let mut xq = vec![0i8; MRV * k];
+        let mut xd = vec![0f32; MRV * kb];
+        let mut xc = vec![0i32; MRV * kb];
+        for r in 0..rows {
+            let q = &mut xq[r * k..(r + 1) * k];
+            quantize_row(&x[r * k..(r + 1) * k], q, |b, d| xd[r * kb + b] = d);
+            for (b, qb) in q.chunks_exact(BLOCK).enumerate() {
+                xc[r * kb + b] = 128 * qb.iter().map(|&v| v as i32).sum::<i32>();
+            }
+        }
+        let mut out = [[0f32; NV]; MRV];
+        for cg in 0..n / NV {
+            // SAFETY: Packed::Vnni is only built when `use_vnni` saw the features; the slices
+            // hold one column group's `kb` blocks, and MRV rows of `k` quants / `kb` scales.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                vnni::tile(
+                    &xq,
+                    &xd,
+                    &xc,
+                    &w[cg * kb * NV * BLOCK..(cg + 1) * kb * NV * BLOCK],
+                    &ds[cg * kb * NV..(cg + 1) * kb * NV],
+                    k,
+                    &mut out,
+                );
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (&w, &ds, &xq, &xc);
+            for (r, o) in out.iter().take(rows).enumerate() {
+                let dst = &mut y[r * n + cg * NV..r * n + (cg + 1) * NV];
+                for ((d, v), b) in dst.iter_mut().zip(o).zip(&self.bias[cg * NV..]) {
+                    *d = v + b;
+                }
+            }
+        }
+    }
+
+    /// The AVX2 (or scalar) path on the row-major layout.
+    fn tile_rows_avx2(&self, qs: &[i8], ds: &[f32], x: &[f32], y: &mut [f32], simd: bool) {
         let (n, k) = (self.n, self.k);
         let kb = k / BLOCK;
         let rows = x.len() / k;
@@ -88,8 +214,8 @@ impl Q8Linear {
         let mut j = 0;
         while j < n {
             let nr = (n - j).min(2);
-            let wq = &self.qs[j * k..(j + nr) * k];
-            let wd = &self.ds[j * kb..(j + nr) * kb];
+            let wq = &qs[j * k..(j + nr) * k];
+            let wd = &ds[j * kb..(j + nr) * kb];
             dispatch(simd, nr, &xq, &xd, wq, wd, k, &mut out);
             for (c, o) in out.iter().take(nr).enumerate() {
                 for r in 0..rows {
@@ -135,6 +261,23 @@ fn use_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the AVX-512 VNNI kernel may run on this CPU (decided at run time: the binary is built
+/// for Haswell, and Lambda does not promise AVX-512; where it is there, it is 2x faster).
+fn use_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use_avx2()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::env::var_os("LAMBDA_INFERENCE_NO_VNNI").is_none()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -245,6 +388,71 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{BLOCK, MRV, NV};
+    use std::arch::x86_64::*;
+
+    /// MRV rows times one group of 8 columns over `k`, into `out[r][column]`.
+    ///
+    /// Per block: 8 runs of 4 quants; per run one weight load (8 columns x 4 bytes) serves the
+    /// MRV rows, each adding `u8(w) · i8(x)` over 4 bytes into its 8 column lanes with one
+    /// `vpdpbusd` whose activation operand is a broadcast load (i32 accumulation: exact, no
+    /// saturation). Then per row: subtract the offset correction, convert, one FMA with `d_w · d_x`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA, AVX-512F/VL/VNNI. `xq` holds `MRV * k` quants, `xd` and `xc`
+    /// `MRV * k/32` values (`[row][block]`), `w` `k/32 * 256` quants, `ds` `k/32 * 8` scales.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn tile(
+        xq: &[i8],
+        xd: &[f32],
+        xc: &[i32],
+        w: &[u8],
+        ds: &[f32],
+        k: usize,
+        out: &mut [[f32; NV]; MRV],
+    ) {
+        let kb = k / BLOCK;
+        debug_assert!(xq.len() >= MRV * k && xd.len() >= MRV * kb && xc.len() >= MRV * kb);
+        debug_assert!(w.len() >= kb * NV * BLOCK && ds.len() >= kb * NV);
+        let mut accf = [_mm256_setzero_ps(); MRV];
+        let xp = xq.as_ptr();
+        for b in 0..kb {
+            // Two accumulator sets (even and odd runs): `vpdpbusd` has a latency of ~5 cycles
+            // and a throughput of 2 per cycle, so MRV chains alone would leave it idle.
+            let mut acc0 = [_mm256_setzero_si256(); MRV];
+            let mut acc1 = [_mm256_setzero_si256(); MRV];
+            let wb = w.as_ptr().add(b * NV * BLOCK);
+            for g in (0..BLOCK / 4).step_by(2) {
+                // SAFETY (all loads): within the lengths checked above.
+                let w0 = _mm256_loadu_si256(wb.add(g * NV * 4) as *const __m256i);
+                let w1 = _mm256_loadu_si256(wb.add((g + 1) * NV * 4) as *const __m256i);
+                for r in 0..MRV {
+                    let xr = xp.add(r * k + b * BLOCK + g * 4);
+                    let x0 = _mm256_set1_epi32(std::ptr::read_unaligned(xr as *const i32));
+                    let x1 = _mm256_set1_epi32(std::ptr::read_unaligned(xr.add(4) as *const i32));
+                    acc0[r] = _mm256_dpbusd_epi32(acc0[r], w0, x0);
+                    acc1[r] = _mm256_dpbusd_epi32(acc1[r], w1, x1);
+                }
+            }
+            let dw = _mm256_loadu_ps(ds.as_ptr().add(b * NV));
+            for r in 0..MRV {
+                let i = r * kb + b;
+                let dot = _mm256_sub_epi32(
+                    _mm256_add_epi32(acc0[r], acc1[r]),
+                    _mm256_set1_epi32(*xc.get_unchecked(i)),
+                );
+                let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.get_unchecked(i)));
+                accf[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, accf[r]);
+            }
+        }
+        for (a, o) in accf.iter().zip(out.iter_mut()) {
+            _mm256_storeu_ps(o.as_mut_ptr(), *a);
+        }
+    }
+}
+
 /// `x [m, k] -> x W^T + b [m, n]` as a candle op on contiguous f32 input.
 impl CustomOp1 for Q8Linear {
     fn name(&self) -> &'static str {
@@ -263,9 +471,10 @@ impl CustomOp1 for Q8Linear {
     }
 }
 
-/// Single-threaded reference: the scalar kernel over every tile.
+/// Single-threaded reference: the scalar kernel over every tile (`w` in the row layout).
 #[cfg(test)]
 fn gemm_scalar(w: &Q8Linear, x: &[f32]) -> Vec<f32> {
+    assert!(matches!(w.packed, Packed::Rows { .. }));
     let m = x.len() / w.k;
     let mut y = vec![0f32; m * w.n];
     for (y, x) in y.chunks_mut(MR * w.n).zip(x.chunks(MR * w.k)) {
@@ -309,13 +518,25 @@ mod tests {
     #[test]
     fn int8_gemm_matches_f32_reference_and_scalar() {
         let mut r = rng(0x9e3779b97f4a7c15);
-        for &(m, n, k) in &[(1, 7, 64), (3, 33, 384), (13, 5, 96), (37, 131, 1536)] {
+        let cases = [
+            (1, 7, 64),
+            (3, 33, 384),
+            (13, 5, 96),
+            (37, 131, 1536),
+            (5, 24, 64),
+            (37, 136, 1536),
+        ];
+        for (&(m, n, k), vnni) in cases.iter().flat_map(|c| [(c, false), (c, true)]) {
             let (raw, wf) = q8_matrix(n, k, &mut r);
             let bias: Vec<f32> = (0..n).map(|_| r()).collect();
             let x: Vec<f32> = (0..m * k).map(|_| r() * 3.0).collect();
-            let lin = Q8Linear::from_q8_0(&raw, n, k, bias.clone()).unwrap();
+            let lin = Q8Linear::from_q8_0_with(&raw, n, k, bias.clone(), vnni).unwrap();
+            if vnni && use_vnni() && n % NV == 0 {
+                assert_eq!(lin.kernel_name(), "avx512-vnni");
+            }
             let y = lin.forward_slice(&x);
-            let ys = gemm_scalar(&lin, &x);
+            let rows = Q8Linear::from_q8_0_with(&raw, n, k, bias.clone(), false).unwrap();
+            let ys = gemm_scalar(&rows, &x);
             assert_eq!(y.len(), m * n);
             let (mut err2, mut ref2) = (0f64, 0f64);
             for i in 0..m {
