@@ -316,7 +316,7 @@ impl BertConfig {
                 })?,
             },
         };
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(field(
                 "num_attention_heads",
                 format!(
@@ -809,10 +809,10 @@ fn storage_dtype(
     let row = t.dims()[1];
     let mut dtype = requested.ggml();
     // Block quantization packs each row in whole blocks (32 values for q8_0, 256 for q4_k).
-    if dtype == GgmlDType::Q4K && row % GgmlDType::Q4K.block_size() != 0 {
+    if dtype == GgmlDType::Q4K && !row.is_multiple_of(GgmlDType::Q4K.block_size()) {
         dtype = GgmlDType::Q8_0;
     }
-    if dtype == GgmlDType::Q8_0 && row % GgmlDType::Q8_0.block_size() != 0 {
+    if dtype == GgmlDType::Q8_0 && !row.is_multiple_of(GgmlDType::Q8_0.block_size()) {
         dtype = GgmlDType::F16;
     }
     if dtype != requested.ggml() {

@@ -96,7 +96,8 @@ impl Config {
             pooling,
             normalize: !meta.has(gguf::ST_NORMALIZE) || meta.bool(gguf::ST_NORMALIZE)?,
         };
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(EngineError::InvalidModel(format!(
                 "hidden size {} is not a multiple of {} heads",
                 cfg.hidden_size, cfg.num_attention_heads

@@ -40,7 +40,7 @@ pub struct Q8Linear {
 impl Q8Linear {
     /// From raw GGUF q8_0 bytes (`n * k / 32` blocks of {f16 d, 32 x i8}) and an f32 bias.
     pub fn from_q8_0(raw: &[u8], n: usize, k: usize, bias: Vec<f32>) -> Result<Self> {
-        if k % BLOCK != 0 || raw.len() != n * k / BLOCK * BLOCK_BYTES || bias.len() != n {
+        if !k.is_multiple_of(BLOCK) || raw.len() != n * k / BLOCK * BLOCK_BYTES || bias.len() != n {
             candle_core::bail!("q8_0 matrix [{n}, {k}] does not match its bytes or bias")
         }
         let mut qs = Vec::with_capacity(n * k);
