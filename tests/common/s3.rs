@@ -102,9 +102,7 @@ pub fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
         ("AWS_SECRET_ACCESS_KEY", "test".into()),
         ("AWS_REGION", "us-east-1".into()),
         ("S3_FORCE_PATH_STYLE", "true".into()),
-        // Keep the SDK away from ~/.aws and the instance metadata service.
-        ("AWS_CONFIG_FILE", "/nonexistent".into()),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
+        // Keep the SDK away from the instance metadata service (it has what it needs).
         ("AWS_EC2_METADATA_DISABLED", "true".into()),
     ]
 }
