@@ -2,13 +2,17 @@
 //!
 //! Runs once per execution environment (the Lambda init phase, or the CLI's start). Both the
 //! `bootstrap` binary and the CLI build the same [`App`], so a local invoke exercises exactly what
-//! the function runs. Must not run on the request path.
+//! the function runs. [`LazyApp`] is the bootstrap's view of it: a load started before the runtime
+//! loop that the first invoke can await if it outlives the init budget. Must not run on the
+//! request path (except that one await).
 
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use serde_json::json;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use serde_json::{json, Value};
 
-use crate::artifacts::{self, ArtifactError};
+use crate::artifacts::{self, Artifact, ArtifactError, FetchStats};
 use crate::config::Config;
 use crate::engine::{self, EngineError};
 use crate::service::{ModelMeta, Service};
@@ -20,6 +24,9 @@ pub enum InitError {
     Artifact(#[from] ArtifactError),
     #[error("InvalidModel: {0}")]
     Engine(#[from] EngineError),
+    /// The load task panicked or was cancelled: a bug, never the model's fault.
+    #[error("InitPanic: {0}")]
+    Panicked(String),
 }
 
 impl InitError {
@@ -27,6 +34,7 @@ impl InitError {
         match self {
             InitError::Artifact(a) => a.error_type(),
             InitError::Engine(_) => "InvalidModel",
+            InitError::Panicked(_) => "InitPanic",
         }
     }
 }
@@ -34,13 +42,17 @@ impl InitError {
 /// Where init time went, in milliseconds.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct InitReport {
+    /// Fetch (S3: HEAD + body, hashed as it arrives; file: mmap).
     pub fetch_ms: f64,
-    /// SHA-256 of the bytes (overlapped with the engine build).
+    /// SHA-256 of the bytes: for a mapped file, overlapped with the engine build; for a download,
+    /// the part of the hash left after the last byte arrived (usually one chunk or less).
     pub verify_ms: f64,
     /// GGUF parse + weight preparation + tokenizer build.
     pub engine_ms: f64,
     pub total_ms: f64,
     pub model_bytes: usize,
+    pub fetch: FetchStats,
+    pub sha256: String,
 }
 
 /// Everything an execution environment serves with.
@@ -63,27 +75,66 @@ pub fn configure_threads(threads: usize) {
 }
 
 impl App {
-    /// Loads and verifies the model and builds the engine. Blocking (CPU and file I/O).
+    /// Loads and verifies the model and builds the engine, blocking the calling thread (the CLI).
+    /// Must not be called from inside a tokio runtime; async callers use [`App::load`].
     pub fn init(config: &Config) -> Result<App, InitError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ArtifactError::Io(format!("starting the fetch runtime: {e}")))?;
+        rt.block_on(Self::load(config))
+    }
+
+    /// Fetches the model (async I/O), then verifies it and builds the engine on a blocking
+    /// thread, so that a runtime loop sharing this executor keeps answering meanwhile.
+    pub async fn load(config: &Config) -> Result<App, InitError> {
         let t0 = Instant::now();
-        let art = artifacts::fetch(&config.model_uri)?;
-        // Hash on one core while the engine is built on the other. Building from bytes not yet
-        // verified is harmless: nothing is served, and a mismatch drops the engine and fails init.
-        let (hashed, built) = rayon::join(
-            || {
+        // The job clients (if RESULTS_URI / JOBS_QUEUE_URL are set) are made while the model
+        // downloads; they do no I/O until the first job.
+        let (art, jobs) = tokio::join!(artifacts::fetch(config), crate::jobs::aws::ports(config));
+        let art = art?;
+        let config = config.clone();
+        let app = tokio::task::spawn_blocking(move || Self::build(art, &config, t0))
+            .await
+            .map_err(|e| InitError::Panicked(format!("engine build: {e}")))??;
+        Ok(App {
+            service: app.service.with_jobs(jobs),
+            report: app.report,
+        })
+    }
+
+    fn build(art: Artifact, config: &Config, t0: Instant) -> Result<App, InitError> {
+        let (sha256, verify_ms, engine, engine_ms) = match &art.sha256 {
+            // Downloaded: hashed while it arrived. Check before building, so a wrong model is
+            // never even parsed.
+            Some(sha) => {
+                artifacts::verify(&art.source, sha, config.model_sha256.as_deref())?;
                 let t = Instant::now();
-                (
-                    artifacts::sha256_hex(&art.bytes),
-                    t.elapsed().as_secs_f64() * 1e3,
-                )
-            },
-            || {
-                let t = Instant::now();
-                (engine::load(&art.bytes), t.elapsed().as_secs_f64() * 1e3)
-            },
-        );
-        let ((sha256, verify_ms), (engine, engine_ms)) = (hashed, built);
-        artifacts::verify(&art.source, &sha256, config.model_sha256.as_deref())?;
+                let engine = engine::load(&art.bytes);
+                (sha.clone(), 0.0, engine, t.elapsed().as_secs_f64() * 1e3)
+            }
+            // Mapped file: hash on one core while the engine is built on the other. Building
+            // from bytes not yet verified is harmless: nothing is served, and a mismatch drops
+            // the engine and fails init.
+            None => {
+                let (hashed, built) = rayon::join(
+                    || {
+                        let t = Instant::now();
+                        (
+                            artifacts::sha256_hex(&art.bytes),
+                            t.elapsed().as_secs_f64() * 1e3,
+                        )
+                    },
+                    || {
+                        let t = Instant::now();
+                        (engine::load(&art.bytes), t.elapsed().as_secs_f64() * 1e3)
+                    },
+                );
+                let ((sha256, verify_ms), (engine, engine_ms)) = (hashed, built);
+                artifacts::verify(&art.source, &sha256, config.model_sha256.as_deref())?;
+                (sha256, verify_ms, engine, engine_ms)
+            }
+        };
         let engine = engine?;
         let model_bytes = art.bytes.len();
         drop(art.bytes);
@@ -93,24 +144,22 @@ impl App {
             .unwrap_or_else(|| engine.info().name.clone());
         let total_ms = t0.elapsed().as_secs_f64() * 1e3;
         let report = InitReport {
-            fetch_ms: art.fetch_ms,
+            fetch_ms: art.stats.fetch_ms,
             verify_ms,
             engine_ms,
             total_ms,
             model_bytes,
+            fetch: art.stats,
+            sha256: sha256.clone(),
         };
         if config.model_sha256.is_none() {
             tracing::info!(sha256 = %sha256, "MODEL_SHA256 unset: digest computed, not enforced");
         }
         tracing::info!(
-            target: "cold_start",
-            breakdown = %json!({
-                "model": id, "source": art.source, "sha256": sha256,
-                "threads": config.threads, "threads_reason": config.threads_reason,
-                "fetch_ms": report.fetch_ms, "verify_ms": report.verify_ms,
-                "engine_ms": report.engine_ms, "total_ms": report.total_ms,
-                "bytes": model_bytes,
-            }),
+            target: "model_ready",
+            model = %id, source = %art.source, sha256 = %sha256,
+            threads = config.threads, threads_reason = %config.threads_reason,
+            fetch = %json!(report.fetch), verify_ms, engine_ms, total_ms,
             "model ready"
         );
         let meta = ModelMeta {
@@ -125,6 +174,151 @@ impl App {
             report,
         })
     }
+}
+
+/// A load shared by everyone who waits for it: init (up to its budget) and the first invoke.
+type LoadFuture = Shared<BoxFuture<'static, Result<Arc<App>, Arc<InitError>>>>;
+
+/// The bootstrap's App: loading in the background from before the runtime loop starts.
+///
+/// Init waits for the load up to the budget ([`LazyApp::wait`]); an invoke awaits the same load
+/// ([`LazyApp::get`]), so a model that takes longer than Lambda's 10 s init cap finishes during the
+/// first invoke instead of being killed with init. A failed load is not kept: the invoke that saw
+/// it reports it, and the next invoke starts a fresh load (S3 may have recovered).
+pub struct LazyApp {
+    config: Arc<Config>,
+    current: Mutex<Option<LoadFuture>>,
+}
+
+impl LazyApp {
+    /// Starts loading now, on the current tokio runtime: the load runs as its own task and makes
+    /// progress while init waits and while the runtime loop polls for events.
+    pub fn start(config: Config) -> LazyApp {
+        let config = Arc::new(config);
+        let first = Self::spawn(config.clone());
+        LazyApp {
+            config,
+            current: Mutex::new(Some(first)),
+        }
+    }
+
+    fn spawn(config: Arc<Config>) -> LoadFuture {
+        let task =
+            tokio::spawn(async move { App::load(&config).await.map(Arc::new).map_err(Arc::new) });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(Arc::new(InitError::Panicked(format!(
+                    "model load task: {e}"
+                ))))
+            })
+        }
+        .boxed()
+        .shared()
+    }
+
+    fn current(&self) -> LoadFuture {
+        let mut cur = self
+            .current
+            .lock()
+            .expect("LazyApp lock is never held across a panic");
+        cur.get_or_insert_with(|| Self::spawn(self.config.clone()))
+            .clone()
+    }
+
+    /// Waits up to `budget` for the load. `None`: still loading; the caller moves on.
+    pub async fn wait(&self, budget: Duration) -> Option<Result<Arc<App>, Arc<InitError>>> {
+        tokio::time::timeout(budget, self.current()).await.ok()
+    }
+
+    /// The loaded App, awaiting the load in progress (or starting a new one after a failure).
+    pub async fn get(&self) -> Result<Arc<App>, Arc<InitError>> {
+        let fut = self.current();
+        let r = fut.clone().await;
+        if r.is_err() {
+            let mut cur = self
+                .current
+                .lock()
+                .expect("LazyApp lock is never held across a panic");
+            if cur.as_ref().is_some_and(|c| c.ptr_eq(&fut)) {
+                *cur = None;
+            }
+        }
+        r
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// The cold start of one execution environment, from process start to the first answer.
+#[derive(Debug, Clone, Default)]
+pub struct ColdStart {
+    /// Process start -> configuration read and validated.
+    pub config_ms: f64,
+    /// How long init waited for the model (capped by INIT_BUDGET_MS unless provisioned).
+    pub init_wait_ms: f64,
+    /// Whether the load outlived the init budget and finished during the first invoke.
+    pub continued_into_invoke: bool,
+    /// The first invoke: awaiting the rest of the load (if any) + answering.
+    pub first_invoke_ms: f64,
+    /// Process start -> first answer ready.
+    pub total_ms: f64,
+}
+
+/// Namespace of the cold-start metrics in CloudWatch.
+pub const METRICS_NAMESPACE: &str = "lambda-inference";
+
+/// The cold-start breakdown as one JSON object that is both a structured log line and a
+/// CloudWatch Embedded Metric Format record (the `_aws` key): printed as one line on stdout,
+/// Lambda ships it to CloudWatch Logs, which extracts the metrics without any API call.
+pub fn cold_start_record(
+    init: &InitReport,
+    cold: &ColdStart,
+    function: Option<&str>,
+    unix_ms: u128,
+) -> Value {
+    let f = &init.fetch;
+    let metrics = [
+        ("ConfigMs", "Milliseconds"),
+        ("HeadMs", "Milliseconds"),
+        ("FetchMs", "Milliseconds"),
+        ("FetchMBps", "None"),
+        ("FetchRetries", "Count"),
+        ("VerifyMs", "Milliseconds"),
+        ("EngineMs", "Milliseconds"),
+        ("FirstInvokeMs", "Milliseconds"),
+        ("ColdStartMs", "Milliseconds"),
+    ];
+    json!({
+        "_aws": {
+            "Timestamp": unix_ms as u64,
+            "CloudWatchMetrics": [{
+                "Namespace": METRICS_NAMESPACE,
+                "Dimensions": [["FunctionName"]],
+                "Metrics": metrics.iter().map(|(n, u)| json!({"Name": n, "Unit": u})).collect::<Vec<_>>(),
+            }],
+        },
+        "FunctionName": function.unwrap_or("local"),
+        "event": "cold_start",
+        "ConfigMs": cold.config_ms,
+        "HeadMs": f.head_ms,
+        "FetchMs": f.fetch_ms,
+        "FetchMBps": f.mb_per_s,
+        "FetchRetries": f.retries,
+        "VerifyMs": init.verify_ms,
+        "EngineMs": init.engine_ms,
+        "FirstInvokeMs": cold.first_invoke_ms,
+        "ColdStartMs": cold.total_ms,
+        "fetch_plan": f.plan,
+        "fetch_bytes": f.bytes,
+        "fetch_chunks": f.chunks,
+        "etag": f.etag,
+        "sha256": init.sha256,
+        "load_ms": init.total_ms,
+        "init_wait_ms": cold.init_wait_ms,
+        "continued_into_invoke": cold.continued_into_invoke,
+    })
 }
 
 /// JSON logs on stderr (what Lambda's JSON log format expects), level from RUST_LOG or

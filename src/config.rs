@@ -3,6 +3,7 @@
 //! reads its own standard variables, AWS_ENDPOINT_URL_S3 and friends).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::service::Limits;
 
@@ -22,6 +23,46 @@ impl std::fmt::Display for ModelUri {
             ModelUri::S3 { bucket, key } => write!(f, "s3://{bucket}/{key}"),
         }
     }
+}
+
+/// An S3 prefix: where job results go (`RESULTS_URI=s3://bucket/prefix/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    pub bucket: String,
+    /// Empty or ending in `/`.
+    pub prefix: String,
+}
+
+/// Parses `s3://bucket[/prefix]` for RESULTS_URI; the prefix gets a trailing `/`.
+pub fn parse_results_uri(v: &str) -> Result<S3Location, ConfigError> {
+    let rest = v.strip_prefix("s3://").ok_or_else(|| {
+        err(
+            "RESULTS_URI",
+            format!("expected s3://bucket/prefix/, got {v:?}"),
+        )
+    })?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if !bucket_ok {
+        return Err(err(
+            "RESULTS_URI",
+            format!("{bucket:?} is not a valid S3 bucket name"),
+        ));
+    }
+    if prefix.split('/').any(|seg| seg == "..") {
+        return Err(err("RESULTS_URI", "the prefix must not contain \"..\""));
+    }
+    let mut prefix = prefix.to_owned();
+    if !prefix.is_empty() && !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    Ok(S3Location {
+        bucket: bucket.to_owned(),
+        prefix,
+    })
 }
 
 /// A configuration error: which variable, and what is wrong with it.
@@ -51,6 +92,53 @@ pub struct Config {
     /// Compute threads, and how the number was chosen (for the logs).
     pub threads: usize,
     pub threads_reason: String,
+    /// How the model is downloaded from S3.
+    pub fetch: FetchSettings,
+    /// S3_FORCE_PATH_STYLE: `endpoint/bucket/key` addressing (MinIO, moto, any server behind a
+    /// plain host name). Endpoints given as an IP address get path style without it.
+    pub s3_force_path_style: bool,
+    /// INIT_BUDGET_MS: how long the init phase waits for the model before the runtime loop starts
+    /// anyway and the first invoke awaits the rest of the load. Lambda kills an on-demand init at
+    /// 10 s, so the default (9 s) leaves one second for the runtime to register.
+    pub init_budget: Duration,
+    /// AWS_LAMBDA_INITIALIZATION_TYPE=provisioned-concurrency: init has no 10 s cap there and is
+    /// not on a caller's clock, so the whole load happens at init whatever the budget.
+    pub wait_for_whole_load: bool,
+    /// AWS_LAMBDA_FUNCTION_NAME (set by Lambda): the dimension of the cold-start metrics.
+    pub function_name: Option<String>,
+    /// RESULTS_URI: where SQS job results go; unset: SQS batches are not acknowledged and
+    /// `GET /v1/jobs/{id}` answers 404.
+    pub results_uri: Option<S3Location>,
+    /// JOBS_QUEUE_URL: where `POST /v1/jobs` sends; unset: that route answers 404.
+    pub jobs_queue_url: Option<String>,
+}
+
+/// Model download settings (S3). Defaults are measured; README "Model from S3" has the figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchSettings {
+    /// MODEL_FETCH_CHUNK_MB: bytes per ranged GET.
+    pub chunk_bytes: u64,
+    /// MODEL_FETCH_CONCURRENCY: ranged GETs in flight.
+    pub concurrency: usize,
+    /// MODEL_FETCH_SINGLE_GET_MAX_MB: objects up to this size come in one plain GET.
+    pub single_get_max_bytes: u64,
+    /// MODEL_FETCH_ATTEMPTS: tries per request (HEAD, each chunk) on transient errors.
+    pub attempts: u32,
+    /// MODEL_FETCH_TIMEOUT_S: the whole fetch (HEAD + all chunks + retries) must end by then.
+    pub deadline: Duration,
+}
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        const MIB: u64 = 1024 * 1024;
+        Self {
+            chunk_bytes: 8 * MIB,
+            concurrency: 8,
+            single_get_max_bytes: 32 * MIB,
+            attempts: 4,
+            deadline: Duration::from_secs(120),
+        }
+    }
 }
 
 /// Where the image keeps its default model (Dockerfile.lambda copies it there).
@@ -113,6 +201,61 @@ impl Config {
         let visible = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (threads, threads_reason) =
             compute_threads(explicit, memory_mb, cgroup_cpu_quota(), visible);
+        const MIB: u64 = 1024 * 1024;
+        let df = FetchSettings::default();
+        let fetch = FetchSettings {
+            chunk_bytes: ranged(&get, "MODEL_FETCH_CHUNK_MB", 1..=1024, df.chunk_bytes / MIB)?
+                * MIB,
+            concurrency: ranged(
+                &get,
+                "MODEL_FETCH_CONCURRENCY",
+                1..=64,
+                df.concurrency as u64,
+            )? as usize,
+            single_get_max_bytes: ranged(
+                &get,
+                "MODEL_FETCH_SINGLE_GET_MAX_MB",
+                0..=1_000_000,
+                df.single_get_max_bytes / MIB,
+            )? * MIB,
+            attempts: ranged(&get, "MODEL_FETCH_ATTEMPTS", 1..=20, df.attempts as u64)? as u32,
+            deadline: Duration::from_secs(ranged(
+                &get,
+                "MODEL_FETCH_TIMEOUT_S",
+                1..=900,
+                df.deadline.as_secs(),
+            )?),
+        };
+        let init_budget =
+            Duration::from_millis(ranged(&get, "INIT_BUDGET_MS", 0..=900_000, 9_000)?);
+        let s3_force_path_style = match get("S3_FORCE_PATH_STYLE").as_deref().map(str::trim) {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => true,
+            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => false,
+            Some(v) => {
+                return Err(err(
+                    "S3_FORCE_PATH_STYLE",
+                    format!("expected true or false, got {v:?}"),
+                ))
+            }
+        };
+        let results_uri = get("RESULTS_URI")
+            .map(|v| parse_results_uri(v.trim()))
+            .transpose()?;
+        let jobs_queue_url = match get("JOBS_QUEUE_URL") {
+            Some(v) if v.trim().starts_with("https://") || v.trim().starts_with("http://") => {
+                Some(v.trim().to_owned())
+            }
+            Some(v) => {
+                return Err(err(
+                    "JOBS_QUEUE_URL",
+                    format!("expected the queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME), got {v:?}"),
+                ))
+            }
+            None => None,
+        };
+        let wait_for_whole_load = get("AWS_LAMBDA_INITIALIZATION_TYPE")
+            .is_some_and(|v| v.trim() == "provisioned-concurrency");
         Ok(Config {
             model_uri,
             model_sha256,
@@ -120,6 +263,13 @@ impl Config {
             limits,
             threads,
             threads_reason,
+            fetch,
+            s3_force_path_style,
+            init_budget,
+            wait_for_whole_load,
+            function_name: get("AWS_LAMBDA_FUNCTION_NAME").map(|s| s.trim().to_owned()),
+            results_uri,
+            jobs_queue_url,
         })
     }
 }
@@ -137,6 +287,41 @@ fn positive(
             .ok()
             .filter(|n| *n > 0)
             .ok_or_else(|| err(var, format!("expected a positive integer, got {v:?}"))),
+    }
+}
+
+/// AWS_LAMBDA_RUNTIME_API (`host:port`, set by Lambda): where init errors are reported. Read
+/// apart from [`Config`] because a configuration error must be reported through it too.
+pub fn runtime_api_address() -> Option<String> {
+    std::env::var("AWS_LAMBDA_RUNTIME_API")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
+/// An integer variable within `range`, or `default` when unset.
+fn ranged(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    range: std::ops::RangeInclusive<u64>,
+    default: u64,
+) -> Result<u64, ConfigError> {
+    match get(var) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                err(
+                    var,
+                    format!(
+                        "expected an integer in {}..={}, got {v:?}",
+                        range.start(),
+                        range.end()
+                    ),
+                )
+            }),
     }
 }
 
@@ -281,6 +466,24 @@ mod tests {
     }
 
     #[test]
+    fn results_uri_gets_a_trailing_slash() {
+        let l = parse_results_uri("s3://my-bucket/jobs/results").unwrap();
+        assert_eq!(
+            (l.bucket.as_str(), l.prefix.as_str()),
+            ("my-bucket", "jobs/results/")
+        );
+        let l = parse_results_uri("s3://my-bucket").unwrap();
+        assert_eq!(l.prefix, "");
+        let c = cfg(&[
+            ("RESULTS_URI", "s3://b-1/r/"),
+            ("JOBS_QUEUE_URL", "http://127.0.0.1:5000/123456789012/jobs"),
+        ])
+        .unwrap();
+        assert_eq!(c.results_uri.unwrap().prefix, "r/");
+        assert!(c.jobs_queue_url.unwrap().ends_with("/jobs"));
+    }
+
+    #[test]
     fn errors_name_the_variable() {
         for (var, val) in [
             ("MODEL_SHA256", "abc"),
@@ -289,6 +492,17 @@ mod tests {
             ("MAX_REQUEST_BYTES", "lots"),
             ("THREADS", "0"),
             ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "big"),
+            ("MODEL_FETCH_CHUNK_MB", "0"),
+            ("MODEL_FETCH_CONCURRENCY", "65"),
+            ("MODEL_FETCH_SINGLE_GET_MAX_MB", "-1"),
+            ("MODEL_FETCH_ATTEMPTS", "x"),
+            ("MODEL_FETCH_TIMEOUT_S", "0"),
+            ("INIT_BUDGET_MS", "9s"),
+            ("S3_FORCE_PATH_STYLE", "yes"),
+            ("RESULTS_URI", "results/"),
+            ("RESULTS_URI", "s3://Bad_Bucket/x"),
+            ("RESULTS_URI", "s3://bucket/a/../b"),
+            ("JOBS_QUEUE_URL", "jobs"),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();
             assert_eq!(e.var, var);
@@ -307,6 +521,32 @@ mod tests {
         assert_eq!(c.model_sha256.unwrap(), "ab".repeat(32));
         assert_eq!(c.limits.max_inputs, 7);
         assert_eq!(c.threads, 3);
+    }
+
+    #[test]
+    fn fetch_and_init_settings_parse_with_defaults() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.fetch, FetchSettings::default());
+        assert_eq!(c.init_budget, Duration::from_secs(9));
+        assert!(!c.wait_for_whole_load && !c.s3_force_path_style);
+        let c = cfg(&[
+            ("MODEL_FETCH_CHUNK_MB", "4"),
+            ("MODEL_FETCH_CONCURRENCY", "3"),
+            ("MODEL_FETCH_SINGLE_GET_MAX_MB", "0"),
+            ("MODEL_FETCH_TIMEOUT_S", "5"),
+            ("INIT_BUDGET_MS", "250"),
+            ("S3_FORCE_PATH_STYLE", "TRUE"),
+            ("AWS_LAMBDA_INITIALIZATION_TYPE", "provisioned-concurrency"),
+        ])
+        .unwrap();
+        assert_eq!(c.fetch.chunk_bytes, 4 << 20);
+        assert_eq!(c.fetch.concurrency, 3);
+        assert_eq!(c.fetch.single_get_max_bytes, 0);
+        assert_eq!(c.fetch.deadline, Duration::from_secs(5));
+        assert_eq!(c.init_budget, Duration::from_millis(250));
+        assert!(c.wait_for_whole_load && c.s3_force_path_style);
+        let c = cfg(&[("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")]).unwrap();
+        assert!(!c.wait_for_whole_load);
     }
 
     #[test]

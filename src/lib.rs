@@ -11,7 +11,8 @@
 //!                   jobs/aws.rs implements them on S3/SQS), runs jobs through the service
 //!     -> service    routing, validation, limits, batching, engine calls off the executor
 //!     -> engine     tokenizer + candle models (BERT embedder); no AWS/Lambda types, no I/O
-//! artifacts         model bytes from a file (or S3) + SHA-256; used at init only
+//! artifacts         model bytes from a file or S3 (ArtifactStore) + SHA-256; used at init only
+//! aws               the one place AWS SDK clients are built (default credential chain)
 //! config            every environment variable, read once, typed, errors name the variable
 //! error             error kind -> HTTP status, OpenAI body, Lambda error type (one table)
 //! convert           Hugging Face folder -> GGUF (the `convert` subcommand); engine-level names
@@ -19,6 +20,7 @@
 
 pub mod app;
 pub mod artifacts;
+pub mod aws;
 pub mod config;
 pub mod convert;
 pub mod engine;

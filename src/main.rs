@@ -1,28 +1,148 @@
-//! `bootstrap`: the Lambda function. Reads the configuration, loads the model during the init
-//! phase, then serves every event through the same handler as the CLI's `invoke`.
+//! `bootstrap`: the Lambda function. Reads the configuration, starts the model load, waits for it
+//! up to the init budget, then serves every event through the same handler as the CLI's `invoke`.
+//!
+//! Init, step by step (the why is in `app::LazyApp`):
+//! 1. configuration (a bad variable is an init error named after it);
+//! 2. the model load starts as a task: fetch (S3 or file), verify, engine build;
+//! 3. init waits up to INIT_BUDGET_MS (9 s: Lambda kills an on-demand init at 10 s), or for the
+//!    whole load under provisioned concurrency; a load that fails in that time is reported on the
+//!    Runtime API's init error path with its stable error type, and the process exits;
+//! 4. the runtime loop starts; the first invoke awaits the rest of the load if there is any, and a
+//!    failure then answers that invoke with the same error type.
 
-use lambda_inference::{app, config::Config, events};
-use lambda_runtime::{service_fn, Error, LambdaEvent};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use lambda_inference::app::{self, ColdStart, LazyApp};
+use lambda_inference::config::{self, Config};
+use lambda_inference::error::{ApiError, ErrorKind};
+use lambda_inference::events::{self, Source};
+use lambda_inference::service::ApiResponse;
+use lambda_runtime::{service_fn, Diagnostic, Error, LambdaEvent};
 use serde_json::Value;
 
 fn main() -> Result<(), Error> {
-    lambda_inference::app::init_tracing();
-    let config = Config::from_env()?;
+    let t_start = Instant::now();
+    app::init_tracing();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => return Err(init_failed("InvalidConfig", &e.to_string())),
+    };
+    let config_ms = t_start.elapsed().as_secs_f64() * 1e3;
     app::configure_threads(config.threads);
-    // One executor thread is plenty: requests arrive one at a time, and forward passes run on the
-    // blocking pool + the compute pool, not on the executor.
+    // One executor thread is plenty: requests arrive one at a time, and forward passes and the
+    // engine build run on the blocking pool + the compute pool, not on the executor.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let app = app::App::init(&config).map_err(|e| {
-            tracing::error!(error_type = e.error_type(), error = %e, "init failed");
-            Error::from(format!("{}: {e}", e.error_type()))
-        })?;
-        let service = &app.service;
+        let budget = (!config.wait_for_whole_load).then_some(config.init_budget);
+        let lazy = LazyApp::start(config);
+        let waited = match budget {
+            Some(b) => lazy.wait(b).await,
+            None => Some(lazy.get().await),
+        };
+        let init_wait_ms = t_start.elapsed().as_secs_f64() * 1e3 - config_ms;
+        match &waited {
+            Some(Err(e)) => return Err(init_failed(e.error_type(), &e.to_string())),
+            Some(Ok(_)) => {}
+            None => tracing::warn!(
+                budget_ms = budget.unwrap_or_default().as_millis() as u64,
+                "model not ready within INIT_BUDGET_MS: init ends here, the first invoke awaits \
+                 the rest of the load"
+            ),
+        }
+        let cold = ColdStart {
+            config_ms,
+            init_wait_ms,
+            continued_into_invoke: waited.is_none(),
+            ..ColdStart::default()
+        };
+        let first_done = AtomicBool::new(false);
+        let (lazy, cold, first_done) = (&lazy, &cold, &first_done);
         lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-            Ok::<Value, Error>(events::handle(service, event.payload).await)
+            let t = Instant::now();
+            let app = match lazy.get().await {
+                Ok(app) => app,
+                Err(e) => return load_failed(&event.payload, e.error_type(), &e.to_string()),
+            };
+            let out = events::handle(&app.service, event.payload).await;
+            if !first_done.swap(true, Ordering::Relaxed) {
+                let cold = ColdStart {
+                    first_invoke_ms: t.elapsed().as_secs_f64() * 1e3,
+                    total_ms: t_start.elapsed().as_secs_f64() * 1e3,
+                    ..cold.clone()
+                };
+                emit_cold_start(&app.report, &cold, lazy.config().function_name.as_deref());
+            }
+            Ok::<Value, Diagnostic>(out)
         }))
         .await
     })
+}
+
+/// The cold-start breakdown: one EMF line on stdout (metrics + the whole breakdown), and the same
+/// as a tracing event for Lambda's JSON log format.
+fn emit_cold_start(report: &app::InitReport, cold: &ColdStart, function: Option<&str>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let record = app::cold_start_record(report, cold, function, now);
+    println!("{record}");
+    tracing::info!(target: "cold_start", breakdown = %record, "cold start");
+}
+
+/// The model could not be loaded after init: HTTP events get a 503 in their own shape (a
+/// Lambda-level error would reach an API Gateway client as an opaque 502); direct invokes and SQS
+/// batches fail with the stable error type (SQS then redelivers the batch).
+fn load_failed(event: &Value, error_type: &str, message: &str) -> Result<Value, Diagnostic> {
+    tracing::error!(error_type, error = %message, "model load failed");
+    match events::detect(event) {
+        Source::HttpApiV2 | Source::FunctionUrl | Source::RestApiV1 => {
+            let res: ApiResponse = ApiError::new(ErrorKind::Unavailable, message)
+                .with_code(error_type)
+                .into();
+            Ok(events::http::encode(&res))
+        }
+        Source::Sqs | Source::Direct => Err(Diagnostic {
+            error_type: error_type.to_owned(),
+            error_message: message.to_owned(),
+        }),
+    }
+}
+
+/// Logs an init failure and reports it on the Runtime API's init error path, so that Lambda (and
+/// the emulator) show the stable `errorType` instead of a bare "Runtime.ExitError".
+fn init_failed(error_type: &str, message: &str) -> Error {
+    tracing::error!(error_type, error = %message, "init failed");
+    if let Some(api) = config::runtime_api_address() {
+        if let Err(e) = post_init_error(&api, error_type, message) {
+            tracing::error!(error = %e, "could not report the init error to the Runtime API");
+        }
+    }
+    Error::from(format!("{error_type}: {message}"))
+}
+
+/// `POST /2018-06-01/runtime/init/error`. lambda_runtime 1.x only reports init errors of its
+/// own SnapStart hooks (privately), so this is the documented request, made by hand: one
+/// loopback HTTP/1.1 POST, before the runtime client exists.
+fn post_init_error(api: &str, error_type: &str, message: &str) -> std::io::Result<()> {
+    let body = serde_json::json!({"errorType": error_type, "errorMessage": message}).to_string();
+    let mut s = std::net::TcpStream::connect(api)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "POST /2018-06-01/runtime/init/error HTTP/1.1\r\nHost: {api}\r\n\
+         Lambda-Runtime-Function-Error-Type: {error_type}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut answer = [0u8; 64];
+    let n = s.read(&mut answer)?;
+    let status = String::from_utf8_lossy(&answer[..n]);
+    if !status.starts_with("HTTP/1.1 202") && !status.starts_with("HTTP/1.1 200") {
+        tracing::warn!(answer = %status.lines().next().unwrap_or(""), "init/error answer");
+    }
+    Ok(())
 }

@@ -42,7 +42,7 @@ impl Drop for Emulator {
 }
 
 impl Emulator {
-    fn start(rie: &Path, model: &Path) -> Emulator {
+    fn start(rie: &Path, model: &Path, env: &[(&str, String)]) -> Emulator {
         let (port, api_port) = (free_port(), free_port());
         let child = Command::new(rie)
             .arg("--runtime-interface-emulator-address")
@@ -54,6 +54,7 @@ impl Emulator {
             .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
             .env("RUST_LOG", "warn")
             .env("LOG_LEVEL", "warn")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -119,7 +120,16 @@ fn every_sample_event_through_the_real_runtime_api() {
     let Some(model) = common::needed_file("models/default.gguf", "scripts/fetch-models") else {
         return;
     };
-    let emu = Emulator::start(&rie, &model);
+    // Job results go to a moto server on loopback (the SQS samples write there).
+    let Some(moto) = common::s3::Moto::start() else {
+        return;
+    };
+    // A client per runtime: a pooled connection must not outlive the runtime that opened it.
+    let s3 = || common::s3::client(&moto.endpoint());
+    common::s3::block_on(s3().create_bucket().bucket("e2e-results").send()).unwrap();
+    let mut env = common::s3::s3_env(&moto.endpoint());
+    env.push(("RESULTS_URI", "s3://e2e-results/jobs/".into()));
+    let emu = Emulator::start(&rie, &model, &env);
 
     // The first invoke includes the init phase: model mapped, verified, engine built.
     let t = Instant::now();
@@ -141,11 +151,38 @@ fn every_sample_event_through_the_real_runtime_api() {
         let out = emu.invoke(event.to_string().as_bytes());
         let name = f.file_name().unwrap().to_string_lossy();
         if name.starts_with("sqs-") {
-            // No RESULTS_URI in this run: nothing can be stored, so nothing is acknowledged and
-            // SQS would redeliver every message (tests/jobs_s3.rs runs them against moto).
-            let records = event["Records"].as_array().unwrap().len();
-            let failures = out["batchItemFailures"].as_array();
-            assert_eq!(failures.map(Vec::len), Some(records), "{name}: {out}");
+            // Every message handled (malformed ones get a failed result and are acknowledged),
+            // each with its result object in moto.
+            assert_eq!(
+                out["batchItemFailures"],
+                serde_json::json!([]),
+                "{name}: {out}"
+            );
+            for r in event["Records"].as_array().unwrap() {
+                let job: Option<Value> = serde_json::from_str(r["body"].as_str().unwrap()).ok();
+                let id = job
+                    .as_ref()
+                    .and_then(|j| j["id"].as_str())
+                    .or(r["messageId"].as_str())
+                    .unwrap();
+                let bytes = common::s3::block_on(async {
+                    let obj = s3()
+                        .get_object()
+                        .bucket("e2e-results")
+                        .key(format!("jobs/{id}.json"))
+                        .send()
+                        .await
+                        .unwrap_or_else(|e| panic!("{name}: no result for {id}: {e}"));
+                    obj.body.collect().await.unwrap().into_bytes()
+                });
+                let result: Value = serde_json::from_slice(&bytes).unwrap();
+                let want = if job.is_some() { "succeeded" } else { "failed" };
+                assert_eq!(result["status"], want, "{name}/{id}: {result}");
+                if job.is_some() {
+                    assert_eq!(result["model"], "all-MiniLM-L6-v2");
+                    assert!(!result["result"]["data"].as_array().unwrap().is_empty());
+                }
+            }
         } else if event.get("requestContext").is_some() {
             assert_eq!(out["statusCode"], 200, "{name}: {out}");
             let body: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();

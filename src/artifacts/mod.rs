@@ -1,14 +1,19 @@
 //! Model artifacts: where the GGUF bytes come from, and proof of what they are.
 //!
-//! Used once, at init: the bytes are read (a local file now; S3 through the same interface),
-//! hashed with SHA-256 and checked against MODEL_SHA256 before any engine sees them. Must not
-//! parse the model, and must not be called on the request path.
+//! Used once, at init: the bytes are fetched through an [`ArtifactStore`] (a local file, mapped;
+//! or S3, downloaded in parallel and hashed as it arrives: [`s3`]), hashed with SHA-256 and
+//! checked against MODEL_SHA256 before any engine sees them. Must not parse the model, and must
+//! not be called on the request path.
 
+pub mod s3;
+
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::ModelUri;
+use crate::config::{Config, ModelUri};
 
 /// Why the model could not be had. The names are the stable `errorType`s of init failures.
 #[derive(Debug, thiserror::Error)]
@@ -23,9 +28,14 @@ pub enum ArtifactError {
         expected: String,
         actual: String,
     },
+    /// The fetch did not finish within its deadline (MODEL_FETCH_TIMEOUT_S).
+    #[error("Timeout: {0}")]
+    Timeout(String),
+    /// Transport or server failures that outlived their retries, or an object that changed
+    /// during the download.
     #[error("FetchFailed: {0}")]
     Io(String),
-    #[error("Unsupported: {0}")]
+    #[error("InvalidConfig: {0}")]
     Unsupported(String),
 }
 
@@ -36,6 +46,7 @@ impl ArtifactError {
             ArtifactError::NotFound(_) => "ModelNotFound",
             ArtifactError::AccessDenied(_) => "AccessDenied",
             ArtifactError::DigestMismatch { .. } => "DigestMismatch",
+            ArtifactError::Timeout(_) => "Timeout",
             ArtifactError::Io(_) => "FetchFailed",
             ArtifactError::Unsupported(_) => "InvalidConfig",
         }
@@ -60,22 +71,77 @@ impl std::ops::Deref for ModelBytes {
     }
 }
 
+/// How a fetch went, for the cold-start breakdown.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FetchStats {
+    /// `file` (mapped), `single` (one plain GET) or `ranged` (parallel ranged GETs).
+    pub plan: &'static str,
+    /// The HEAD request (S3 only), ms.
+    pub head_ms: f64,
+    /// HEAD + body, ms.
+    pub fetch_ms: f64,
+    pub bytes: u64,
+    /// Body throughput (after the HEAD), MB/s (10^6 bytes).
+    pub mb_per_s: f64,
+    /// GET requests the body was split into (0 for a mapped file).
+    pub chunks: usize,
+    /// Requests repeated after a transient failure.
+    pub retries: u32,
+    /// The object's ETag (S3), pinned with If-Match on every GET.
+    pub etag: Option<String>,
+}
+
+/// A source of model bytes. Implemented by [`FileArtifactStore`] and [`s3::S3ArtifactStore`];
+/// the only seam where a fake may stand in for the outside world at init.
+pub trait ArtifactStore: Send + Sync {
+    /// Fetches the whole model named by `uri` into memory.
+    fn fetch<'a>(
+        &'a self,
+        uri: &'a ModelUri,
+    ) -> Pin<Box<dyn Future<Output = Result<Artifact, ArtifactError>> + Send + 'a>>;
+}
+
 /// Model bytes in memory, not yet verified.
 pub struct Artifact {
     pub bytes: ModelBytes,
     pub source: String,
-    pub fetch_ms: f64,
+    /// SHA-256 computed while the bytes arrived (downloads); `None`: the caller hashes (a mapped
+    /// file is hashed in parallel with the engine build, see `App::init`).
+    pub sha256: Option<String>,
+    pub stats: FetchStats,
 }
 
-/// Fetches the model named by `uri` into memory. The caller hashes and [`verify`]s the bytes
-/// before serving anything: for a local file, hashing overlaps with the engine build (see
-/// `App::init`), which takes the 20 ms of SHA-256 off the cold start.
-pub fn fetch(uri: &ModelUri) -> Result<Artifact, ArtifactError> {
-    match uri {
-        ModelUri::File(p) => read_file(p),
-        ModelUri::S3 { .. } => Err(ArtifactError::Unsupported(format!(
-            "{uri}: S3 model sources are not built into this version"
-        ))),
+/// Fetches the model named by `config.model_uri` through the store for its scheme. The caller
+/// [`verify`]s the digest before serving anything.
+pub async fn fetch(config: &Config) -> Result<Artifact, ArtifactError> {
+    match &config.model_uri {
+        uri @ ModelUri::File(_) => FileArtifactStore.fetch(uri).await,
+        uri @ ModelUri::S3 { .. } => {
+            let sdk = crate::aws::sdk_config().await;
+            let client = crate::aws::s3_client(&sdk, config.s3_force_path_style);
+            s3::S3ArtifactStore::new(&client, config.fetch)
+                .fetch(uri)
+                .await
+        }
+    }
+}
+
+/// Local files (`file://` and plain paths): the model baked into the image, or a dev file.
+pub struct FileArtifactStore;
+
+impl ArtifactStore for FileArtifactStore {
+    fn fetch<'a>(
+        &'a self,
+        uri: &'a ModelUri,
+    ) -> Pin<Box<dyn Future<Output = Result<Artifact, ArtifactError>> + Send + 'a>> {
+        Box::pin(async move {
+            match uri {
+                ModelUri::File(p) => read_file(p),
+                other => Err(ArtifactError::Unsupported(format!(
+                    "{other}: not a file URI"
+                ))),
+            }
+        })
     }
 }
 
@@ -96,10 +162,17 @@ fn read_file(path: &Path) -> Result<Artifact, ArtifactError> {
     let bytes = unsafe { memmap2::MmapOptions::new().populate().map(&f) }
         .map(ModelBytes::Mapped)
         .map_err(|e| ArtifactError::Io(format!("{source}: {e}")))?;
+    let bytes_len = bytes.len() as u64;
     Ok(Artifact {
         bytes,
         source,
-        fetch_ms: t0.elapsed().as_secs_f64() * 1e3,
+        sha256: None,
+        stats: FetchStats {
+            plan: "file",
+            fetch_ms: t0.elapsed().as_secs_f64() * 1e3,
+            bytes: bytes_len,
+            ..FetchStats::default()
+        },
     })
 }
 
@@ -142,14 +215,20 @@ mod tests {
         let p = dir.join("m.gguf");
         std::fs::write(&p, b"abc").unwrap();
         let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        let a = fetch(&ModelUri::File(p.clone())).unwrap();
+        let fetch = |uri: ModelUri| {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(FileArtifactStore.fetch(&uri))
+        };
+        let a = fetch(ModelUri::File(p.clone())).unwrap();
         assert_eq!(&a.bytes[..], b"abc");
         assert_eq!(sha256_hex(&a.bytes), sha);
         verify(&a.source, sha, Some(&sha.to_uppercase())).unwrap();
         let e = verify(&a.source, sha, Some(&"0".repeat(64))).unwrap_err();
         assert_eq!(e.error_type(), "DigestMismatch");
         assert!(e.to_string().contains(sha), "{e}");
-        let e = fetch(&ModelUri::File(dir.join("nope.gguf"))).err().unwrap();
+        let e = fetch(ModelUri::File(dir.join("nope.gguf"))).err().unwrap();
         assert_eq!(e.error_type(), "ModelNotFound");
     }
 }

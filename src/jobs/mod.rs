@@ -15,6 +15,7 @@
 //! S3/SQS implementations and is the only place here that names an AWS type. It never touches
 //! candle: inference goes through the service.
 
+pub mod aws;
 pub mod worker;
 
 use std::future::Future;

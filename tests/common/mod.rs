@@ -6,6 +6,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod s3;
+
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

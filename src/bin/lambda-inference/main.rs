@@ -3,6 +3,7 @@
 //! Hugging Face folder into a GGUF; `bench` measures cold start, latency and throughput.
 
 mod bench;
+mod cold_start;
 
 use std::path::PathBuf;
 
@@ -55,6 +56,22 @@ enum BenchWhat {
         /// Warm requests timed for p50/p95.
         #[arg(long, default_value_t = 200)]
         warm_iters: usize,
+    },
+    /// Cold start with the model in S3: a moto server on loopback, the real bootstrap under the
+    /// Lambda Runtime Interface Emulator, spawn -> first embedding; and fetch throughput against
+    /// one plain GET of the same object. Needs moto_server and scripts/fetch-tools.
+    ColdStart {
+        #[arg(long, default_value = "models/all-MiniLM-L6-v2.q8_0.gguf")]
+        model: PathBuf,
+        /// Fresh emulator + bootstrap spawns.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Interleaved repetitions of each fetch variant.
+        #[arg(long, default_value_t = 5)]
+        fetch_reps: usize,
+        /// Only the fetch figures (for models this build cannot serve, such as llama GGUFs).
+        #[arg(long)]
+        fetch_only: bool,
     },
 }
 
@@ -112,6 +129,20 @@ fn main() -> anyhow::Result<()> {
             model,
             cold_runs,
             warm_iters,
+        })?,
+        Cmd::Bench {
+            what:
+                BenchWhat::ColdStart {
+                    model,
+                    runs,
+                    fetch_reps,
+                    fetch_only,
+                },
+        } => cold_start::run(&cold_start::Options {
+            model,
+            runs,
+            fetch_reps,
+            fetch_only,
         })?,
     }
     Ok(())

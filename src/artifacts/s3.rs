@@ -1,0 +1,424 @@
+//! The model from S3: one HEAD, then the object in one plain GET or in parallel ranged GETs,
+//! written straight into one preallocated buffer and hashed while it arrives.
+//!
+//! - No second copy: the buffer is allocated once at the size the HEAD gave and each GET writes
+//!   into its own disjoint slice of it. The engine later reads that buffer in place.
+//! - Hash while downloading: SHA-256 must see the bytes in order, so the hasher follows the
+//!   contiguous prefix: the chunk at the front of the prefix hashes each frame as it lands; a
+//!   chunk that finishes early waits in a map and is hashed as soon as the front reaches it. By
+//!   the time the last byte arrives, at most one chunk is left to hash.
+//! - Never a wrong or half model: every GET carries `If-Match: <ETag from the HEAD>` (an object
+//!   replaced mid-download fails instead of mixing two versions), every chunk must come back at
+//!   exactly its length, and MODEL_SHA256 is checked by the caller on the finished digest.
+//! - Retries are ours, not the SDK's: a body that breaks after 5 of 8 MB resumes at byte 5 MB of
+//!   that chunk (a Range from where it stopped), with exponential backoff; the SDK can only repeat
+//!   whole requests. One overall deadline (MODEL_FETCH_TIMEOUT_S) bounds HEAD, chunks and retries.
+//!
+//! Must not parse the model; used at init only.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use futures_util::TryStreamExt;
+use sha2::{Digest, Sha256};
+
+use super::{hex, Artifact, ArtifactError, ArtifactStore, FetchStats, ModelBytes};
+use crate::config::{FetchSettings, ModelUri};
+
+/// Downloads models from S3 (or any S3-compatible server the SDK is pointed at).
+pub struct S3ArtifactStore {
+    client: aws_sdk_s3::Client,
+    settings: FetchSettings,
+}
+
+impl S3ArtifactStore {
+    /// A store on a copy of `client` with the SDK's retries off: ours resume a broken chunk where
+    /// it stopped, and two retry layers would multiply attempts past the deadline.
+    pub fn new(client: &aws_sdk_s3::Client, settings: FetchSettings) -> Self {
+        let conf = client
+            .config()
+            .to_builder()
+            .retry_config(RetryConfig::disabled())
+            .build();
+        Self {
+            client: aws_sdk_s3::Client::from_conf(conf),
+            settings,
+        }
+    }
+
+    /// Fetches `s3://bucket/key` into memory, hashed, within the deadline.
+    pub async fn fetch_object(&self, bucket: &str, key: &str) -> Result<Artifact, ArtifactError> {
+        let uri = format!("s3://{bucket}/{key}");
+        let progress = Progress::default();
+        let deadline = self.settings.deadline;
+        match tokio::time::timeout(deadline, self.fetch_inner(bucket, key, &uri, &progress)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ArtifactError::Timeout(format!(
+                "{uri}: not fetched within MODEL_FETCH_TIMEOUT_S={}s ({} of {} bytes arrived, {} retries)",
+                deadline.as_secs(),
+                progress.bytes.load(Ordering::Relaxed),
+                match progress.size.load(Ordering::Relaxed) {
+                    u64::MAX => "?".to_owned(),
+                    n => n.to_string(),
+                },
+                progress.retries.load(Ordering::Relaxed),
+            ))),
+        }
+    }
+
+    async fn fetch_inner(
+        &self,
+        bucket: &str,
+        key: &str,
+        uri: &str,
+        progress: &Progress,
+    ) -> Result<Artifact, ArtifactError> {
+        let t0 = Instant::now();
+        let req = Req {
+            client: &self.client,
+            bucket,
+            key,
+            uri,
+            attempts: self.settings.attempts,
+            progress,
+        };
+        let (size, etag) = req.head().await?;
+        let head_ms = ms(t0);
+        progress.size.store(size, Ordering::Relaxed);
+        let size_usize = usize::try_from(size)
+            .map_err(|_| ArtifactError::Io(format!("{uri}: {size} bytes do not fit in memory")))?;
+
+        // One plain GET for small objects: a local server (moto, MinIO on loopback) serves one
+        // stream faster than several, and below this size real S3's per-request latency eats
+        // most of what parallel connections would win. See README "Model from S3" for figures.
+        let chunk = if size <= self.settings.single_get_max_bytes || self.settings.concurrency == 1
+        {
+            size.max(1)
+        } else {
+            self.settings.chunk_bytes
+        };
+        let chunk_usize = usize::try_from(chunk).expect("chunk size is at most 1 GiB (config.rs)");
+        let plan = if chunk >= size { "single" } else { "ranged" };
+
+        // calloc-backed: the pages are mapped lazily as the GETs write them, so this costs no
+        // time up front and the buffer is never copied afterwards.
+        let mut buf = vec![0u8; size_usize];
+        let chunks = size.div_ceil(chunk) as usize;
+        let hashing = Mutex::new(Hashing {
+            hasher: Sha256::new(),
+            front: 0,
+            waiting: BTreeMap::new(),
+        });
+        futures_util::stream::iter(buf.chunks_mut(chunk_usize).enumerate().map(Ok))
+            .try_for_each_concurrent(self.settings.concurrency, |(i, slice)| {
+                let start = i as u64 * chunk;
+                // The whole object as one chunk goes without a Range header: the plain GET.
+                let whole = plan == "single";
+                req.chunk(i, start, whole, slice, &etag, &hashing)
+            })
+            .await?;
+        let Hashing {
+            hasher,
+            front,
+            waiting,
+        } = hashing
+            .into_inner()
+            .expect("no chunk panicked holding the lock");
+        assert!(
+            front == chunks && waiting.is_empty(),
+            "every chunk was hashed, in order"
+        );
+        drop(waiting);
+        let sha256 = hex(&hasher.finalize());
+        let fetch_ms = ms(t0);
+        let body_s = ((fetch_ms - head_ms) / 1e3).max(1e-9);
+        Ok(Artifact {
+            bytes: ModelBytes::Heap(buf),
+            source: uri.to_owned(),
+            sha256: Some(sha256),
+            stats: FetchStats {
+                plan,
+                head_ms,
+                fetch_ms,
+                bytes: size,
+                mb_per_s: size as f64 / 1e6 / body_s,
+                chunks,
+                retries: progress.retries.load(Ordering::Relaxed),
+                etag: Some(etag),
+            },
+        })
+    }
+}
+
+impl ArtifactStore for S3ArtifactStore {
+    fn fetch<'a>(
+        &'a self,
+        uri: &'a ModelUri,
+    ) -> Pin<Box<dyn Future<Output = Result<Artifact, ArtifactError>> + Send + 'a>> {
+        Box::pin(async move {
+            match uri {
+                ModelUri::S3 { bucket, key } => self.fetch_object(bucket, key).await,
+                other => Err(ArtifactError::Unsupported(format!(
+                    "{other}: not an s3:// URI"
+                ))),
+            }
+        })
+    }
+}
+
+fn ms(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1e3
+}
+
+/// Counters the deadline's error message reports (the fetch future is dropped by then).
+struct Progress {
+    size: AtomicU64,
+    bytes: AtomicU64,
+    retries: AtomicU32,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            size: AtomicU64::new(u64::MAX),
+            bytes: AtomicU64::new(0),
+            retries: AtomicU32::new(0),
+        }
+    }
+}
+
+/// The in-order hash over chunks that complete out of order.
+struct Hashing<'b> {
+    hasher: Sha256,
+    /// The chunk whose bytes the hasher takes next; every chunk before it is hashed.
+    front: usize,
+    /// Chunks finished before the front reached them: their not-yet-hashed bytes.
+    waiting: BTreeMap<usize, &'b [u8]>,
+}
+
+/// What one failed request means for the fetch.
+enum Failure {
+    /// Worth another attempt (connection refused or reset, 5xx, throttling, a short body).
+    Transient(String),
+    /// Retrying cannot help (404, 403, a changed object).
+    Fatal(ArtifactError),
+}
+
+/// One fetch's shared request context.
+struct Req<'a> {
+    client: &'a aws_sdk_s3::Client,
+    bucket: &'a str,
+    key: &'a str,
+    uri: &'a str,
+    attempts: u32,
+    progress: &'a Progress,
+}
+
+impl Req<'_> {
+    /// Size and ETag of the object.
+    async fn head(&self) -> Result<(u64, String), ArtifactError> {
+        let mut attempt = 1;
+        loop {
+            let r = self
+                .client
+                .head_object()
+                .bucket(self.bucket)
+                .key(self.key)
+                .send()
+                .await;
+            let failure = match r {
+                Ok(h) => {
+                    let size = h.content_length().unwrap_or(-1);
+                    let Ok(size) = u64::try_from(size) else {
+                        return Err(ArtifactError::Io(format!(
+                            "{}: HEAD gave no Content-Length",
+                            self.uri
+                        )));
+                    };
+                    // Without an ETag there is nothing to pin the GETs to; S3 always sends one.
+                    let etag = h.e_tag().unwrap_or_default().to_owned();
+                    return Ok((size, etag));
+                }
+                Err(e) => classify(self.uri, "HEAD", &e),
+            };
+            self.backoff_or_fail(failure, &mut attempt).await?;
+        }
+    }
+
+    /// Sleeps before the next attempt, or returns the error when retrying is pointless or the
+    /// attempts are spent.
+    async fn backoff_or_fail(&self, f: Failure, attempt: &mut u32) -> Result<(), ArtifactError> {
+        match f {
+            Failure::Fatal(e) => Err(e),
+            Failure::Transient(msg) if *attempt >= self.attempts => Err(ArtifactError::Io(
+                format!("{msg} (after {} attempts)", self.attempts),
+            )),
+            Failure::Transient(msg) => {
+                tracing::warn!(attempt = *attempt, error = %msg, "model fetch: retrying");
+                self.progress.retries.fetch_add(1, Ordering::Relaxed);
+                // 50, 100, 200, ... ms, at most 2 s, with up to 25% jitter so that the chunks
+                // that failed together (a dropped connection pool) do not come back in lockstep.
+                let base = 50u64 << (*attempt - 1).min(6);
+                let jitter = u64::from(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos()),
+                ) % (base / 4 + 1);
+                tokio::time::sleep(Duration::from_millis((base + jitter).min(2000))).await;
+                *attempt += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// Fetches chunk `i` (`slice.len()` bytes from `start`) into `slice`, resuming where a broken
+    /// body stopped, and feeds the in-order hash.
+    async fn chunk<'b>(
+        &self,
+        i: usize,
+        start: u64,
+        whole: bool,
+        slice: &'b mut [u8],
+        etag: &str,
+        hashing: &Mutex<Hashing<'b>>,
+    ) -> Result<(), ArtifactError> {
+        let len = slice.len();
+        let (mut written, mut hashed) = (0usize, 0usize);
+        let mut attempt = 1;
+        while written < len {
+            let from = start + written as u64;
+            let to = start + len as u64 - 1;
+            let mut get = self.client.get_object().bucket(self.bucket).key(self.key);
+            if !etag.is_empty() {
+                get = get.if_match(etag);
+            }
+            if !(whole && written == 0) {
+                get = get.range(format!("bytes={from}-{to}"));
+            }
+            let failure = match get.send().await {
+                Err(e) => classify(self.uri, "GET", &e),
+                Ok(resp) => {
+                    let want = (len - written) as i64;
+                    if resp.content_length().is_some_and(|n| n != want) {
+                        // An object that grew or shrank since the HEAD (without If-Match
+                        // support on the server), or a server ignoring Range.
+                        return Err(ArtifactError::Io(format!(
+                            "{}: GET bytes {from}-{to} answered {} bytes, expected {want}",
+                            self.uri,
+                            resp.content_length().unwrap_or(-1)
+                        )));
+                    }
+                    let mut body: ByteStream = resp.body;
+                    loop {
+                        match body.next().await {
+                            Some(Ok(frame)) => {
+                                let end = written + frame.len();
+                                if end > len {
+                                    return Err(ArtifactError::Io(format!(
+                                        "{}: GET bytes {from}-{to} sent more than asked",
+                                        self.uri
+                                    )));
+                                }
+                                slice[written..end].copy_from_slice(&frame);
+                                written = end;
+                                self.progress
+                                    .bytes
+                                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                                let mut h = hashing.lock().expect("hash lock");
+                                if h.front == i {
+                                    h.hasher.update(&slice[hashed..written]);
+                                    hashed = written;
+                                }
+                            }
+                            Some(Err(e)) => {
+                                break Failure::Transient(format!(
+                                    "{}: body of bytes {from}-{to} broke after {} bytes: {}",
+                                    self.uri,
+                                    written as u64 + start - from,
+                                    DisplayErrorContext(&e)
+                                ))
+                            }
+                            None if written == len => break Failure::Transient(String::new()),
+                            None => {
+                                break Failure::Transient(format!(
+                                    "{}: body of bytes {from}-{to} ended early, at {} bytes",
+                                    self.uri,
+                                    written as u64 + start - from
+                                ))
+                            }
+                        }
+                    }
+                }
+            };
+            if written == len {
+                break;
+            }
+            self.backoff_or_fail(failure, &mut attempt).await?;
+        }
+        // Done: hash what is left if this chunk is the front, then every finished chunk behind
+        // it; otherwise leave the unhashed rest for the front to pick up.
+        let rest: &'b [u8] = &slice[hashed..];
+        let mut h = hashing.lock().expect("hash lock");
+        if h.front == i {
+            h.hasher.update(rest);
+            h.front += 1;
+            loop {
+                let next = h.front;
+                let Some(waiting) = h.waiting.remove(&next) else {
+                    break;
+                };
+                h.hasher.update(waiting);
+                h.front += 1;
+            }
+        } else {
+            h.waiting.insert(i, rest);
+        }
+        Ok(())
+    }
+}
+
+/// Sorts an SDK error into retry-or-fail, with a message that names the object and the status.
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    uri: &str,
+    op: &str,
+    e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> Failure {
+    let detail = DisplayErrorContext(e);
+    match e {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let code = e.code().unwrap_or("");
+            let msg = format!("{uri}: {op} answered HTTP {status} {code}");
+            match (status, code) {
+                (404, _) | (_, "NoSuchKey") | (_, "NoSuchBucket") => Failure::Fatal(
+                    ArtifactError::NotFound(format!("{msg} (no such bucket or key)")),
+                ),
+                (401 | 403, _) => Failure::Fatal(ArtifactError::AccessDenied(format!(
+                    "{msg} (check the function role's s3:GetObject on this object, and the \
+                     bucket's region)"
+                ))),
+                (412, _) => Failure::Fatal(ArtifactError::Io(format!(
+                    "{msg}: the object changed during the download (ETag no longer matches)"
+                ))),
+                (408 | 429 | 500..=599, _) | (_, "SlowDown") | (_, "RequestTimeout") => {
+                    Failure::Transient(msg)
+                }
+                _ => Failure::Fatal(ArtifactError::Io(format!("{msg}: {detail}"))),
+            }
+        }
+        SdkError::ConstructionFailure(_) => {
+            Failure::Fatal(ArtifactError::Io(format!("{uri}: {op}: {detail}")))
+        }
+        // Connection refused or reset, timeouts, unparseable responses: the network's fault,
+        // worth another try.
+        _ => Failure::Transient(format!("{uri}: {op} failed: {detail}")),
+    }
+}

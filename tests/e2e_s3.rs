@@ -1,0 +1,291 @@
+//! End to end with the model in S3: the real `bootstrap` under the real Lambda Runtime Interface
+//! Emulator, MODEL_URI=s3://... on a moto server on loopback (reached through the standard
+//! AWS_ENDPOINT_URL_S3, dummy credentials, path-style addressing), sometimes through a proxy that
+//! slows the server down to make the load outlive the init budget.
+//!
+//! Proves: the model is fetched, verified and served; a load longer than the init budget finishes
+//! during the first invoke (and under provisioned concurrency, during init); a failed load is
+//! reported with its stable error type, at init and after it.
+//!
+//! Needs the emulator (scripts/fetch-tools), models/default.gguf (scripts/fetch-models) and
+//! moto_server; skips without them, fails under CI=true.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+mod common;
+use common::s3::{block_on, client, free_port, s3_env, upload, Fault, FaultProxy, Moto};
+
+/// The emulator with `bootstrap` under it, its stdout collected; killed (by PID) when dropped.
+struct Emulator {
+    child: Child,
+    port: u16,
+    stdout: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Emulator {
+    fn start(rie: &Path, env: &[(&str, String)]) -> Emulator {
+        let (port, api_port) = (free_port(), free_port());
+        let mut cmd = Command::new(rie);
+        cmd.arg("--runtime-interface-emulator-address")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--runtime-api-address")
+            .arg(format!("127.0.0.1:{api_port}"))
+            .arg(env!("CARGO_BIN_EXE_bootstrap"))
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
+            .env("RUST_LOG", "warn")
+            .env("LOG_LEVEL", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting aws-lambda-rie");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let (out, sink) = (child.stdout.take().unwrap(), stdout.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "emulator did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Emulator {
+            child,
+            port,
+            stdout,
+        }
+    }
+
+    /// One synchronous invoke; returns the JSON the emulator answers (a function error is
+    /// `{"errorType", "errorMessage"}`).
+    fn invoke(&self, payload: &[u8]) -> Value {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        write!(
+            s,
+            "POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            payload.len()
+        )
+        .unwrap();
+        s.write_all(payload).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {head}\n{body}"))
+    }
+
+    /// The cold-start EMF record the function printed, once it has printed it.
+    fn cold_start_record(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self
+                .stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["event"] == "cold_start");
+            if let Some(v) = found {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "no cold_start record on stdout");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (len, rest) = s.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(len.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+}
+
+/// Emulator, model and moto with the model uploaded as s3://models/minilm.gguf; `None`: skip.
+fn setup() -> Option<(PathBuf, Moto, String)> {
+    let rie = common::needed_file(".cache/bin/aws-lambda-rie", "scripts/fetch-tools")?;
+    let model = common::needed_file("models/default.gguf", "scripts/fetch-models")?;
+    let moto = Moto::start()?;
+    let bytes = std::fs::read(model).unwrap();
+    block_on(upload(
+        &client(&moto.endpoint()),
+        "models",
+        "minilm.gguf",
+        &bytes,
+    ));
+    Some((rie, moto, lambda_inference::artifacts::sha256_hex(&bytes)))
+}
+
+fn env_for(endpoint: &str, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    let mut env = s3_env(endpoint);
+    env.push(("MODEL_URI", "s3://models/minilm.gguf".into()));
+    env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    env
+}
+
+const EMBED: &[u8] = br#"{"input": "a model from S3"}"#;
+
+#[test]
+fn model_from_s3_is_verified_and_served() {
+    let Some((rie, moto, sha)) = setup() else {
+        return;
+    };
+    let emu = Emulator::start(
+        &rie,
+        &env_for(&moto.endpoint(), &[("MODEL_SHA256", sha.as_str())]),
+    );
+    let out = emu.invoke(EMBED);
+    assert_eq!(
+        out["data"][0]["embedding"].as_array().map(Vec::len),
+        Some(384),
+        "{out}"
+    );
+    let health = emu.invoke(br#"{"path": "/health"}"#);
+    assert_eq!(health["sha256"], sha.as_str(), "{health}");
+    assert_eq!(health["source"], "s3://models/minilm.gguf");
+
+    // The cold-start breakdown, as CloudWatch Embedded Metric Format on stdout.
+    let rec = emu.cold_start_record();
+    let metrics = &rec["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(metrics["Namespace"], "lambda-inference", "{rec}");
+    for m in metrics["Metrics"].as_array().unwrap() {
+        let name = m["Name"].as_str().unwrap();
+        assert!(rec[name].is_number(), "metric {name} has a value: {rec}");
+    }
+    assert_eq!(rec["sha256"], sha.as_str());
+    assert_eq!(rec["continued_into_invoke"], false, "{rec}");
+    assert!(rec["fetch_bytes"].as_u64().unwrap() > 1_000_000, "{rec}");
+}
+
+/// A server slow enough that the load outlives a 300 ms init budget: init ends, the first invoke
+/// awaits the same load and answers; under provisioned concurrency init waits for all of it.
+#[test]
+fn load_longer_than_the_init_budget_continues_into_the_first_invoke() {
+    let Some((rie, moto, sha)) = setup() else {
+        return;
+    };
+    // HEAD and GET each wait 600 ms: the load takes > 1.2 s.
+    let slow = FaultProxy::start(moto.port, Fault::Delay(Duration::from_millis(600)));
+    for (init_type, continued) in [("on-demand", true), ("provisioned-concurrency", false)] {
+        let emu = Emulator::start(
+            &rie,
+            &env_for(
+                &slow.endpoint(),
+                &[
+                    ("INIT_BUDGET_MS", "300"),
+                    ("AWS_LAMBDA_INITIALIZATION_TYPE", init_type),
+                ],
+            ),
+        );
+        let out = emu.invoke(EMBED);
+        assert_eq!(
+            out["data"][0]["embedding"].as_array().map(Vec::len),
+            Some(384),
+            "{init_type}: {out}"
+        );
+        let rec = emu.cold_start_record();
+        assert_eq!(
+            rec["continued_into_invoke"], continued,
+            "{init_type}: {rec}"
+        );
+        assert_eq!(rec["sha256"], sha.as_str());
+        let (waited, load) = (
+            rec["init_wait_ms"].as_f64().unwrap(),
+            rec["load_ms"].as_f64().unwrap(),
+        );
+        assert!(
+            load > 1200.0,
+            "{init_type}: the proxy slowed the load: {rec}"
+        );
+        if continued {
+            assert!(waited < load, "{init_type}: init stopped waiting: {rec}");
+        } else {
+            assert!(
+                waited >= load,
+                "{init_type}: init waited for the load: {rec}"
+            );
+        }
+    }
+}
+
+/// A load that fails at init is reported with its stable error type (through the Runtime API's
+/// init error path); one that fails after the budget answers the invoke with the same type: a
+/// Lambda error for direct invokes, a 503 in the event's shape for HTTP events.
+#[test]
+fn failed_loads_report_their_stable_error_type() {
+    let Some((rie, moto, _sha)) = setup() else {
+        return;
+    };
+
+    let emu = Emulator::start(
+        &rie,
+        &[
+            s3_env(&moto.endpoint()),
+            vec![("MODEL_URI", "s3://models/absent.gguf".into())],
+        ]
+        .concat(),
+    );
+    let out = emu.invoke(EMBED);
+    assert_eq!(out["errorType"], "ModelNotFound", "{out}");
+    drop(emu);
+
+    let slow = FaultProxy::start(moto.port, Fault::Delay(Duration::from_millis(300)));
+    let wrong = "0".repeat(64);
+    let emu = Emulator::start(
+        &rie,
+        &env_for(
+            &slow.endpoint(),
+            &[("MODEL_SHA256", wrong.as_str()), ("INIT_BUDGET_MS", "50")],
+        ),
+    );
+    let out = emu.invoke(EMBED);
+    assert_eq!(out["errorType"], "DigestMismatch", "{out}");
+    assert!(
+        out["errorMessage"].as_str().unwrap().contains(&wrong),
+        "{out}"
+    );
+    // The next invoke retries the load (it may have been fixed); it fails the same way, and an
+    // HTTP event gets the failure as a 503 in its own shape, not an opaque 502.
+    let event = std::fs::read(common::events_dir().join("apigw-v2-embeddings.json")).unwrap();
+    let out = emu.invoke(&event);
+    assert_eq!(out["statusCode"], 503, "{out}");
+    let body: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "DigestMismatch", "{body}");
+}
