@@ -28,8 +28,18 @@ pub async fn sdk_config() -> SdkConfig {
 /// go to `endpoint/bucket/key` instead of `bucket.endpoint/key`: what MinIO, moto or any server
 /// behind a plain host name needs. Endpoints given as an IP address use path style anyway.
 pub fn s3_client(sdk: &SdkConfig, force_path_style: bool) -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::config::Builder::from(sdk)
-        .force_path_style(force_path_style)
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
+    s3_client_at(sdk, force_path_style, None)
+}
+
+/// As [`s3_client`], at an explicit endpoint (S3_ENDPOINT_URL, see config.rs) when one is given.
+pub fn s3_client_at(
+    sdk: &SdkConfig,
+    force_path_style: bool,
+    endpoint: Option<&str>,
+) -> aws_sdk_s3::Client {
+    let mut conf = aws_sdk_s3::config::Builder::from(sdk).force_path_style(force_path_style);
+    if let Some(url) = endpoint {
+        conf = conf.endpoint_url(url);
+    }
+    aws_sdk_s3::Client::from_conf(conf.build())
 }

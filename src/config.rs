@@ -106,6 +106,11 @@ pub struct Config {
     pub wait_for_whole_load: bool,
     /// AWS_LAMBDA_FUNCTION_NAME (set by Lambda): the dimension of the cold-start metrics.
     pub function_name: Option<String>,
+    /// S3_ENDPOINT_URL: an S3-compatible endpoint (MinIO, moto) for the model and the results,
+    /// with path-style addressing unless S3_FORCE_PATH_STYLE=false. Unlike the SDK's own
+    /// AWS_ENDPOINT_URL_S3 (also honoured), an empty value means unset, so a SAM template can pass
+    /// a parameter through as is.
+    pub s3_endpoint: Option<String>,
     /// RESULTS_URI: where SQS job results go; unset: SQS batches are not acknowledged and
     /// `GET /v1/jobs/{id}` answers 404.
     pub results_uri: Option<S3Location>,
@@ -228,8 +233,20 @@ impl Config {
         };
         let init_budget =
             Duration::from_millis(ranged(&get, "INIT_BUDGET_MS", 0..=900_000, 9_000)?);
+        let s3_endpoint = match get("S3_ENDPOINT_URL") {
+            Some(v) if v.trim().starts_with("http://") || v.trim().starts_with("https://") => {
+                Some(v.trim().to_owned())
+            }
+            Some(v) => {
+                return Err(err(
+                    "S3_ENDPOINT_URL",
+                    format!("expected http(s)://host[:port], got {v:?}"),
+                ))
+            }
+            None => None,
+        };
         let s3_force_path_style = match get("S3_FORCE_PATH_STYLE").as_deref().map(str::trim) {
-            None => false,
+            None => s3_endpoint.is_some(),
             Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => true,
             Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => false,
             Some(v) => {
@@ -268,6 +285,7 @@ impl Config {
             init_budget,
             wait_for_whole_load,
             function_name: get("AWS_LAMBDA_FUNCTION_NAME").map(|s| s.trim().to_owned()),
+            s3_endpoint,
             results_uri,
             jobs_queue_url,
         })
@@ -481,6 +499,20 @@ mod tests {
         .unwrap();
         assert_eq!(c.results_uri.unwrap().prefix, "r/");
         assert!(c.jobs_queue_url.unwrap().ends_with("/jobs"));
+        assert!(!c.s3_force_path_style);
+        let c = cfg(&[
+            ("S3_ENDPOINT_URL", "http://127.0.0.1:9000"),
+            ("S3_ENDPOINT_URL_X", ""),
+        ])
+        .unwrap();
+        assert!(
+            c.s3_force_path_style,
+            "a custom endpoint defaults to path style"
+        );
+        assert!(cfg(&[("S3_ENDPOINT_URL", "")])
+            .unwrap()
+            .s3_endpoint
+            .is_none());
     }
 
     #[test]
@@ -503,6 +535,7 @@ mod tests {
             ("RESULTS_URI", "s3://Bad_Bucket/x"),
             ("RESULTS_URI", "s3://bucket/a/../b"),
             ("JOBS_QUEUE_URL", "jobs"),
+            ("S3_ENDPOINT_URL", "localhost:9000"),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();
             assert_eq!(e.var, var);

@@ -118,7 +118,11 @@ pub async fn fetch(config: &Config) -> Result<Artifact, ArtifactError> {
         uri @ ModelUri::File(_) => FileArtifactStore.fetch(uri).await,
         uri @ ModelUri::S3 { .. } => {
             let sdk = crate::aws::sdk_config().await;
-            let client = crate::aws::s3_client(&sdk, config.s3_force_path_style);
+            let client = crate::aws::s3_client_at(
+                &sdk,
+                config.s3_force_path_style,
+                config.s3_endpoint.as_deref(),
+            );
             s3::S3ArtifactStore::new(&client, config.fetch)
                 .fetch(uri)
                 .await

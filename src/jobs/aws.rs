@@ -148,7 +148,11 @@ pub async fn ports(config: &Config) -> JobPorts {
     let sdk = crate::aws::sdk_config().await;
     JobPorts {
         results: config.results_uri.clone().map(|loc| {
-            let client = crate::aws::s3_client(&sdk, config.s3_force_path_style);
+            let client = crate::aws::s3_client_at(
+                &sdk,
+                config.s3_force_path_style,
+                config.s3_endpoint.as_deref(),
+            );
             std::sync::Arc::new(S3ResultStore::new(client, loc)) as std::sync::Arc<dyn ResultStore>
         }),
         queue: config.jobs_queue_url.clone().map(|url| {
