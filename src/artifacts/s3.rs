@@ -10,6 +10,10 @@
 //! - Never a wrong or half model: every GET carries `If-Match: <ETag from the HEAD>` (an object
 //!   replaced mid-download fails instead of mixing two versions), every chunk must come back at
 //!   exactly its length, and MODEL_SHA256 is checked by the caller on the finished digest.
+//! - Plans: one plain GET for small objects; for bigger ones a plain GET that is judged after its
+//!   first 2 MiB and split into parallel ranged GETs only if its connection is slow (real S3
+//!   gives one connection 60-90 MB/s; a local server 300+ MB/s, and serves ranges badly); or, with
+//!   MODEL_FETCH_SPLIT_BELOW_MBPS=0, ranged GETs from the start.
 //! - Retries are ours, not the SDK's: a body that breaks after 5 of 8 MB resumes at byte 5 MB of
 //!   that chunk (a Range from where it stopped), with exponential backoff; the SDK can only repeat
 //!   whole requests. One overall deadline (MODEL_FETCH_TIMEOUT_S) bounds HEAD, chunks and retries.
@@ -339,7 +343,10 @@ impl Req<'_> {
         let mut len = slice.len();
         let (mut written, mut hashed) = (0usize, 0usize);
         let mut attempt = 1;
-        let t_first = Instant::now();
+        // When the first frame landed, and how many bytes had by then: the probe's rate runs
+        // from there, so that the request's first-byte latency (which parallel GETs pay too)
+        // does not count as slowness.
+        let mut first_frame: Option<(Instant, usize)> = None;
         // Set when the probe handed the tail away while this plain GET still streams the whole
         // object: the rest of its body is someone else's and is dropped unread.
         let mut truncated = false;
@@ -391,9 +398,16 @@ impl Req<'_> {
                                         hashed = written;
                                     }
                                 }
+                                let (t0, at0) =
+                                    *first_frame.get_or_insert((Instant::now(), written));
                                 if probe.as_ref().is_some_and(|p| written >= p.after) {
                                     let p = probe.take().expect("checked just above");
-                                    let rate = written as f64 / t_first.elapsed().as_secs_f64();
+                                    let secs = t0.elapsed().as_secs_f64();
+                                    let rate = if secs > 0.0 {
+                                        (written - at0) as f64 / secs
+                                    } else {
+                                        f64::INFINITY
+                                    };
                                     let split = written + p.keep;
                                     let tail = if rate < p.split_below_bytes_per_s
                                         && split + p.keep < len
