@@ -127,6 +127,9 @@ pub struct FetchSettings {
     pub concurrency: usize,
     /// MODEL_FETCH_SINGLE_GET_MAX_MB: objects up to this size come in one plain GET.
     pub single_get_max_bytes: u64,
+    /// MODEL_FETCH_SPLIT_BELOW_MBPS: larger objects start as one plain GET; if its first bytes
+    /// arrive slower than this (MB/s), the rest is split into ranged GETs. 0: always ranged.
+    pub split_below_mb_s: u64,
     /// MODEL_FETCH_ATTEMPTS: tries per request (HEAD, each chunk) on transient errors.
     pub attempts: u32,
     /// MODEL_FETCH_TIMEOUT_S: the whole fetch (HEAD + all chunks + retries) must end by then.
@@ -139,7 +142,8 @@ impl Default for FetchSettings {
         Self {
             chunk_bytes: 8 * MIB,
             concurrency: 8,
-            single_get_max_bytes: 32 * MIB,
+            single_get_max_bytes: 8 * MIB,
+            split_below_mb_s: 150,
             attempts: 4,
             deadline: Duration::from_secs(120),
         }
@@ -223,6 +227,12 @@ impl Config {
                 0..=1_000_000,
                 df.single_get_max_bytes / MIB,
             )? * MIB,
+            split_below_mb_s: ranged(
+                &get,
+                "MODEL_FETCH_SPLIT_BELOW_MBPS",
+                0..=1_000_000,
+                df.split_below_mb_s,
+            )?,
             attempts: ranged(&get, "MODEL_FETCH_ATTEMPTS", 1..=20, df.attempts as u64)? as u32,
             deadline: Duration::from_secs(ranged(
                 &get,
@@ -527,6 +537,7 @@ mod tests {
             ("MODEL_FETCH_CHUNK_MB", "0"),
             ("MODEL_FETCH_CONCURRENCY", "65"),
             ("MODEL_FETCH_SINGLE_GET_MAX_MB", "-1"),
+            ("MODEL_FETCH_SPLIT_BELOW_MBPS", "fast"),
             ("MODEL_FETCH_ATTEMPTS", "x"),
             ("MODEL_FETCH_TIMEOUT_S", "0"),
             ("INIT_BUDGET_MS", "9s"),

@@ -10,6 +10,10 @@
 //! - Never a wrong or half model: every GET carries `If-Match: <ETag from the HEAD>` (an object
 //!   replaced mid-download fails instead of mixing two versions), every chunk must come back at
 //!   exactly its length, and MODEL_SHA256 is checked by the caller on the finished digest.
+//! - Plans: one plain GET for small objects; for bigger ones a plain GET that is judged after its
+//!   first 2 MiB and split into parallel ranged GETs only if its connection is slow (real S3
+//!   gives one connection 60-90 MB/s; a local server 300+ MB/s, and serves ranges badly); or, with
+//!   MODEL_FETCH_SPLIT_BELOW_MBPS=0, ranged GETs from the start.
 //! - Retries are ours, not the SDK's: a body that breaks after 5 of 8 MB resumes at byte 5 MB of
 //!   that chunk (a Range from where it stopped), with exponential backoff; the SDK can only repeat
 //!   whole requests. One overall deadline (MODEL_FETCH_TIMEOUT_S) bounds HEAD, chunks and retries.
@@ -96,35 +100,67 @@ impl S3ArtifactStore {
         let size_usize = usize::try_from(size)
             .map_err(|_| ArtifactError::Io(format!("{uri}: {size} bytes do not fit in memory")))?;
 
-        // One plain GET for small objects: a local server (moto, MinIO on loopback) serves one
-        // stream faster than several, and below this size real S3's per-request latency eats
-        // most of what parallel connections would win. See README "Model from S3" for figures.
-        let chunk = if size <= self.settings.single_get_max_bytes || self.settings.concurrency == 1
-        {
-            size.max(1)
-        } else {
-            self.settings.chunk_bytes
-        };
-        let chunk_usize = usize::try_from(chunk).expect("chunk size is at most 1 GiB (config.rs)");
-        let plan = if chunk >= size { "single" } else { "ranged" };
-
         // calloc-backed: the pages are mapped lazily as the GETs write them, so this costs no
         // time up front and the buffer is never copied afterwards.
         let mut buf = vec![0u8; size_usize];
-        let chunks = size.div_ceil(chunk) as usize;
         let hashing = Mutex::new(Hashing {
             hasher: Sha256::new(),
             front: 0,
             waiting: BTreeMap::new(),
         });
-        futures_util::stream::iter(buf.chunks_mut(chunk_usize).enumerate().map(Ok))
-            .try_for_each_concurrent(self.settings.concurrency, |(i, slice)| {
-                let start = i as u64 * chunk;
-                // The whole object as one chunk goes without a Range header: the plain GET.
-                let whole = plan == "single";
-                req.chunk(i, start, whole, slice, &etag, &hashing)
-            })
-            .await?;
+        let st = self.settings;
+        let chunk =
+            usize::try_from(st.chunk_bytes).expect("chunk size is at most 1 GiB (config.rs)");
+        let (plan, chunks) = if size <= st.single_get_max_bytes || st.concurrency == 1 {
+            // Small objects: one plain GET; parallel requests cannot win back their latency.
+            req.chunk(0, 0, true, &mut buf[..], &etag, &hashing, None)
+                .await?;
+            ("single", 1)
+        } else if st.split_below_mb_s == 0 {
+            // Static plan: ranged GETs of chunk_bytes, `concurrency` in flight.
+            let chunks = buf.len().div_ceil(chunk);
+            futures_util::stream::iter(buf.chunks_mut(chunk).enumerate().map(Ok))
+                .try_for_each_concurrent(st.concurrency, |(i, slice)| {
+                    req.chunk(i, (i * chunk) as u64, false, slice, &etag, &hashing, None)
+                })
+                .await?;
+            ("ranged", chunks)
+        } else {
+            // Adaptive plan: one plain GET of the whole object, judged after its first bytes.
+            // A local server (moto, MinIO on loopback) streams 300-550 MB/s on one connection
+            // and serves ranged GETs badly (moto: 98 MB in 0.3 s on one GET, 1.35 s as 12
+            // ranges): the GET just goes on. Real S3 gives one connection 60-90 MB/s: the GET
+            // keeps the next chunk_bytes, and the rest of the object is fetched as ranged GETs
+            // on concurrency-1 more connections.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let probe = Probe {
+                after: chunk.min(2 << 20),
+                split_below_bytes_per_s: st.split_below_mb_s as f64 * 1e6,
+                keep: chunk,
+                tail: tx,
+            };
+            let head = req.chunk(0, 0, true, &mut buf[..], &etag, &hashing, Some(probe));
+            let tail = async {
+                let Ok(Some(tail)) = rx.await else {
+                    return Ok(0);
+                };
+                let base = size_usize - tail.len();
+                let n = tail.len().div_ceil(chunk);
+                futures_util::stream::iter(tail.chunks_mut(chunk).enumerate().map(Ok))
+                    .try_for_each_concurrent((st.concurrency - 1).max(1), |(j, slice)| {
+                        let start = (base + j * chunk) as u64;
+                        req.chunk(1 + j, start, false, slice, &etag, &hashing, None)
+                    })
+                    .await?;
+                Ok(n)
+            };
+            let ((), tail_chunks) = futures_util::future::try_join(head, tail).await?;
+            if tail_chunks == 0 {
+                ("probe", 1)
+            } else {
+                ("probe+split", 1 + tail_chunks)
+            }
+        };
         let Hashing {
             hasher,
             front,
@@ -204,6 +240,18 @@ struct Hashing<'b> {
     waiting: BTreeMap<usize, &'b [u8]>,
 }
 
+/// The adaptive plan's decision point, carried by its plain GET of the whole object.
+struct Probe<'b> {
+    /// Bytes after which the connection's rate is judged.
+    after: usize,
+    /// Split when the rate so far (first-byte latency included) is below this.
+    split_below_bytes_per_s: f64,
+    /// Bytes the plain GET keeps fetching after the decision.
+    keep: usize,
+    /// Where the tail goes (`None`: no split).
+    tail: tokio::sync::oneshot::Sender<Option<&'b mut [u8]>>,
+}
+
 /// What one failed request means for the fetch.
 enum Failure {
     /// Worth another attempt (connection refused or reset, 5xx, throttling, a short body).
@@ -281,18 +329,27 @@ impl Req<'_> {
 
     /// Fetches chunk `i` (`slice.len()` bytes from `start`) into `slice`, resuming where a broken
     /// body stopped, and feeds the in-order hash.
+    #[allow(clippy::too_many_arguments)]
     async fn chunk<'b>(
         &self,
         i: usize,
         start: u64,
         whole: bool,
-        slice: &'b mut [u8],
+        mut slice: &'b mut [u8],
         etag: &str,
         hashing: &Mutex<Hashing<'b>>,
+        mut probe: Option<Probe<'b>>,
     ) -> Result<(), ArtifactError> {
-        let len = slice.len();
+        let mut len = slice.len();
         let (mut written, mut hashed) = (0usize, 0usize);
         let mut attempt = 1;
+        // When the first frame landed, and how many bytes had by then: the probe's rate runs
+        // from there, so that the request's first-byte latency (which parallel GETs pay too)
+        // does not count as slowness.
+        let mut first_frame: Option<(Instant, usize)> = None;
+        // Set when the probe handed the tail away while this plain GET still streams the whole
+        // object: the rest of its body is someone else's and is dropped unread.
+        let mut truncated = false;
         while written < len {
             let from = start + written as u64;
             let to = start + len as u64 - 1;
@@ -320,22 +377,55 @@ impl Req<'_> {
                     loop {
                         match body.next().await {
                             Some(Ok(frame)) => {
-                                let end = written + frame.len();
+                                let mut end = written + frame.len();
                                 if end > len {
-                                    return Err(ArtifactError::Io(format!(
-                                        "{}: GET bytes {from}-{to} sent more than asked",
-                                        self.uri
-                                    )));
+                                    if !truncated {
+                                        return Err(ArtifactError::Io(format!(
+                                            "{}: GET bytes {from}-{to} sent more than asked",
+                                            self.uri
+                                        )));
+                                    }
+                                    end = len;
                                 }
-                                slice[written..end].copy_from_slice(&frame);
+                                let n = end - written;
+                                slice[written..end].copy_from_slice(&frame[..n]);
                                 written = end;
-                                self.progress
-                                    .bytes
-                                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
-                                let mut h = hashing.lock().expect("hash lock");
-                                if h.front == i {
-                                    h.hasher.update(&slice[hashed..written]);
-                                    hashed = written;
+                                self.progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                                {
+                                    let mut h = hashing.lock().expect("hash lock");
+                                    if h.front == i {
+                                        h.hasher.update(&slice[hashed..written]);
+                                        hashed = written;
+                                    }
+                                }
+                                let (t0, at0) =
+                                    *first_frame.get_or_insert((Instant::now(), written));
+                                if probe.as_ref().is_some_and(|p| written >= p.after) {
+                                    let p = probe.take().expect("checked just above");
+                                    let secs = t0.elapsed().as_secs_f64();
+                                    let rate = if secs > 0.0 {
+                                        (written - at0) as f64 / secs
+                                    } else {
+                                        f64::INFINITY
+                                    };
+                                    let split = written + p.keep;
+                                    let tail = if rate < p.split_below_bytes_per_s
+                                        && split + p.keep < len
+                                    {
+                                        let (head, tail) =
+                                            std::mem::take(&mut slice).split_at_mut(split);
+                                        slice = head;
+                                        len = split;
+                                        truncated = true;
+                                        Some(tail)
+                                    } else {
+                                        None
+                                    };
+                                    // The receiver is gone only if the fetch already failed.
+                                    let _ = p.tail.send(tail);
+                                }
+                                if written == len {
+                                    break Failure::Transient(String::new());
                                 }
                             }
                             Some(Err(e)) => {

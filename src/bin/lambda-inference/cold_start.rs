@@ -206,6 +206,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let defaults = FetchSettings::default();
     let forced_ranged = FetchSettings {
         single_get_max_bytes: 0,
+        split_below_mb_s: 0,
         ..defaults
     };
     let (mut plain, mut ours, mut ranged) = (Vec::new(), Vec::new(), Vec::new());
