@@ -359,6 +359,7 @@ impl Service {
     fn embedder(&self) -> Result<&Arc<dyn Embedder>, ApiError> {
         match &self.engine {
             Engine::Embedder(e) => Ok(e),
+            Engine::Generator(_) => Err(self.wrong_kind("/v1/embeddings")),
         }
     }
 
