@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::artifacts::{self, ArtifactError};
 use crate::config::Config;
-use crate::engine::{self, EngineError};
+use crate::engine::{self, EngineError, SharedBytes};
 use crate::service::{ModelMeta, Service};
 
 /// Why init failed; `error_type` is the stable name reported to Lambda and in logs.
@@ -43,6 +43,15 @@ pub struct InitReport {
     pub model_bytes: usize,
 }
 
+/// The fetched model bytes as the engine's shared byte buffer.
+struct FileBytes(artifacts::ModelBytes);
+
+impl AsRef<[u8]> for FileBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// Everything an execution environment serves with.
 pub struct App {
     pub service: Service,
@@ -67,26 +76,33 @@ impl App {
     pub fn init(config: &Config) -> Result<App, InitError> {
         let t0 = Instant::now();
         let art = artifacts::fetch(&config.model_uri)?;
+        let model_bytes = art.bytes.len();
+        // Shared with the engine: an embedder copies what it needs and lets go (the bytes are
+        // freed when `bytes` drops below); a generator keeps its weights in place, as llama.cpp
+        // does with its mmap, instead of holding a second copy of the file.
+        let bytes: SharedBytes = std::sync::Arc::new(FileBytes(art.bytes));
         // Hash on one core while the engine is built on the other. Building from bytes not yet
         // verified is harmless: nothing is served, and a mismatch drops the engine and fails init.
         let (hashed, built) = rayon::join(
             || {
                 let t = Instant::now();
                 (
-                    artifacts::sha256_hex(&art.bytes),
+                    artifacts::sha256_hex((*bytes).as_ref()),
                     t.elapsed().as_secs_f64() * 1e3,
                 )
             },
             || {
                 let t = Instant::now();
-                (engine::load(&art.bytes), t.elapsed().as_secs_f64() * 1e3)
+                (
+                    engine::load_shared(bytes.clone()),
+                    t.elapsed().as_secs_f64() * 1e3,
+                )
             },
         );
         let ((sha256, verify_ms), (engine, engine_ms)) = (hashed, built);
         artifacts::verify(&art.source, &sha256, config.model_sha256.as_deref())?;
         let engine = engine?;
-        let model_bytes = art.bytes.len();
-        drop(art.bytes);
+        drop(bytes);
         let id = config
             .model_id
             .clone()

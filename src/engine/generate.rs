@@ -6,6 +6,8 @@
 //! the fakes the service tests use: what those tests check (stop strings, limits, seeds,
 //! deadlines) is this code, not a fake's imitation of it. Must not know about requests or JSON.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::EngineError;
@@ -59,6 +61,8 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Stop (finish_reason length) rather than start a step that would end after this instant.
     pub deadline: Option<Instant>,
+    /// Set by the caller to stop at the next token (a streaming client went away).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -139,6 +143,13 @@ pub fn generate(
             break;
         }
         if out.token_ids.len() >= params.max_tokens {
+            break;
+        }
+        if params
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
             break;
         }
         // The next step would likely end past the deadline: stop now with what we have.

@@ -178,17 +178,29 @@ const MR: usize = 4;
 pub fn matmul_many(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
     let m = acts.m;
     let simd = use_avx2();
-    // Transposed outputs, [n, m]: each task owns a contiguous run of weight rows, so tasks write
-    // disjoint slices; for decode (m = 1) the transpose is the identity.
-    let mut tbufs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; w.n * m]).collect();
     let threads = rayon::current_num_threads().max(1);
     let total_rows: usize = mats.iter().map(|w| w.n).sum();
     // ~8 tasks per thread: enough to balance, few enough that dispatch stays cheap.
     let rows_per_task = (total_rows / (threads * 8)).clamp(8, 512);
+    // Each task owns a contiguous run of weight rows and writes a disjoint slice: of the output
+    // itself for decode (m = 1), else of a transposed `[n, m]` buffer copied back afterwards.
+    let mut tbufs: Vec<Vec<f32>> = if m == 1 {
+        Vec::new()
+    } else {
+        mats.iter().map(|w| vec![0f32; w.n * m]).collect()
+    };
     let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
-    for (i, buf) in tbufs.iter_mut().enumerate() {
-        for (c, chunk) in buf.chunks_mut(rows_per_task * m).enumerate() {
-            tasks.push((i, c * rows_per_task, chunk));
+    if m == 1 {
+        for (i, out) in outs.iter_mut().enumerate() {
+            for (c, chunk) in out.chunks_mut(rows_per_task).enumerate() {
+                tasks.push((i, c * rows_per_task, chunk));
+            }
+        }
+    } else {
+        for (i, buf) in tbufs.iter_mut().enumerate() {
+            for (c, chunk) in buf.chunks_mut(rows_per_task * m).enumerate() {
+                tasks.push((i, c * rows_per_task, chunk));
+            }
         }
     }
     tasks.into_par_iter().for_each(|(i, j0, out)| {
@@ -204,15 +216,15 @@ pub fn matmul_many(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
                 let nr = (m - r).min(MR);
                 let mut res = [0f32; MR];
                 dot_rows(w.format, simd, row, acts, r, nr, &mut res);
-                o[r..r + nr].copy_from_slice(&res[..nr]);
+                for (o, v) in o[r..r + nr].iter_mut().zip(res) {
+                    *o = v;
+                }
                 r += nr;
             }
         }
     });
-    for ((w, t), out) in mats.iter().zip(&tbufs).zip(outs.iter_mut()) {
-        if m == 1 {
-            out.copy_from_slice(t);
-        } else {
+    if m > 1 {
+        for ((w, t), out) in mats.iter().zip(&tbufs).zip(outs.iter_mut()) {
             for j in 0..w.n {
                 for r in 0..m {
                     out[r * w.n + j] = t[j * m + r];
