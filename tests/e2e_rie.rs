@@ -140,6 +140,20 @@ fn every_sample_event_through_the_real_runtime_api() {
         let event: Value = serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap();
         let out = emu.invoke(event.to_string().as_bytes());
         let name = f.file_name().unwrap().to_string_lossy();
+        // The default model is an embedder: generation samples get the wrong-kind 400.
+        if name.contains("-chat") || name.contains("-completions") {
+            let body = if event.get("requestContext").is_some() {
+                assert_eq!(out["statusCode"], 400, "{name}: {out}");
+                serde_json::from_str(out["body"].as_str().unwrap()).unwrap()
+            } else {
+                out.clone()
+            };
+            assert_eq!(
+                body["error"]["code"], "unsupported_for_model",
+                "{name}: {body}"
+            );
+            continue;
+        }
         if event.get("requestContext").is_some() {
             assert_eq!(out["statusCode"], 200, "{name}: {out}");
             let body: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
