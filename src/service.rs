@@ -3,8 +3,11 @@
 //!
 //! Every event adapter (API Gateway v1/v2, Function URL, direct invoke, and SQS jobs) reduces its
 //! event to an [`ApiRequest`] and turns the [`ApiResponse`] back into its own shape, so routing,
-//! limits and error bodies are identical whatever the entry point. This module must not see
-//! Lambda/AWS event types and must not call candle directly (only the engine traits).
+//! limits and error bodies are identical whatever the entry point. Generation requests may
+//! answer as a stream of server-sent events ([`Reply::Stream`]) where the entry point says it can
+//! carry one ([`CallOptions`]), and stop before the invocation's deadline. This module must not
+//! see Lambda/AWS event types (the deadline arrives as an `Instant`) and must not call candle
+//! directly (only the engine traits).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -553,6 +553,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+#[inline(never)] // a profile line of its own
 /// Causal grouped-query attention of `t` new queries (positions `pos0..pos0 + t`) over the cache
 /// (`pos0 + t` positions). One task per head; `out` is `[t, n_head * head_dim]`.
 fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, out: &mut [f32]) {

@@ -208,8 +208,33 @@ pub fn matmul_many(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
         let rows = out.len() / m;
         let rb = w.row_bytes();
         let data = w.data();
+        let row_at = |j: usize| &data[(j0 + j) * rb..(j0 + j + 1) * rb];
+        #[cfg(target_arch = "x86_64")]
+        if m == 1 && simd {
+            // Decode: weight rows in pairs (see avx2::q4_1_pair); an odd last row goes alone.
+            let mut jj = 0;
+            while jj + 1 < rows {
+                // SAFETY: `simd` means AVX2/FMA/F16C were detected; rows hold `k` values and
+                // `acts` has one row of `k`.
+                let r = unsafe {
+                    match w.format {
+                        Format::Q4_1 => avx2::q4_1_pair(row_at(jj), row_at(jj + 1), acts),
+                        Format::Q8_0 => avx2::q8_0_pair(row_at(jj), row_at(jj + 1), acts),
+                    }
+                };
+                out[jj] = r[0];
+                out[jj + 1] = r[1];
+                jj += 2;
+            }
+            if jj < rows {
+                let mut res = [0f32; MR];
+                dot_rows(w.format, simd, row_at(jj), acts, 0, 1, &mut res);
+                out[jj] = res[0];
+            }
+            return;
+        }
         for jj in 0..rows {
-            let row = &data[(j0 + jj) * rb..(j0 + jj + 1) * rb];
+            let row = row_at(jj);
             let o = &mut out[jj * m..(jj + 1) * m];
             let mut r = 0;
             while r < m {
@@ -340,6 +365,9 @@ mod avx2 {
     ///
     /// # Safety
     /// AVX2, FMA and F16C; `row` is `a.k / 32` Q4_1 blocks; rows `r0..r0 + nr` exist in `a`.
+    // Not inlined: a call per weight row is noise next to its 18+ blocks, and profiles then show
+    // the kernels by name.
+    #[inline(never)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_1_rows(row: &[u8], a: &QActs, r0: usize, nr: usize, res: &mut [f32; MR]) {
         let kb = a.k / QK;
@@ -369,10 +397,72 @@ mod avx2 {
         }
     }
 
+    /// Decode (one activation row): two Q4_1 weight rows at once, so that the two FMA chains
+    /// overlap (one chain alone waits ~4 cycles per block on its accumulator). Each row keeps
+    /// llama.cpp's summation order, block by block.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; `w0`, `w1` are `a.k / 32` Q4_1 blocks; `a` has one row.
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1_pair(w0: &[u8], w1: &[u8], a: &QActs) -> [f32; 2] {
+        let kb = a.k / QK;
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
+        let xq = a.qs.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut summ = [0f32; 2];
+        for b in 0..kb {
+            let y = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+            let (dx, sx) = (*a.d.get_unchecked(b), *a.s.get_unchecked(b));
+            for (i, p) in [p0, p1].into_iter().enumerate() {
+                let blk = p.add(b * 20);
+                let tmp = _mm_loadu_si128(blk.add(4) as *const __m128i);
+                let bx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp), mask);
+                let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(bx, y), ones);
+                let d = _mm256_set1_ps(f16_at(blk) * dx);
+                acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc[i]);
+                summ[i] += f16_at(blk.add(2)) * sx;
+            }
+        }
+        [hsum(acc[0]) + summ[0], hsum(acc[1]) + summ[1]]
+    }
+
+    /// Decode: two Q8_0 weight rows at once (see [`q4_1_pair`]).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; `w0`, `w1` are `a.k / 32` Q8_0 blocks; `a` has one row.
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0_pair(w0: &[u8], w1: &[u8], a: &QActs) -> [f32; 2] {
+        let kb = a.k / QK;
+        let ones = _mm256_set1_epi16(1);
+        let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
+        let xq = a.qs.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for b in 0..kb {
+            let y = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+            let dx = *a.d.get_unchecked(b);
+            for (i, p) in [p0, p1].into_iter().enumerate() {
+                let blk = p.add(b * 34);
+                let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                let prod = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)),
+                    ones,
+                );
+                let d = _mm256_set1_ps(f16_at(blk) * dx);
+                acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc[i]);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1])]
+    }
+
     /// Q8_0 weight row x Q8_0 activation rows (`ggml_vec_dot_q8_0_q8_0`).
     ///
     /// # Safety
     /// AVX2, FMA and F16C; `row` is `a.k / 32` Q8_0 blocks; rows `r0..r0 + nr` exist in `a`.
+    #[inline(never)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q8_0_rows(row: &[u8], a: &QActs, r0: usize, nr: usize, res: &mut [f32; MR]) {
         let kb = a.k / QK;

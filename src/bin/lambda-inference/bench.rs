@@ -357,7 +357,9 @@ fn long_chat() -> Value {
         {"role": "system", "content": "You are a concise assistant for an engineering team that runs serverless workloads on AWS."},
         {"role": "user", "content": "We deploy a small language model as a Lambda container function behind a Function URL. \
             Cold starts take a few hundred milliseconds, and most requests are short summaries of support tickets. \
-            Which three settings should we look at first to keep latency low and costs predictable, and why?"}
+            Which three settings should we look at first to keep latency low and costs predictable, and why? \
+            Please also say how provisioned concurrency, memory size and response streaming interact, \
+            and what we should log on every request to notice regressions early."}
     ]})
 }
 
@@ -439,23 +441,24 @@ pub fn generate(opts: &GenerateOptions) -> anyhow::Result<()> {
         })
         .collect();
     let prompt = gen.tokenize(&gen.render_chat(&msgs)?)?;
-    let (mut pf, mut dc) = (Vec::new(), Vec::new());
+    let (mut pf, mut dc, mut dc_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..opts.runs.max(1) {
-        let (p, d) = gen.with_state(|m, st| -> anyhow::Result<(f64, f64)> {
+        let (p, d, c) = gen.with_state(|m, st| -> anyhow::Result<(f64, f64, f64)> {
             st.reset();
             let t = Instant::now();
             let mut logits = m.forward(st, &prompt)?;
             let p = t.elapsed().as_secs_f64();
-            let t = Instant::now();
+            let (t, c0) = (Instant::now(), self_cpu_s());
             // 128 tokens whatever they are (EOS included): a fixed amount of work.
             for _ in 0..128 {
                 let id = argmax(&logits);
                 logits = m.forward(st, &[id])?;
             }
-            Ok((p, t.elapsed().as_secs_f64()))
+            Ok((p, t.elapsed().as_secs_f64(), self_cpu_s() - c0))
         })?;
         pf.push(prompt.len() as f64 / p);
         dc.push(128.0 / d);
+        dc_cpu.push(c / 128.0 * 1e3);
     }
     let (pf50, dc50) = (median(&mut pf), median(&mut dc));
     println!(
@@ -468,6 +471,18 @@ pub fn generate(opts: &GenerateOptions) -> anyhow::Result<()> {
         "decode       {dc50:.1} tok/s median of {} (128 tokens after that prompt); llama.cpp {LCPP_DECODE} = {:.2}x",
         opts.runs,
         dc50 / LCPP_DECODE
+    );
+    // Wall-clock figures fall when other processes share the cores; CPU time per token does
+    // not (much), and tells a loaded machine from a slow kernel.
+    println!(
+        "decode CPU   {:.1} ms of CPU per token (all threads; wall {:.1} ms); load average {}",
+        median(&mut dc_cpu),
+        1e3 / dc50,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
     );
     let c0 = self_cpu_s();
     std::thread::sleep(Duration::from_millis(1000));
