@@ -103,7 +103,7 @@ pub fn generate(
     vocab: &Detokenizer,
     prompt: &[u32],
     params: &GenerateParams,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut (dyn FnMut(&str) + Send),
 ) -> Result<GenerateOutput, EngineError> {
     let mut out = GenerateOutput {
         text: String::new(),
@@ -190,7 +190,7 @@ impl<'a> TextStream<'a> {
 
     /// Adds a token's bytes; emits what is final. Returns true when a stop string appeared
     /// (the text before it is emitted, the rest dropped).
-    fn push(&mut self, piece: &[u8], on_text: &mut dyn FnMut(&str)) -> bool {
+    fn push(&mut self, piece: &[u8], on_text: &mut (dyn FnMut(&str) + Send)) -> bool {
         self.bytes.extend_from_slice(piece);
         // Move the longest valid UTF-8 prefix into `pending`; a byte sequence that can never be
         // valid becomes U+FFFD (as a lossy decode would), an incomplete tail waits for more.
@@ -246,14 +246,14 @@ impl<'a> TextStream<'a> {
     }
 
     /// End of generation without a stop string: whatever is held back is final.
-    fn finish(&mut self, on_text: &mut dyn FnMut(&str)) {
+    fn finish(&mut self, on_text: &mut (dyn FnMut(&str) + Send)) {
         let mut rest = std::mem::take(&mut self.pending);
         rest.push_str(&String::from_utf8_lossy(&self.bytes));
         self.bytes.clear();
         self.emit(&rest, on_text);
     }
 
-    fn emit(&mut self, s: &str, on_text: &mut dyn FnMut(&str)) {
+    fn emit(&mut self, s: &str, on_text: &mut (dyn FnMut(&str) + Send)) {
         if !s.is_empty() {
             self.emitted.push_str(s);
             on_text(s);

@@ -429,9 +429,10 @@ impl LlamaGenerator {
 
     /// Prefill + decode with the KV cache of this generator (for benches and tests that need
     /// logits rather than text).
-    pub fn with_state<R>(&self, f: impl FnOnce(&LlamaModel, &mut State) -> R) -> R {
+    pub fn with_state<R: Send>(&self, f: impl FnOnce(&LlamaModel, &mut State) -> R + Send) -> R {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        f(&self.model, &mut st)
+        let st: &mut State = &mut st;
+        on_compute_pool(|| f(&self.model, st))
     }
 }
 
@@ -481,20 +482,28 @@ impl Generator for LlamaGenerator {
         &self,
         prompt: &[u32],
         params: &GenerateParams,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut (dyn FnMut(&str) + Send),
     ) -> Result<GenerateOutput, EngineError> {
         // A panic in an earlier request poisons the lock; the state is reset below anyway.
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut session = Session {
             model: &self.model,
-            state: &mut st,
+            state: &mut guard,
         };
         let detok = Detokenizer {
             pieces: &self.vocab.pieces,
             stop_ids: &self.vocab.stop_ids,
         };
-        generate::generate(&mut session, &detok, prompt, params, on_text)
+        on_compute_pool(|| generate::generate(&mut session, &detok, prompt, params, on_text))
     }
+}
+
+/// Runs `f` on a compute-pool (rayon) worker and waits for it. From any other thread, every
+/// parallel op inside a forward pass (~150 per token) would be handed to the pool and the caller
+/// put to sleep and woken again: a third thread fighting two workers for two cores. From a
+/// worker, the ops split in place and the other worker steals half.
+fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 fn round_f16(x: f32) -> f32 {

@@ -112,7 +112,7 @@ pub trait Generator: Send + Sync {
         &self,
         prompt: &[u32],
         params: &GenerateParams,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut (dyn FnMut(&str) + Send),
     ) -> Result<GenerateOutput, EngineError>;
 }
 

@@ -233,7 +233,7 @@ impl Generator for FakeGenerator {
         &self,
         prompt: &[u32],
         params: &GenerateParams,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut (dyn FnMut(&str) + Send),
     ) -> Result<GenerateOutput, EngineError> {
         let mut m = FakeScriptModel {
             pos: 0,
