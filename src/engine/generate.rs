@@ -95,7 +95,10 @@ pub struct Detokenizer<'a> {
     pub stop_ids: &'a [u32],
 }
 
-/// Runs the loop: prefill `prompt` in one batch, then one token per step. `on_text` receives
+/// Prompt tokens per prefill pass.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Runs the loop: prefill `prompt` in batches of [`PREFILL_CHUNK`], then one token per step. `on_text` receives
 /// every piece of text as soon as it is final (valid UTF-8, and not possibly the start of a stop
 /// string); the pieces concatenate to `GenerateOutput::text`.
 pub fn generate(
@@ -126,8 +129,22 @@ pub fn generate(
         out.hit_deadline = params.max_tokens > 0;
         return Ok(out);
     }
+    // Prefill in batches of PREFILL_CHUNK: each is one pass through the layers (the kernels'
+    // batch path), the activations stay bounded, and the deadline is checked between batches,
+    // so a long prompt cannot carry a request past it.
     let t = Instant::now();
-    let mut logits = model.forward(prompt)?;
+    let mut logits = Vec::new();
+    let mut chunk_time = Duration::ZERO;
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        if past_deadline(chunk_time) {
+            out.hit_deadline = true;
+            out.prefill = t.elapsed();
+            return Ok(out);
+        }
+        let tc = Instant::now();
+        logits = model.forward(chunk)?;
+        chunk_time = tc.elapsed();
+    }
     out.prefill = t.elapsed();
     let mut last_step = Duration::ZERO;
     loop {
@@ -566,6 +583,29 @@ mod tests {
         // Token 1 is in the prompt: its 10.0 logit is divided by 100.
         let (out, _) = run(&mut fake(&[1]), &p);
         assert_ne!(out.token_ids[0], 1);
+    }
+
+    #[test]
+    fn long_prompts_prefill_in_chunks_and_respect_the_deadline() {
+        let mut m = fake(&[0]);
+        let prompt: Vec<u32> = (0..PREFILL_CHUNK as u32 * 2 + 3).map(|i| i % 8).collect();
+        let p = pieces();
+        let v = Detokenizer {
+            pieces: &p,
+            stop_ids: &[5],
+        };
+        let out = generate(&mut m, &v, &prompt, &params(2), &mut |_| {}).unwrap();
+        assert_eq!(m.forwards, vec![PREFILL_CHUNK, PREFILL_CHUNK, 3, 1]);
+        assert_eq!(out.prompt_tokens, prompt.len());
+        // A chunk that would end past the deadline is not started: no answer, finish length.
+        let mut m = fake(&[0]);
+        m.delay = Duration::from_millis(30);
+        let mut p2 = params(2);
+        p2.deadline = Some(Instant::now() + Duration::from_millis(45));
+        let out = generate(&mut m, &v, &prompt, &p2, &mut |_| {}).unwrap();
+        assert_eq!(m.forwards.len(), 1, "{:?}", m.forwards);
+        assert!(out.hit_deadline && out.token_ids.is_empty());
+        assert_eq!(out.finish_reason, FinishReason::Length);
     }
 
     #[test]
