@@ -397,9 +397,19 @@ impl LlamaGenerator {
         let meta = Meta::of(content);
         let arch = meta.str(gguf::ARCHITECTURE)?.to_owned();
         // The tokenizer (a 49k-entry BPE) and the weights are independent: both cores.
+        let t0 = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
         let (vocab, model) = rayon::join(
-            || ggml_tokenizer::load(&meta),
-            || LlamaModel::load(content, bytes, &arch),
+            || {
+                let r = ggml_tokenizer::load(&meta);
+                tracing::debug!(tokenizer_ms = ms(t0), "llama tokenizer built");
+                r
+            },
+            || {
+                let r = LlamaModel::load(content, bytes, &arch);
+                tracing::debug!(weights_ms = ms(t0), "llama weights mapped");
+                r
+            },
         );
         let (vocab, model) = (vocab?, model?);
         let template = match meta.str("tokenizer.chat_template") {
