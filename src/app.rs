@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::artifacts::{self, Artifact, ArtifactError, FetchStats};
 use crate::config::Config;
-use crate::engine::{self, EngineError};
+use crate::engine::{self, EngineError, SharedBytes};
 use crate::service::{ModelMeta, Service};
 
 /// Why init failed; `error_type` is the stable name reported to Lambda and in logs.
@@ -53,6 +53,15 @@ pub struct InitReport {
     pub model_bytes: usize,
     pub fetch: FetchStats,
     pub sha256: String,
+}
+
+/// The fetched model bytes as the engine's shared byte buffer.
+struct FileBytes(artifacts::ModelBytes);
+
+impl AsRef<[u8]> for FileBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Everything an execution environment serves with.
@@ -104,13 +113,18 @@ impl App {
     }
 
     fn build(art: Artifact, config: &Config, t0: Instant) -> Result<App, InitError> {
+        let model_bytes = art.bytes.len();
+        // Shared with the engine: an embedder copies what it needs and lets go (the bytes are
+        // freed when `bytes` drops below); a generator keeps its weights in place, as llama.cpp
+        // does with its mmap, instead of holding a second copy of the file.
+        let bytes: SharedBytes = Arc::new(FileBytes(art.bytes));
         let (sha256, verify_ms, engine, engine_ms) = match &art.sha256 {
             // Downloaded: hashed while it arrived. Check before building, so a wrong model is
             // never even parsed.
             Some(sha) => {
                 artifacts::verify(&art.source, sha, config.model_sha256.as_deref())?;
                 let t = Instant::now();
-                let engine = engine::load(&art.bytes);
+                let engine = engine::load_shared(bytes.clone());
                 (sha.clone(), 0.0, engine, t.elapsed().as_secs_f64() * 1e3)
             }
             // Mapped file: hash on one core while the engine is built on the other. Building
@@ -121,13 +135,16 @@ impl App {
                     || {
                         let t = Instant::now();
                         (
-                            artifacts::sha256_hex(&art.bytes),
+                            artifacts::sha256_hex((*bytes).as_ref()),
                             t.elapsed().as_secs_f64() * 1e3,
                         )
                     },
                     || {
                         let t = Instant::now();
-                        (engine::load(&art.bytes), t.elapsed().as_secs_f64() * 1e3)
+                        (
+                            engine::load_shared(bytes.clone()),
+                            t.elapsed().as_secs_f64() * 1e3,
+                        )
                     },
                 );
                 let ((sha256, verify_ms), (engine, engine_ms)) = (hashed, built);
@@ -136,8 +153,7 @@ impl App {
             }
         };
         let engine = engine?;
-        let model_bytes = art.bytes.len();
-        drop(art.bytes);
+        drop(bytes);
         let id = config
             .model_id
             .clone()

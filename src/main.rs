@@ -9,18 +9,31 @@
 //!    Runtime API's init error path with its stable error type, and the process exits;
 //! 4. the runtime loop starts; the first invoke awaits the rest of the load if there is any, and a
 //!    failure then answers that invoke with the same error type.
+//!
+//! Responses are buffered JSON, except a Function URL request with `stream: true`, which is
+//! answered through Lambda response streaming (the Function URL must use InvokeMode
+//! RESPONSE_STREAM): the HTTP metadata prelude, then the server-sent events as they are made.
 
+use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use lambda_inference::app::{self, ColdStart, LazyApp};
 use lambda_inference::config::{self, Config};
 use lambda_inference::error::{ApiError, ErrorKind};
-use lambda_inference::events::{self, Source};
+use lambda_inference::events::{self, EventReply, Source};
 use lambda_inference::service::ApiResponse;
-use lambda_runtime::{service_fn, Diagnostic, Error, LambdaEvent};
+use lambda_runtime::{
+    service_fn, Diagnostic, Error, FunctionResponse, LambdaEvent, MetadataPrelude, StreamResponse,
+};
 use serde_json::Value;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+/// The body stream Lambda sends after the prelude: SSE frames as they are produced.
+type SseBody =
+    tokio_stream::adapters::Map<ReceiverStream<String>, fn(String) -> Result<String, Infallible>>;
 
 fn main() -> Result<(), Error> {
     let t_start = Instant::now();
@@ -63,11 +76,15 @@ fn main() -> Result<(), Error> {
         let (lazy, cold, first_done) = (&lazy, &cold, &first_done);
         lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
             let t = Instant::now();
+            let deadline = deadline_instant(event.context.deadline());
             let app = match lazy.get().await {
                 Ok(app) => app,
-                Err(e) => return load_failed(&event.payload, e.error_type(), &e.to_string()),
+                Err(e) => {
+                    return load_failed(&event.payload, e.error_type(), &e.to_string())
+                        .map(FunctionResponse::BufferedResponse)
+                }
             };
-            let out = events::handle(&app.service, event.payload).await;
+            let reply = events::handle_call(&app.service, event.payload, Some(deadline)).await;
             if !first_done.swap(true, Ordering::Relaxed) {
                 let cold = ColdStart {
                     first_invoke_ms: t.elapsed().as_secs_f64() * 1e3,
@@ -76,7 +93,25 @@ fn main() -> Result<(), Error> {
                 };
                 emit_cold_start(&app.report, &cold, lazy.config().function_name.as_deref());
             }
-            Ok::<Value, Diagnostic>(out)
+            Ok::<FunctionResponse<Value, SseBody>, Diagnostic>(match reply {
+                EventReply::Buffered(v) => FunctionResponse::BufferedResponse(v),
+                EventReply::Stream(s) => {
+                    let mut prelude = MetadataPrelude::default();
+                    prelude.headers.insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(events::http::SSE_CONTENT_TYPE),
+                    );
+                    prelude.headers.insert(
+                        http::header::CACHE_CONTROL,
+                        http::HeaderValue::from_static("no-cache"),
+                    );
+                    let ok: fn(String) -> Result<String, Infallible> = Ok;
+                    FunctionResponse::StreamingResponse(StreamResponse {
+                        metadata_prelude: prelude,
+                        stream: ReceiverStream::new(s.rx).map(ok),
+                    })
+                }
+            })
         }))
         .await
     })
@@ -145,4 +180,12 @@ fn post_init_error(api: &str, error_type: &str, message: &str) -> std::io::Resul
         tracing::warn!(answer = %status.lines().next().unwrap_or(""), "init/error answer");
     }
     Ok(())
+}
+
+/// The Lambda context's deadline (wall clock) as a monotonic instant: what the layers below
+/// take, so that they never see Lambda types.
+fn deadline_instant(deadline: SystemTime) -> Instant {
+    let now = SystemTime::now();
+    let left = deadline.duration_since(now).unwrap_or_default();
+    Instant::now() + left
 }

@@ -3,18 +3,25 @@
 //!
 //! Every event adapter (API Gateway v1/v2, Function URL, direct invoke, and SQS jobs) reduces its
 //! event to an [`ApiRequest`] and turns the [`ApiResponse`] back into its own shape, so routing,
-//! limits and error bodies are identical whatever the entry point. This module must not see
-//! Lambda/AWS event types and must not call candle directly (only the engine traits).
+//! limits and error bodies are identical whatever the entry point. Generation requests may
+//! answer as a stream of server-sent events ([`Reply::Stream`]) where the entry point says it can
+//! carry one ([`CallOptions`]), and stop before the invocation's deadline. This module must not
+//! see Lambda/AWS event types (the deadline arrives as an `Instant`) and must not call candle
+//! directly (only the engine traits).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::{EmbedOutput, Embedder, Engine, EngineError};
+use crate::engine::{
+    ChatMessage, EmbedOutput, Embedder, Engine, EngineError, FinishReason, GenerateOutput,
+    GenerateParams, Generator, SamplingParams,
+};
 use crate::error::{ApiError, ErrorKind};
 use crate::jobs::{self, JobPorts};
 
@@ -286,18 +293,28 @@ impl Service {
         &self.engine
     }
 
-    /// Routes and answers one request. Never panics on bad input; every failure is an
-    /// [`ApiResponse`] with the status from [`crate::error`]'s table.
+    /// Routes and answers one request on a route that cannot stream, with no deadline. Never
+    /// panics on bad input; every failure is an [`ApiResponse`] with the status from
+    /// [`crate::error`]'s table.
     pub async fn handle(&self, req: ApiRequest) -> ApiResponse {
-        let res = self.route(req).await;
-        self.served.store(true, Ordering::Relaxed);
-        match res {
-            Ok(r) => r,
-            Err(e) => e.into(),
+        match self.handle_call(req, &CallOptions::default()).await {
+            Reply::Full(r) => r,
+            // CallOptions::default() cannot stream, so the service never answers with one.
+            Reply::Stream(_) => ApiError::new(ErrorKind::Internal, "unexpected stream").into(),
         }
     }
 
-    async fn route(&self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
+    /// Routes and answers one request with what the entry point allows (deadline, streaming).
+    pub async fn handle_call(&self, req: ApiRequest, opts: &CallOptions) -> Reply {
+        let res = self.route(req, opts).await;
+        self.served.store(true, Ordering::Relaxed);
+        match res {
+            Ok(r) => r,
+            Err(e) => Reply::Full(e.into()),
+        }
+    }
+
+    async fn route(&self, req: ApiRequest, opts: &CallOptions) -> Result<Reply, ApiError> {
         let path = req.path.trim_end_matches('/');
         let path = if path.is_empty() { "/" } else { path };
         let allowed = match path {
@@ -334,16 +351,23 @@ impl Service {
                 ),
             ));
         }
+        let full = |r: ApiResponse| Reply::Full(r);
         match path {
-            "/v1/embeddings" => self.embeddings(&req.body).await.map(ApiResponse::ok),
-            "/v1/chat/completions" | "/v1/completions" => Err(self.wrong_kind(path)),
-            "/v1/models" => Ok(ApiResponse::ok(self.models())),
-            "/health" => Ok(ApiResponse::ok(self.health())),
-            "/v1/jobs" => jobs::submit(&self.jobs, &self.limits, &req.body).await,
+            "/v1/embeddings" => self
+                .embeddings(&req.body)
+                .await
+                .map(|b| full(ApiResponse::ok(b))),
+            "/v1/chat/completions" => self.generate(Route::Chat, &req.body, opts).await,
+            "/v1/completions" => self.generate(Route::Completions, &req.body, opts).await,
+            "/v1/models" => Ok(full(ApiResponse::ok(self.models()))),
+            "/health" => Ok(full(ApiResponse::ok(self.health()))),
+            "/v1/jobs" => jobs::submit(&self.jobs, &self.limits, &req.body)
+                .await
+                .map(full),
             p if p.starts_with("/v1/models/") => {
                 let id = &p["/v1/models/".len()..];
                 if id == self.meta.id {
-                    Ok(ApiResponse::ok(self.model_object()))
+                    Ok(full(ApiResponse::ok(self.model_object())))
                 } else {
                     Err(ApiError::new(
                         ErrorKind::NotFound,
@@ -355,16 +379,22 @@ impl Service {
                     .with_param("model"))
                 }
             }
-            p => jobs::status(&self.jobs, &p["/v1/jobs/".len()..]).await,
+            p => jobs::status(&self.jobs, &p["/v1/jobs/".len()..])
+                .await
+                .map(full),
         }
     }
 
     fn wrong_kind(&self, path: &str) -> ApiError {
         let info = self.engine.info();
+        let needs = match info.kind {
+            crate::engine::ModelKind::Embedder => "a chat/generation model",
+            crate::engine::ModelKind::Generator => "an embedding model",
+        };
         ApiError::new(
             ErrorKind::WrongModelKind,
             format!(
-                "{path} needs a chat/generation model, but this function serves {:?}, a {:?} ({})",
+                "{path} needs {needs}, but this function serves {:?}, a {:?} ({})",
                 self.meta.id, info.kind, info.architecture
             ),
         )
@@ -374,7 +404,84 @@ impl Service {
     fn embedder(&self) -> Result<&Arc<dyn Embedder>, ApiError> {
         match &self.engine {
             Engine::Embedder(e) => Ok(e),
+            Engine::Generator(_) => Err(self.wrong_kind("/v1/embeddings")),
         }
+    }
+
+    fn generator(&self, route: Route) -> Result<&Arc<dyn Generator>, ApiError> {
+        match &self.engine {
+            Engine::Generator(g) => Ok(g),
+            Engine::Embedder(_) => Err(self.wrong_kind(route.path())),
+        }
+    }
+
+    /// `POST /v1/chat/completions` and `POST /v1/completions`.
+    async fn generate(
+        &self,
+        route: Route,
+        body: &[u8],
+        opts: &CallOptions,
+    ) -> Result<Reply, ApiError> {
+        let gen = self.generator(route)?.clone();
+        let req: GenerationRequest = parse_body(body)?;
+        let v = validate(route, req, &self.limits)?;
+        if v.stream {
+            if let Streaming::Unsupported(why) = opts.streaming {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidValue,
+                    format!("stream=true is not possible here: {why}; send stream=false"),
+                )
+                .with_param("stream")
+                .with_code("stream_unsupported"));
+            }
+        }
+        let limits = self.limits;
+        // The deadline with room to encode and send the answer (and for Lambda to take it).
+        let deadline = opts
+            .deadline
+            .map(|d| d.checked_sub(DEADLINE_MARGIN).unwrap_or(d));
+        // Template rendering and tokenization are CPU work proportional to the input (a 1 MB
+        // prompt takes a while): off the executor, like the forward passes.
+        let g = gen.clone();
+        let prompt_src = v.prompt.clone();
+        let prompt = tokio::task::spawn_blocking(move || prepare(&*g, &prompt_src, &limits))
+            .await
+            .map_err(|e| {
+                ApiError::new(ErrorKind::Internal, format!("prompt task failed: {e}"))
+            })??;
+        let ctx = gen.info().max_seq_len;
+        let params = GenerateParams {
+            // Never past the context window: the prompt fits (checked), the answer is cut.
+            max_tokens: v.max_tokens.min(ctx.saturating_sub(prompt.len())),
+            sampling: v.sampling.clone(),
+            stop: v.stop.clone(),
+            deadline,
+            cancel: None,
+        };
+        let head = ResponseHead {
+            id: response_id(route),
+            created: unix_now(),
+            model: self.meta.id.clone(),
+            route,
+        };
+        if v.stream {
+            return Ok(Reply::Stream(stream_generation(
+                gen,
+                prompt,
+                params,
+                head,
+                v.include_usage,
+            )));
+        }
+        // Generation is CPU-bound for up to the function's timeout: the blocking pool keeps the
+        // executor (and the Runtime API client on it) responsive. A panic becomes a 500.
+        let out = tokio::task::spawn_blocking(move || gen.generate(&prompt, &params, &mut |_| {}))
+            .await
+            .map_err(|e| {
+                ApiError::new(ErrorKind::Internal, format!("generation task failed: {e}"))
+            })?
+            .map_err(engine_error)?;
+        Ok(Reply::Full(ApiResponse::ok(head.full_body(&out))))
     }
 
     /// `POST /v1/embeddings`.
@@ -600,6 +707,486 @@ impl Service {
     }
 }
 
+/// Generation stops this long before the invocation's deadline, so the answer (finish_reason
+/// "length") is encoded and returned before Lambda would kill the invocation.
+pub const DEADLINE_MARGIN: Duration = Duration::from_millis(500);
+
+/// Whether the entry point a request came through can stream a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streaming {
+    Supported,
+    /// Cannot; the reason completes "stream=true is not possible here: ...".
+    Unsupported(&'static str),
+}
+
+/// What the entry point knows about one call beyond the request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallOptions {
+    /// When the invocation is cut off (the Lambda context's deadline); generation stops
+    /// [`DEADLINE_MARGIN`] before it.
+    pub deadline: Option<Instant>,
+    pub streaming: Streaming,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        Self {
+            deadline: None,
+            streaming: Streaming::Unsupported("this entry point returns one buffered response"),
+        }
+    }
+}
+
+/// A service answer: one response, or server-sent events as they are produced.
+pub enum Reply {
+    Full(ApiResponse),
+    Stream(SseStream),
+}
+
+/// `text/event-stream` events, each a complete `data: ...\n\n` frame; the last is
+/// `data: [DONE]\n\n`. Dropping the receiver stops the generation at its next token.
+pub struct SseStream {
+    pub rx: tokio::sync::mpsc::Receiver<String>,
+}
+
+impl SseStream {
+    /// Waits for every event and returns them concatenated (for entry points that buffer).
+    pub async fn collect(mut self) -> String {
+        let mut out = String::new();
+        while let Some(ev) = self.rx.recv().await {
+            out.push_str(&ev);
+        }
+        out
+    }
+}
+
+/// The two generation routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Chat,
+    Completions,
+}
+
+impl Route {
+    fn path(self) -> &'static str {
+        match self {
+            Route::Chat => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+        }
+    }
+}
+
+/// `POST /v1/chat/completions` and `/v1/completions` bodies (OpenAI), one struct: the routes
+/// differ in `messages` vs `prompt`. Loosely typed where OpenAI accepts several shapes, so
+/// that validation can say exactly what is wrong.
+#[derive(Debug, Deserialize)]
+struct GenerationRequest {
+    #[serde(default)]
+    messages: Option<Value>,
+    #[serde(default)]
+    prompt: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted for OpenAI compatibility; the loaded model answers
+    model: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    top_k: Option<i64>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    stop: Option<Value>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<Value>,
+    #[serde(default)]
+    frequency_penalty: Option<f64>,
+    #[serde(default)]
+    presence_penalty: Option<f64>,
+    #[serde(default)]
+    repetition_penalty: Option<f64>,
+    #[serde(default)]
+    n: Option<i64>,
+}
+
+/// Where the prompt text comes from.
+#[derive(Debug, Clone)]
+enum PromptSource {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+}
+
+/// A validated generation request.
+#[derive(Debug)]
+struct Validated {
+    prompt: PromptSource,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn invalid(param: &str, msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::InvalidValue, msg).with_param(param)
+}
+
+fn validate(route: Route, r: GenerationRequest, limits: &Limits) -> Result<Validated, ApiError> {
+    let prompt = match route {
+        Route::Chat => PromptSource::Chat(messages(r.messages)?),
+        Route::Completions => PromptSource::Text(prompt_text(r.prompt)?),
+    };
+    let max_tokens = match r.max_completion_tokens.or(r.max_tokens) {
+        None => limits.max_new_tokens,
+        Some(n) if n < 1 => {
+            return Err(invalid(
+                "max_tokens",
+                format!("max_tokens must be at least 1, got {n}"),
+            ))
+        }
+        // Capped, not refused: MAX_NEW_TOKENS is this deployment's budget, not the client's.
+        Some(n) => (n as u64).min(limits.max_new_tokens as u64) as usize,
+    };
+    let range = |name: &str, v: Option<f64>, lo: f64, hi: f64, default: f64| {
+        let x = v.unwrap_or(default);
+        if !(lo..=hi).contains(&x) || !x.is_finite() {
+            Err(invalid(
+                name,
+                format!("{name} must be between {lo} and {hi}, got {x}"),
+            ))
+        } else {
+            Ok(x as f32)
+        }
+    };
+    let temperature = range("temperature", r.temperature, 0.0, 2.0, 1.0)?;
+    let top_p = range("top_p", r.top_p, 0.0, 1.0, 1.0)?;
+    if top_p <= 0.0 {
+        return Err(invalid("top_p", "top_p must be greater than 0"));
+    }
+    let frequency_penalty = range("frequency_penalty", r.frequency_penalty, -2.0, 2.0, 0.0)?;
+    let presence_penalty = range("presence_penalty", r.presence_penalty, -2.0, 2.0, 0.0)?;
+    let repetition_penalty = range("repetition_penalty", r.repetition_penalty, 0.01, 10.0, 1.0)?;
+    let top_k = match r.top_k {
+        None => 0,
+        Some(k) if k < 0 => {
+            return Err(invalid(
+                "top_k",
+                format!("top_k must be 0 (off) or more, got {k}"),
+            ))
+        }
+        Some(k) => k as usize,
+    };
+    if let Some(n) = r.n.filter(|&n| n != 1) {
+        return Err(invalid("n", format!("only n=1 is supported, got {n}")));
+    }
+    let stop = match r.stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .map(|s| match s {
+                Value::String(s) => Ok(s),
+                _ => Err(invalid(
+                    "stop",
+                    "stop must be a string or an array of strings",
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(invalid(
+                "stop",
+                "stop must be a string or an array of strings",
+            ))
+        }
+    };
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(invalid("stop", "stop takes at most 4 non-empty strings"));
+    }
+    let include_usage = r
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    // No seed: a fresh one per request (OpenAI's behaviour), so sampling varies between calls.
+    let seed = r.seed.map_or_else(
+        || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        },
+        |s| s as u64,
+    );
+    Ok(Validated {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            repetition_penalty,
+            frequency_penalty,
+            presence_penalty,
+        },
+        stop,
+        stream: r.stream.unwrap_or(false),
+        include_usage,
+    })
+}
+
+const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+fn messages(v: Option<Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let Some(v) = v else {
+        return Err(invalid(
+            "messages",
+            "messages is required: [{\"role\": \"user\", \"content\": \"...\"}]",
+        ));
+    };
+    let Value::Array(items) = v else {
+        return Err(invalid(
+            "messages",
+            "messages must be an array of {role, content} objects",
+        ));
+    };
+    if items.is_empty() {
+        return Err(invalid("messages", "messages must not be empty"));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
+            if !ROLES.contains(&role) {
+                return Err(invalid(
+                    &format!("messages[{i}].role"),
+                    format!("messages[{i}].role must be one of system, user, assistant; got {:?}", m.get("role").cloned().unwrap_or(Value::Null)),
+                ));
+            }
+            let content = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                // OpenAI's content parts: only text parts can reach a text model.
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => Ok(t),
+                        _ => Err(invalid(
+                            &format!("messages[{i}].content"),
+                            format!("messages[{i}].content: only {{\"type\": \"text\", \"text\": ...}} parts are supported"),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .concat(),
+                _ => {
+                    return Err(invalid(
+                        &format!("messages[{i}].content"),
+                        format!("messages[{i}].content must be a string"),
+                    ))
+                }
+            };
+            Ok(ChatMessage {
+                role: role.to_owned(),
+                content,
+            })
+        })
+        .collect()
+}
+
+fn prompt_text(v: Option<Value>) -> Result<String, ApiError> {
+    let s =
+        match v {
+            Some(Value::String(s)) => s,
+            Some(Value::Array(mut a)) if a.len() == 1 && a[0].is_string() => match a.remove(0) {
+                Value::String(s) => s,
+                _ => unreachable!("checked is_string"),
+            },
+            Some(Value::Array(_)) => return Err(invalid(
+                "prompt",
+                "prompt must be one string (batches of prompts and token arrays are not supported)",
+            )),
+            None => return Err(invalid("prompt", "prompt is required")),
+            Some(_) => return Err(invalid("prompt", "prompt must be a string")),
+        };
+    if s.is_empty() {
+        return Err(invalid("prompt", "prompt must not be empty"));
+    }
+    Ok(s)
+}
+
+/// Template + tokenization + the input limits. Blocking.
+fn prepare(gen: &dyn Generator, src: &PromptSource, limits: &Limits) -> Result<Vec<u32>, ApiError> {
+    let (text, param) = match src {
+        PromptSource::Chat(m) => (gen.render_chat(m).map_err(engine_error)?, "messages"),
+        PromptSource::Text(t) => (t.clone(), "prompt"),
+    };
+    let ids = gen.tokenize(&text).map_err(engine_error)?;
+    let ctx = gen.info().max_seq_len;
+    let limit = limits.max_input_tokens.min(ctx.saturating_sub(1));
+    if ids.len() > limit {
+        let which = if limit == limits.max_input_tokens {
+            "MAX_INPUT_TOKENS"
+        } else {
+            "the model's context length"
+        };
+        return Err(ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "the prompt has {} tokens, more than the limit of {limit} ({which})",
+                ids.len()
+            ),
+        )
+        .with_param(param));
+    }
+    if ids.is_empty() {
+        return Err(invalid(param, "the prompt has no tokens"));
+    }
+    Ok(ids)
+}
+
+/// What every response and chunk of one generation shares.
+#[derive(Debug, Clone)]
+struct ResponseHead {
+    id: String,
+    created: u64,
+    model: String,
+    route: Route,
+}
+
+impl ResponseHead {
+    fn usage(out: &GenerateOutput) -> Value {
+        json!({
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.token_ids.len(),
+            "total_tokens": out.prompt_tokens + out.token_ids.len(),
+        })
+    }
+
+    fn full_body(&self, out: &GenerateOutput) -> Value {
+        let choice = match self.route {
+            Route::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": null,
+                "finish_reason": out.finish_reason,
+            }),
+            Route::Completions => json!({
+                "index": 0, "text": out.text, "logprobs": null, "finish_reason": out.finish_reason,
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": match self.route { Route::Chat => "chat.completion", Route::Completions => "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": Self::usage(out),
+        })
+    }
+
+    /// One streamed chunk: a text delta, and/or the finish reason.
+    fn chunk(&self, text: Option<&str>, role: bool, finish: Option<FinishReason>) -> Value {
+        let choice = match self.route {
+            Route::Chat => {
+                let mut delta = serde_json::Map::new();
+                if role {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Route::Completions => {
+                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
+        };
+        json!({
+            "id": self.id,
+            "object": match self.route { Route::Chat => "chat.completion.chunk", Route::Completions => "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        })
+    }
+}
+
+fn sse(v: &Value) -> String {
+    format!("data: {v}\n\n")
+}
+
+/// Starts generation on the blocking pool, sending each text delta as an SSE event.
+fn stream_generation(
+    gen: Arc<dyn Generator>,
+    prompt: Vec<u32>,
+    mut params: GenerateParams,
+    head: ResponseHead,
+    include_usage: bool,
+) -> SseStream {
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
+    tokio::task::spawn_blocking(move || {
+        if head.route == Route::Chat {
+            let _ = tx.blocking_send(sse(&head.chunk(Some(""), true, None)));
+        }
+        // A client that went away closes the channel: cancel at the next token instead of
+        // generating into the void.
+        let cancel = Arc::new(AtomicBool::new(false));
+        params.cancel = Some(cancel.clone());
+        let res = gen.generate(&prompt, &params, &mut |t: &str| {
+            if tx
+                .blocking_send(sse(&head.chunk(Some(t), false, None)))
+                .is_err()
+            {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        });
+        match res {
+            Ok(out) => {
+                let _ = tx.blocking_send(sse(&head.chunk(None, false, Some(out.finish_reason))));
+                if include_usage {
+                    let mut u = head.chunk(None, false, None);
+                    u["choices"] = json!([]);
+                    u["usage"] = ResponseHead::usage(&out);
+                    let _ = tx.blocking_send(sse(&u));
+                }
+            }
+            // Headers are already sent: the error travels as an event, as OpenAI does.
+            Err(e) => {
+                let _ = tx.blocking_send(sse(&engine_error(e).to_body()));
+            }
+        }
+        let _ = tx.blocking_send("data: [DONE]\n\n".to_owned());
+    });
+    SseStream { rx }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `chatcmpl-…` / `cmpl-…`: unique per process (time + counter), no RNG needed.
+fn response_id(route: Route) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let prefix = match route {
+        Route::Chat => "chatcmpl",
+        Route::Completions => "cmpl",
+    };
+    format!("{prefix}-{t:x}{n:04x}")
+}
+
 fn engine_error(e: EngineError) -> ApiError {
     match e {
         EngineError::InputTooLong {
@@ -611,6 +1198,14 @@ fn engine_error(e: EngineError) -> ApiError {
             format!("input[{index}] has {tokens} tokens, more than the limit of {limit} (MAX_INPUT_TOKENS)"),
         )
         .with_param("input"),
+        EngineError::Template(m) => ApiError::new(
+            ErrorKind::InvalidValue,
+            format!("the model's chat template rejected the messages: {m}"),
+        )
+        .with_param("messages"),
+        e @ EngineError::NoChatTemplate => {
+            ApiError::new(ErrorKind::InvalidValue, e.to_string()).with_param("messages")
+        }
         other => ApiError::new(ErrorKind::Internal, format!("inference failed: {other}")),
     }
 }

@@ -1,6 +1,8 @@
 //! Every sample in `events/` (the files `sam local invoke -e` and the CLI use) goes through
 //! `events::handle` on the fake embedder and must answer 200 in its source's shape, with bodies
-//! that match what the request asked for (count, dimensions, encoding, normalization).
+//! that match what the request asked for (count, dimensions, encoding, normalization); the chat
+//! and completions samples answer the embedder with a clear 400 (wrong kind of model), and 200
+//! on the fake generator, a Function URL `stream: true` sample as a whole event stream.
 
 mod common;
 
@@ -8,7 +10,8 @@ use base64::Engine as _;
 use lambda_inference::events;
 use serde_json::Value;
 
-use common::{events_dir, fake_service, FakeEmbedder, DIMS};
+use common::{events_dir, fake_generator_service, fake_service, FakeEmbedder, DIMS};
+use lambda_inference::service::Limits;
 
 /// How a sample's answer is read, told by its file name (`<source>-<case>.json`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -139,7 +142,27 @@ fn check_embeddings(name: &str, request: &Value, body: &Value) {
     }
 }
 
+/// Samples for a generator's routes (`*-chat*`, `*-completions*`).
+fn is_generation(name: &str) -> bool {
+    name.contains("-chat") || name.contains("-completions")
+}
+
 fn check_body(name: &str, request: &Value, body: &Value) {
+    if is_generation(name) {
+        // On an embedder: the OpenAI error, saying what kind of model the route needs.
+        assert_eq!(
+            body["error"]["code"], "unsupported_for_model",
+            "{name}: {body}"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("chat/generation model"),
+            "{name}: {body}"
+        );
+        return;
+    }
     assert!(body.get("error").is_none(), "{name}: {body}");
     if name.contains("-embeddings") {
         check_embeddings(name, request, body);
@@ -180,7 +203,8 @@ async fn every_sample_event_answers_200_in_its_shape() {
         let out = events::handle(&service, event).await;
         let body = match shape {
             Shape::Http => {
-                assert_eq!(out["statusCode"], 200, "{name}: {out}");
+                let status = if is_generation(&name) { 400 } else { 200 };
+                assert_eq!(out["statusCode"], status, "{name}: {out}");
                 assert_eq!(out["headers"]["content-type"], "application/json", "{name}");
                 assert_eq!(out["isBase64Encoded"], false, "{name}");
                 let text = out["body"]
@@ -289,4 +313,69 @@ async fn every_sqs_sample_writes_one_result_per_message() {
         }
     }
     assert!(seen >= 2, "the SQS samples are in events/");
+}
+
+#[tokio::test]
+async fn chat_and_completion_samples_answer_on_a_generator() {
+    let service = fake_generator_service(Limits::default(), std::time::Duration::ZERO);
+    let mut seen = 0;
+    for entry in std::fs::read_dir(events_dir()).expect("events/ exists") {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !is_generation(&name) {
+            continue;
+        }
+        seen += 1;
+        let event: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let shape = shape_of(&name);
+        let request = request_body(shape, &event);
+        let out = events::handle(&service, event).await;
+        let chat = request.get("messages").is_some();
+        if request["stream"] == true {
+            // Buffered caller: the whole event stream as one HTTP response.
+            assert_eq!(out["statusCode"], 200, "{name}: {out}");
+            assert_eq!(
+                out["headers"]["content-type"], "text/event-stream",
+                "{name}"
+            );
+            let text = out["body"].as_str().unwrap();
+            assert!(text.ends_with("data: [DONE]\n\n"), "{name}: {text}");
+            let first: Value = serde_json::from_str(
+                text.split("\n\n")
+                    .next()
+                    .unwrap()
+                    .strip_prefix("data: ")
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(first["object"], "chat.completion.chunk", "{name}");
+            continue;
+        }
+        let body: Value = match shape {
+            Shape::Http => {
+                assert_eq!(out["statusCode"], 200, "{name}: {out}");
+                serde_json::from_str(out["body"].as_str().unwrap()).unwrap()
+            }
+            Shape::Sqs => unreachable!("generation samples are HTTP or direct"),
+            Shape::Direct => out,
+        };
+        assert!(body.get("error").is_none(), "{name}: {body}");
+        let object = if chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        };
+        assert_eq!(body["object"], object, "{name}");
+        assert!(
+            body["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+            "{name}"
+        );
+        if let Some(max) = request["max_tokens"].as_u64() {
+            assert!(
+                body["usage"]["completion_tokens"].as_u64().unwrap() <= max,
+                "{name}"
+            );
+        }
+    }
+    assert!(seen >= 4, "the chat/completions samples");
 }

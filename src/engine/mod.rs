@@ -1,15 +1,25 @@
-//! Inference engines: tokenizer, quantized BERT embedder (and, later, the llama generator).
+//! Inference engines: tokenizers, the quantized BERT embedder and the llama generator (chat
+//! template, sampling, streaming text).
 //!
 //! Pure candle + tokenizers. This module must not import anything from AWS or Lambda, must not do
 //! I/O beyond reading the model bytes it is handed, and knows nothing about HTTP or JSON requests:
 //! the service layer validates requests and calls the traits defined here.
 
 pub mod bert;
+pub mod chat;
+pub mod generate;
+pub mod ggml_tokenizer;
 pub mod gguf;
+pub mod llama;
 pub mod ops;
 pub mod qgemm;
+pub mod qmatmul;
 
 use std::sync::Arc;
+
+pub use chat::ChatMessage;
+pub use generate::{FinishReason, GenerateOutput, GenerateParams, SamplingParams};
+pub use qmatmul::SharedBytes;
 
 /// What kind of model a GGUF holds; decides which routes the function serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -61,6 +71,13 @@ pub enum EngineError {
     InvalidModel(String),
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The chat template refused the conversation (`raise_exception`) or failed on it: the
+    /// request's fault.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// The model has no `tokenizer.chat_template`: chat needs one, completions do not.
+    #[error("this model has no chat template (tokenizer.chat_template); use /v1/completions with a prompt")]
+    NoChatTemplate,
 }
 
 /// A sentence embedder. Implemented by [`bert::BertEmbedder`]; tests may use fakes.
@@ -74,23 +91,62 @@ pub trait Embedder: Send + Sync {
     fn embed(&self, inputs: &[&str], max_input_tokens: usize) -> Result<EmbedOutput, EngineError>;
 }
 
+/// A text generator (chat and completions). Implemented by [`llama::LlamaGenerator`]; service
+/// tests use fakes built on the same [`generate::generate`] loop.
+///
+/// `generate` is CPU-bound and blocking: callers run it off the async executor. Implementations
+/// serialize concurrent calls themselves (one KV cache), so sharing one generator is safe.
+pub trait Generator: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+
+    /// Renders a conversation with the model's chat template, ending with the assistant's turn.
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError>;
+
+    /// Prompt text to token ids, special tokens in the text (`<|im_start|>`) parsed as such, BOS
+    /// added if the model asks for it: what llama.cpp's `tokenize(add_special, parse_special)`
+    /// gives.
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError>;
+
+    /// Generates from `prompt`; `on_text` receives the text as it becomes final.
+    fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<GenerateOutput, EngineError>;
+}
+
 /// The loaded engine, whatever its kind.
 #[derive(Clone)]
 pub enum Engine {
     Embedder(Arc<dyn Embedder>),
+    Generator(Arc<dyn Generator>),
 }
 
 impl Engine {
     pub fn info(&self) -> &ModelInfo {
         match self {
             Engine::Embedder(e) => e.info(),
+            Engine::Generator(g) => g.info(),
         }
     }
 }
 
-/// Builds the engine a GGUF asks for (`general.architecture`). The bytes are only borrowed: the
-/// engine copies what it keeps, so the caller can free the file buffer afterwards.
+/// Builds the engine a GGUF asks for (`general.architecture`) from borrowed bytes: what a
+/// generator keeps is copied (see [`load_shared`] to keep it in place instead).
 pub fn load(bytes: &[u8]) -> Result<Engine, EngineError> {
+    load_inner(bytes, || Arc::new(bytes.to_vec()))
+}
+
+/// Builds the engine from shared bytes. The embedder copies (and transforms) what it keeps, so
+/// the bytes can be freed afterwards; the generator keeps its quantized weights in place, like
+/// llama.cpp's mmap: no second copy of a 100 MB file in memory.
+pub fn load_shared(bytes: SharedBytes) -> Result<Engine, EngineError> {
+    let b = bytes.clone();
+    load_inner((*b).as_ref(), move || bytes)
+}
+
+fn load_inner(bytes: &[u8], shared: impl FnOnce() -> SharedBytes) -> Result<Engine, EngineError> {
     let t0 = std::time::Instant::now();
     let mut cursor = std::io::Cursor::new(bytes);
     let content = candle_core::quantized::gguf_file::Content::read(&mut cursor)
@@ -104,8 +160,12 @@ pub fn load(bytes: &[u8]) -> Result<Engine, EngineError> {
         "bert" => Ok(Engine::Embedder(Arc::new(bert::BertEmbedder::load(
             &content, bytes,
         )?))),
+        "llama" => Ok(Engine::Generator(Arc::new(llama::LlamaGenerator::load(
+            &content,
+            &shared(),
+        )?))),
         other => Err(EngineError::InvalidModel(format!(
-            "unsupported general.architecture {other:?} (this build serves: bert)"
+            "unsupported general.architecture {other:?} (this build serves: bert, llama)"
         ))),
     }
 }

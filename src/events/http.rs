@@ -9,26 +9,46 @@
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+use super::EventReply;
 use crate::error::{ApiError, ErrorKind};
-use crate::service::{ApiRequest, ApiResponse, Method, Service};
+use crate::service::{ApiRequest, ApiResponse, CallOptions, Method, Reply, Service};
 
 /// Answers an HTTP API v2 or Function URL event.
-pub async fn handle_v2(service: &Service, event: &Value) -> Value {
-    let res = match decode_v2(event) {
-        Ok(req) => service.handle(req).await,
-        Err(e) => e.into(),
-    };
-    encode(&res)
+pub async fn handle_v2(service: &Service, event: &Value, opts: &CallOptions) -> EventReply {
+    match decode_v2(event) {
+        Ok(req) => reply(service.handle_call(req, opts).await),
+        Err(e) => EventReply::Buffered(encode(&e.into())),
+    }
 }
 
 /// Answers a REST API v1 proxy event.
-pub async fn handle_v1(service: &Service, event: &Value) -> Value {
-    let res = match decode_v1(event) {
-        Ok(req) => service.handle(req).await,
-        Err(e) => e.into(),
-    };
-    encode(&res)
+pub async fn handle_v1(service: &Service, event: &Value, opts: &CallOptions) -> EventReply {
+    match decode_v1(event) {
+        Ok(req) => reply(service.handle_call(req, opts).await),
+        Err(e) => EventReply::Buffered(encode(&e.into())),
+    }
 }
+
+fn reply(r: Reply) -> EventReply {
+    match r {
+        Reply::Full(r) => EventReply::Buffered(encode(&r)),
+        Reply::Stream(s) => EventReply::Stream(s),
+    }
+}
+
+/// A whole event stream as one buffered HTTP response (for callers that cannot stream: the
+/// CLI's `invoke`, tests); the body is exactly what a streaming client would have received.
+pub fn encode_sse(body: String) -> Value {
+    json!({
+        "statusCode": 200,
+        "headers": {"content-type": SSE_CONTENT_TYPE, "cache-control": "no-cache"},
+        "body": body,
+        "isBase64Encoded": false,
+    })
+}
+
+/// The content type of a streamed generation.
+pub const SSE_CONTENT_TYPE: &str = "text/event-stream";
 
 /// Payload format 2.0 into a request.
 pub fn decode_v2(event: &Value) -> Result<ApiRequest, ApiError> {

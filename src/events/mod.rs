@@ -21,9 +21,11 @@ pub mod direct;
 pub mod http;
 pub mod sqs;
 
+use std::time::Instant;
+
 use serde_json::Value;
 
-use crate::service::Service;
+use crate::service::{CallOptions, Service, SseStream, Streaming};
 
 /// The event sources [`handle`] tells apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,15 +78,68 @@ pub fn detect(event: &Value) -> Source {
     Source::Direct
 }
 
-/// Answers one Lambda event of any supported shape. Never fails: errors are responses.
+/// An event's answer: one JSON document, or (Function URLs only) server-sent events for Lambda
+/// response streaming, to be sent after an HTTP metadata prelude (status 200,
+/// `content-type: text/event-stream`).
+pub enum EventReply {
+    Buffered(Value),
+    Stream(SseStream),
+}
+
+/// Why each source cannot stream, for the 400 a `stream: true` request gets there.
+const NO_STREAM_APIGW: &str = "API Gateway buffers Lambda responses; stream through a Lambda \
+    Function URL with InvokeMode RESPONSE_STREAM, or `lambda-inference serve`";
+const NO_STREAM_DIRECT: &str = "a direct invoke returns one JSON document; stream through a \
+    Lambda Function URL with InvokeMode RESPONSE_STREAM, or `lambda-inference serve`";
+
+/// Answers one Lambda event of any supported shape for a caller that buffers (the CLI's
+/// `invoke`, tests): a Function URL stream comes back as one response whose body is the whole
+/// event stream. Never fails: errors are responses.
 pub async fn handle(service: &Service, event: Value) -> Value {
+    match handle_call(service, event, None).await {
+        EventReply::Buffered(v) => v,
+        EventReply::Stream(s) => http::encode_sse(s.collect().await),
+    }
+}
+
+/// Answers one Lambda event; `deadline` is the invocation's (from the Lambda context), so that
+/// generation stops in time. Function URL events may answer with a stream.
+pub async fn handle_call(service: &Service, event: Value, deadline: Option<Instant>) -> EventReply {
     let source = detect(&event);
     tracing::debug!(?source, "event");
+    let opts = |streaming| CallOptions {
+        deadline,
+        streaming,
+    };
     match source {
-        Source::HttpApiV2 | Source::FunctionUrl => http::handle_v2(service, &event).await,
-        Source::RestApiV1 => http::handle_v1(service, &event).await,
-        Source::Sqs => sqs::handle(service, &event).await,
-        Source::Direct => direct::handle(service, event).await,
+        // A Function URL may be configured BUFFERED or RESPONSE_STREAM, which the event does not
+        // say: a client asking for stream=true is taken to have deployed the latter.
+        Source::FunctionUrl => http::handle_v2(service, &event, &opts(Streaming::Supported)).await,
+        Source::HttpApiV2 => {
+            http::handle_v2(
+                service,
+                &event,
+                &opts(Streaming::Unsupported(NO_STREAM_APIGW)),
+            )
+            .await
+        }
+        Source::RestApiV1 => {
+            http::handle_v1(
+                service,
+                &event,
+                &opts(Streaming::Unsupported(NO_STREAM_APIGW)),
+            )
+            .await
+        }
+        Source::Sqs => EventReply::Buffered(sqs::handle(service, &event).await),
+        Source::Direct => EventReply::Buffered(
+            direct::handle(
+                service,
+                event,
+                &opts(Streaming::Unsupported(NO_STREAM_DIRECT)),
+            )
+            .await,
+        ),
     }
 }
 

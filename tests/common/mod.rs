@@ -264,3 +264,121 @@ pub fn mixed_sqs_batch() -> (serde_json::Value, Vec<String>) {
         bodies.into_iter().map(|(id, _)| id).collect(),
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// Generators
+
+use std::time::Duration;
+
+use lambda_inference::engine::generate::{self as gen_loop, Detokenizer, TokenModel};
+use lambda_inference::engine::{ChatMessage, GenerateOutput, GenerateParams, Generator};
+
+/// What [`FakeGenerator`] answers greedily, byte by byte, before its stop token.
+pub const FAKE_REPLY: &str = "Hello from the fake model. Wir grüßen 🌍 und STOP here.";
+
+/// The fake's stop token id (bytes are ids 0..256).
+const FAKE_EOS: u32 = 256;
+
+/// A FAKE generator (for testing the layers above the engine): tokens are bytes, the "model"
+/// favours the next byte of [`FAKE_REPLY`] and then its stop token, with a spread of other
+/// logits so that sampling at temperature > 0 varies with the seed. It runs the engine's real
+/// generation loop ([`gen_loop::generate`]): stop strings, max_tokens, seeds, deadlines and UTF-8
+/// streaming are the real code. Each forward pass sleeps `step` (deadline tests).
+pub struct FakeGenerator {
+    info: ModelInfo,
+    pieces: Vec<Vec<u8>>,
+    pub step: Duration,
+}
+
+impl FakeGenerator {
+    pub fn new(step: Duration) -> Self {
+        let mut pieces: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        pieces.push(Vec::new());
+        Self {
+            info: ModelInfo {
+                name: "fake-generator".into(),
+                architecture: "llama".into(),
+                kind: ModelKind::Generator,
+                quantization: "q4_1".into(),
+                dimensions: 8,
+                max_seq_len: 4096,
+            },
+            pieces,
+            step,
+        }
+    }
+}
+
+struct FakeScriptModel {
+    pos: usize,
+    step: Duration,
+}
+
+impl TokenModel for FakeScriptModel {
+    fn reset(&mut self) {
+        self.pos = 0;
+    }
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        std::thread::sleep(self.step);
+        // The prompt's forward (any length) yields reply byte 0, each later one the next byte.
+        let _ = tokens;
+        let at = self.pos;
+        self.pos += 1;
+        let reply = FAKE_REPLY.as_bytes();
+        let mut logits: Vec<f32> = (0..=FAKE_EOS)
+            .map(|i| ((i as f32 * 12.9898 + at as f32 * 78.233).sin() * 43758.547).fract() * 3.0)
+            .collect();
+        let next = reply.get(at).map_or(FAKE_EOS, |&b| b as u32);
+        logits[next as usize] = 6.0;
+        Ok(logits)
+    }
+}
+
+impl Generator for FakeGenerator {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        let mut s: String = messages
+            .iter()
+            .map(|m| format!("<{}>{}\n", m.role, m.content))
+            .collect();
+        s.push_str("<assistant>");
+        Ok(s)
+    }
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        Ok(text.bytes().map(u32::from).collect())
+    }
+    fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<GenerateOutput, EngineError> {
+        let mut m = FakeScriptModel {
+            pos: 0,
+            step: self.step,
+        };
+        let d = Detokenizer {
+            pieces: &self.pieces,
+            stop_ids: &[FAKE_EOS],
+        };
+        gen_loop::generate(&mut m, &d, prompt, params, on_text)
+    }
+}
+
+/// A service on [`FakeGenerator`] with the given limits and per-token delay.
+pub fn fake_generator_service(limits: Limits, step: Duration) -> Service {
+    let meta = ModelMeta {
+        id: "fake-generator".into(),
+        sha256: "0".repeat(64),
+        source: "fake://generator".into(),
+        init_ms: 0.0,
+        threads: 1,
+    };
+    Service::new(
+        Engine::Generator(Arc::new(FakeGenerator::new(step))),
+        limits,
+        meta,
+    )
+}

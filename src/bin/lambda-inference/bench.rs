@@ -338,3 +338,166 @@ pub fn embeddings(opts: &Options) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// llama.cpp on SmolLM2-135M Q4_1, 2 threads (../shared/fixtures/README.md).
+const LCPP_COLD_S: f64 = 0.32;
+const LCPP_PREFILL: f64 = 208.0;
+const LCPP_DECODE: f64 = 75.6;
+const LCPP_RSS_MB: f64 = 211.0;
+
+pub struct GenerateOptions {
+    pub model: PathBuf,
+    pub cold_runs: usize,
+    pub runs: usize,
+}
+
+/// A ~120-token chat: the prefill figure's prompt.
+fn long_chat() -> Value {
+    json!({"messages": [
+        {"role": "system", "content": "You are a concise assistant for an engineering team that runs serverless workloads on AWS."},
+        {"role": "user", "content": "We deploy a small language model as a Lambda container function behind a Function URL. \
+            Cold starts take a few hundred milliseconds, and most requests are short summaries of support tickets. \
+            Which three settings should we look at first to keep latency low and costs predictable, and why? \
+            Please also say how provisioned concurrency, memory size and response streaming interact, \
+            and what we should log on every request to notice regressions early."}
+    ]})
+}
+
+/// `lambda-inference bench generate`.
+pub fn generate(opts: &GenerateOptions) -> anyhow::Result<()> {
+    use lambda_inference::engine::generate::argmax;
+    use lambda_inference::engine::llama::LlamaGenerator;
+    use lambda_inference::engine::{Generator, SharedBytes};
+    use std::sync::Arc;
+
+    let model = opts
+        .model
+        .canonicalize()
+        .with_context(|| format!("model {}", opts.model.display()))?;
+    let config = Config::from_lookup(|k| match k {
+        "MODEL_URI" => Some(model.display().to_string()),
+        _ => std::env::var(k).ok(),
+    })?;
+    app::configure_threads(config.threads);
+    let size_mb = std::fs::metadata(&model)?.len() as f64 / 1e6;
+    println!("model        {} ({size_mb:.1} MB)", model.display());
+    println!(
+        "threads      {} ({})",
+        config.threads, config.threads_reason
+    );
+
+    // Spawn -> first token: a fresh `invoke` process on a short chat with max_tokens 1.
+    let tmp = std::env::temp_dir().join(format!("li-bench-gen-{}.json", std::process::id()));
+    let short = json!({"messages": [{"role": "user", "content": "What is the capital of Germany?"}],
+                       "max_tokens": 1, "temperature": 0});
+    std::fs::write(&tmp, short.to_string())?;
+    let exe = std::env::current_exe()?;
+    let (mut colds, mut rss) = (Vec::new(), Vec::new());
+    for _ in 0..opts.cold_runs.max(1) {
+        let (s, r, resp) = cold_once(&exe, &model, &tmp)?;
+        if resp.get("error").is_some() {
+            bail!("cold invoke answered {resp}");
+        }
+        colds.push(s);
+        rss.push(r);
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let cold_min = colds.iter().cloned().fold(f64::MAX, f64::min);
+    let cold_p50 = median(&mut colds.clone());
+    let rss_max = rss.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "first token  p50 {:.0} ms, min {:.0} ms over {} spawns (spawn `invoke` -> 1-token chat answer, page cache warm); \
+         llama.cpp {:.0} ms = {:.2}x",
+        cold_p50 * 1e3,
+        cold_min * 1e3,
+        colds.len(),
+        LCPP_COLD_S * 1e3,
+        LCPP_COLD_S / cold_p50
+    );
+    println!(
+        "peak RSS     {rss_max:.1} MB (that process: load + first token); llama.cpp {LCPP_RSS_MB} MB = {:.2}x",
+        rss_max / LCPP_RSS_MB
+    );
+
+    // In-process: load, then prefill / decode through the model with its KV cache.
+    let t = Instant::now();
+    let bytes: SharedBytes = Arc::new(artifacts_bytes(&model)?);
+    let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(
+        (*bytes).as_ref(),
+    ))?;
+    let gen = LlamaGenerator::load(&content, &bytes)?;
+    println!(
+        "load         {:.1} ms (parse + tokenizer + weights in place, file in page cache)",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let chat = long_chat();
+    let msgs: Vec<lambda_inference::engine::ChatMessage> = chat["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| lambda_inference::engine::ChatMessage {
+            role: m["role"].as_str().unwrap_or_default().into(),
+            content: m["content"].as_str().unwrap_or_default().into(),
+        })
+        .collect();
+    let prompt = gen.tokenize(&gen.render_chat(&msgs)?)?;
+    let (mut pf, mut dc, mut dc_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..opts.runs.max(1) {
+        let (p, d, c) = gen.with_state(|m, st| -> anyhow::Result<(f64, f64, f64)> {
+            st.reset();
+            let t = Instant::now();
+            let mut logits = m.forward(st, &prompt)?;
+            let p = t.elapsed().as_secs_f64();
+            let (t, c0) = (Instant::now(), self_cpu_s());
+            // 128 tokens whatever they are (EOS included): a fixed amount of work.
+            for _ in 0..128 {
+                let id = argmax(&logits);
+                logits = m.forward(st, &[id])?;
+            }
+            Ok((p, t.elapsed().as_secs_f64(), self_cpu_s() - c0))
+        })?;
+        pf.push(prompt.len() as f64 / p);
+        dc.push(128.0 / d);
+        dc_cpu.push(c / 128.0 * 1e3);
+    }
+    let (pf50, dc50) = (median(&mut pf), median(&mut dc));
+    println!(
+        "prefill      {pf50:.1} tok/s median of {} ({}-token chat prompt, one batch); llama.cpp {LCPP_PREFILL} = {:.2}x",
+        opts.runs,
+        prompt.len(),
+        pf50 / LCPP_PREFILL
+    );
+    println!(
+        "decode       {dc50:.1} tok/s median of {} (128 tokens after that prompt); llama.cpp {LCPP_DECODE} = {:.2}x",
+        opts.runs,
+        dc50 / LCPP_DECODE
+    );
+    // Wall-clock figures fall when other processes share the cores; CPU time per token does
+    // not (much), and tells a loaded machine from a slow kernel.
+    println!(
+        "decode CPU   {:.1} ms of CPU per token (all threads; wall {:.1} ms); load average {}",
+        median(&mut dc_cpu),
+        1e3 / dc50,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
+    );
+    let c0 = self_cpu_s();
+    std::thread::sleep(Duration::from_millis(1000));
+    println!(
+        "idle CPU     {:.1} ms of CPU in 1 s idle after the runs (0 = no spin-waiting threads)",
+        (self_cpu_s() - c0) * 1e3
+    );
+    println!(
+        "bench RSS    {:.1} MB peak in this process",
+        self_peak_rss_mb()
+    );
+    Ok(())
+}
+
+/// The model file's bytes, mapped like the function maps them.
+fn artifacts_bytes(path: &Path) -> anyhow::Result<Vec<u8>> {
+    Ok(std::fs::read(path)?)
+}

@@ -4,6 +4,7 @@
 
 mod bench;
 mod cold_start;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -23,6 +24,12 @@ struct Cli {
 enum Cmd {
     /// Runs the function's handler on an event file (events/*.json) and prints the response.
     Invoke { event: PathBuf },
+    /// Serves the model over local HTTP (OpenAI routes; `stream: true` as server-sent events).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+    },
     /// Converts a Hugging Face BERT folder (config.json, tokenizer.json, model.safetensors) to GGUF.
     Convert {
         /// Storage type of the weight matrices.
@@ -73,6 +80,18 @@ enum BenchWhat {
         #[arg(long)]
         fetch_only: bool,
     },
+    /// Chat generation on a llama GGUF (default: SmolLM2-135M-Instruct Q4_1): load, spawn ->
+    /// first token, prefill and decode tok/s, peak RSS, against llama.cpp's figures.
+    Generate {
+        #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: PathBuf,
+        /// Fresh processes spawned for the first-token figure.
+        #[arg(long, default_value_t = 5)]
+        cold_runs: usize,
+        /// Prefill + 128-token decode runs (median reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -93,6 +112,18 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             let out = rt.block_on(events::handle(&app.service, event));
             println!("{}", serde_json::to_string(&out)?);
+        }
+        Cmd::Serve { addr } => {
+            let config = Config::from_env()?;
+            app::configure_threads(config.threads);
+            let app =
+                app::App::init(&config).map_err(|e| anyhow::anyhow!("{}: {e}", e.error_type()))?;
+            // Several executor threads: a slow streaming client must not hold up the others.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(serve::serve(std::sync::Arc::new(app), &addr))?;
         }
         Cmd::Convert {
             dtype,
@@ -143,6 +174,18 @@ fn main() -> anyhow::Result<()> {
             runs,
             fetch_reps,
             fetch_only,
+        })?,
+        Cmd::Bench {
+            what:
+                BenchWhat::Generate {
+                    model,
+                    cold_runs,
+                    runs,
+                },
+        } => bench::generate(&bench::GenerateOptions {
+            model,
+            cold_runs,
+            runs,
         })?,
     }
     Ok(())

@@ -1,0 +1,661 @@
+//! Llama-architecture decoder (SmolLM2, Llama 2/3, Mistral-style GQA) from a GGUF as llama.cpp
+//! writes it: `token_embd`, `blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
+//! ffn_gate, ffn_up, ffn_down}`, `output_norm`, `output` (absent: tied to `token_embd`), hyper-
+//! parameters under `{arch}.*`.
+//!
+//! The shape of candle-transformers' quantized_llama (Config from GGUF metadata, `load` +
+//! `forward` per block, checkpoint names), but the forward pass runs on f32 slices with the
+//! kernels of [`super::qmatmul`]: for a 135M model candle's per-op dispatch (~30 ops x 30 layers
+//! per token) costs as much as the arithmetic, and candle has no SIMD Q4_1 kernel.
+//!
+//! Numerics follow llama.cpp where that is free, so that greedy decoding matches it: activations
+//! quantized to 8 bits per 32 for the matmuls, rms-norm summed in f64, RoPE angles built by
+//! repeated f32 multiplication, K and V rounded to f16 (llama.cpp's default f16 KV cache). Rounding
+//! the query and the attention weights to f16 as well (llama.cpp's non-flash path) was measured
+//! and moved our logits further from the reference, so they stay f32.
+//!
+//! The weights are immutable and shared; everything that changes during a request lives in a
+//! [`State`] (the KV cache) that the caller owns, so concurrency is the caller's choice (the
+//! generator keeps one `State` behind a mutex). Must not do I/O or know about requests.
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QTensor};
+use rayon::prelude::*;
+
+use std::sync::Mutex;
+
+use super::chat::{ChatMessage, ChatTemplate};
+use super::generate::{self, Detokenizer, GenerateOutput, GenerateParams, TokenModel};
+use super::ggml_tokenizer::{self, GgmlVocab};
+use super::gguf::{self, Meta};
+use super::qmatmul::{matmul_many, Format, QActs, QMatrix, SharedBytes};
+use super::{EngineError, Generator, ModelInfo, ModelKind};
+
+/// Hyper-parameters, from `{arch}.*` GGUF keys.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub rope_dim: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+    pub context_length: usize,
+    pub vocab_size: usize,
+}
+
+impl Config {
+    pub fn from_gguf(meta: &Meta, arch: &str) -> Result<Self, EngineError> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_embd = meta.usize(&key("embedding_length"))?;
+        let n_head = meta.usize(&key("attention.head_count"))?;
+        let n_head_kv = if meta.has(&key("attention.head_count_kv")) {
+            meta.usize(&key("attention.head_count_kv"))?
+        } else {
+            n_head
+        };
+        if n_head == 0 || n_head_kv == 0 || n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+            return Err(EngineError::InvalidModel(format!(
+                "{arch}: {n_embd} wide with {n_head} heads / {n_head_kv} kv heads does not divide"
+            )));
+        }
+        let head_dim = n_embd / n_head;
+        let rope_dim = if meta.has(&key("rope.dimension_count")) {
+            meta.usize(&key("rope.dimension_count"))?
+        } else {
+            head_dim
+        };
+        Ok(Self {
+            n_layer: meta.usize(&key("block_count"))?,
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff: meta.usize(&key("feed_forward_length"))?,
+            rope_dim: rope_dim.min(head_dim),
+            rope_base: if meta.has(&key("rope.freq_base")) {
+                meta.f32(&key("rope.freq_base"))?
+            } else {
+                10_000.0
+            },
+            rms_eps: if meta.has(&key("attention.layer_norm_rms_epsilon")) {
+                meta.f32(&key("attention.layer_norm_rms_epsilon"))?
+            } else {
+                1e-5
+            },
+            context_length: if meta.has(&key("context_length")) {
+                meta.usize(&key("context_length"))?
+            } else {
+                2048
+            },
+            vocab_size: 0, // from the embedding matrix below
+        })
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+}
+
+/// Reads tensors from the GGUF: quantized matrices in place, small vectors as f32.
+struct Tensors<'a> {
+    content: &'a Content,
+    bytes: &'a SharedBytes,
+}
+
+impl Tensors<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// A `[n, k]` matrix. Q4_1 and Q8_0 are used as stored; any other type is requantized to Q8_0
+    /// at load (a copy, and logged), so every llama GGUF loads, at some cost in memory.
+    fn matrix(&self, name: &str, n: usize, k: usize) -> Result<QMatrix, EngineError> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| EngineError::InvalidModel(format!("GGUF has no tensor {name}")))?;
+        if info.shape.dims() != [n, k] {
+            return Err(EngineError::InvalidModel(format!(
+                "{name}: shape {:?}, expected [{n}, {k}]",
+                info.shape.dims()
+            )));
+        }
+        let start = self.content.tensor_data_offset as usize + info.offset as usize;
+        let bad = |e: String| EngineError::InvalidModel(format!("{name}: {e}"));
+        let native = match info.ggml_dtype {
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            _ => None,
+        };
+        if let Some(format) = native {
+            let len = n * k / 32 * format.block_bytes();
+            return QMatrix::new(format, n, k, self.bytes.clone(), start..start + len).map_err(bad);
+        }
+        tracing::info!(tensor = name, dtype = ?info.ggml_dtype, "requantizing to q8_0 at load (no kernel for this type)");
+        let t = self.read(name)?.dequantize(&candle_core::Device::Cpu)?;
+        let q = QTensor::quantize(&t, GgmlDType::Q8_0)?;
+        let data = q.data()?.into_owned();
+        let len = data.len();
+        let owned: SharedBytes = std::sync::Arc::new(data);
+        QMatrix::new(Format::Q8_0, n, k, owned, 0..len).map_err(bad)
+    }
+
+    fn read(&self, name: &str) -> Result<QTensor, EngineError> {
+        let info = &self.content.tensor_infos[name];
+        let mut cur = std::io::Cursor::new((**self.bytes).as_ref());
+        Ok(info.read(
+            &mut cur,
+            self.content.tensor_data_offset,
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
+    fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>, EngineError> {
+        if !self.has(name) {
+            return Err(EngineError::InvalidModel(format!(
+                "GGUF has no tensor {name}"
+            )));
+        }
+        let v = self
+            .read(name)?
+            .dequantize(&candle_core::Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if v.len() != n {
+            return Err(EngineError::InvalidModel(format!(
+                "{name}: {} values, expected {n}",
+                v.len()
+            )));
+        }
+        Ok(v)
+    }
+}
+
+/// One transformer block.
+struct Block {
+    attn_norm: Vec<f32>,
+    attn_q: QMatrix,
+    attn_k: QMatrix,
+    attn_v: QMatrix,
+    attn_output: QMatrix,
+    ffn_norm: Vec<f32>,
+    ffn_gate: QMatrix,
+    ffn_up: QMatrix,
+    ffn_down: QMatrix,
+}
+
+impl Block {
+    fn load(t: &Tensors, cfg: &Config, i: usize) -> Result<Self, EngineError> {
+        let n = |s: &str| format!("blk.{i}.{s}.weight");
+        let (d, kv, ff) = (cfg.n_embd, cfg.kv_dim(), cfg.n_ff);
+        Ok(Self {
+            attn_norm: t.vector(&n("attn_norm"), d)?,
+            attn_q: t.matrix(&n("attn_q"), d, d)?,
+            attn_k: t.matrix(&n("attn_k"), kv, d)?,
+            attn_v: t.matrix(&n("attn_v"), kv, d)?,
+            attn_output: t.matrix(&n("attn_output"), d, d)?,
+            ffn_norm: t.vector(&n("ffn_norm"), d)?,
+            ffn_gate: t.matrix(&n("ffn_gate"), ff, d)?,
+            ffn_up: t.matrix(&n("ffn_up"), ff, d)?,
+            ffn_down: t.matrix(&n("ffn_down"), d, ff)?,
+        })
+    }
+}
+
+/// The weights of a llama model. Immutable; shared by every request.
+pub struct LlamaModel {
+    pub cfg: Config,
+    token_embd: QMatrix,
+    blocks: Vec<Block>,
+    output_norm: Vec<f32>,
+    /// `output.weight`, or `token_embd` again when the checkpoint ties them (SmolLM2).
+    output: QMatrix,
+    /// RoPE `theta_scale = base^(-2 / rope_dim)`, llama.cpp's iteration factor.
+    theta_scale: f32,
+}
+
+/// Per-request mutable state: the KV cache. Reset between requests.
+#[derive(Default)]
+pub struct State {
+    /// Per layer, `[pos, kv_dim]` keys and values (f16-rounded f32s).
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// Positions filled.
+    pub len: usize,
+}
+
+impl State {
+    /// Forgets the cache (keeps the allocation unless it grew past ~1k positions' worth, so one
+    /// long request does not pin its memory for the environment's lifetime).
+    pub fn reset(&mut self) {
+        const KEEP_FLOATS: usize = 1024 * 1024;
+        for c in self.k.iter_mut().chain(self.v.iter_mut()) {
+            c.clear();
+            if c.capacity() > KEEP_FLOATS {
+                c.shrink_to(KEEP_FLOATS);
+            }
+        }
+        self.len = 0;
+    }
+}
+
+impl LlamaModel {
+    /// Loads from a parsed GGUF whose tensor data lives in `bytes` (borrowed in place).
+    pub fn load(content: &Content, bytes: &SharedBytes, arch: &str) -> Result<Self, EngineError> {
+        let meta = Meta::of(content);
+        let mut cfg = Config::from_gguf(&meta, arch)?;
+        let t = Tensors { content, bytes };
+        let embd_info = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| {
+                EngineError::InvalidModel("GGUF has no tensor token_embd.weight".into())
+            })?;
+        cfg.vocab_size = embd_info.shape.dims()[0];
+        let token_embd = t.matrix("token_embd.weight", cfg.vocab_size, cfg.n_embd)?;
+        let output = if t.has("output.weight") {
+            t.matrix("output.weight", cfg.vocab_size, cfg.n_embd)?
+        } else {
+            t.matrix("token_embd.weight", cfg.vocab_size, cfg.n_embd)?
+        };
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::load(&t, &cfg, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let output_norm = t.vector("output_norm.weight", cfg.n_embd)?;
+        let theta_scale = cfg.rope_base.powf(-2.0 / cfg.rope_dim as f32);
+        Ok(Self {
+            cfg,
+            token_embd,
+            blocks,
+            output_norm,
+            output,
+            theta_scale,
+        })
+    }
+
+    /// Storage type of the block matrices, for `/health`.
+    pub fn quantization(&self) -> &'static str {
+        match self.blocks.first().map(|b| b.ffn_up.format) {
+            Some(Format::Q4_1) => "q4_1",
+            _ => "q8_0",
+        }
+    }
+
+    /// Runs `tokens` (positions `state.len..`) through the model as one batch, appends their
+    /// keys and values to `state`, and returns the logits of the last token.
+    pub fn forward(&self, state: &mut State, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let cfg = &self.cfg;
+        let (t, d, kvd) = (tokens.len(), cfg.n_embd, cfg.kv_dim());
+        if t == 0 {
+            return Err(EngineError::InvalidModel("forward on no tokens".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(EngineError::Tokenizer(format!(
+                "token id {bad} outside the vocabulary of {}",
+                cfg.vocab_size
+            )));
+        }
+        if state.k.len() != cfg.n_layer {
+            state.k = vec![Vec::new(); cfg.n_layer];
+            state.v = vec![Vec::new(); cfg.n_layer];
+            state.len = 0;
+        }
+        let pos0 = state.len;
+        let mut x = vec![0f32; t * d];
+        for (row, &id) in x.chunks_exact_mut(d).zip(tokens) {
+            self.token_embd.row_f32(id as usize, row);
+        }
+        let (cos, sin) = self.rope_tables(pos0, t);
+        let mut h = vec![0f32; t * d];
+        let mut q = vec![0f32; t * d];
+        let mut k = vec![0f32; t * kvd];
+        let mut v = vec![0f32; t * kvd];
+        let mut att = vec![0f32; t * d];
+        let mut o = vec![0f32; t * d];
+        let mut gate = vec![0f32; t * cfg.n_ff];
+        let mut up = vec![0f32; t * cfg.n_ff];
+        for (l, b) in self.blocks.iter().enumerate() {
+            rms_norm(&x, &b.attn_norm, cfg.rms_eps, &mut h);
+            let a = QActs::quantize(&h, d);
+            matmul_many(
+                &[&b.attn_q, &b.attn_k, &b.attn_v],
+                &a,
+                &mut [&mut q, &mut k, &mut v],
+            );
+            rope(&mut q, cfg.head_dim, cfg.rope_dim, &cos, &sin);
+            rope(&mut k, cfg.head_dim, cfg.rope_dim, &cos, &sin);
+            state.k[l].extend(k.iter().map(|&x| round_f16(x)));
+            state.v[l].extend(v.iter().map(|&x| round_f16(x)));
+            attention(cfg, &q, &state.k[l], &state.v[l], pos0, &mut att);
+            let a = QActs::quantize(&att, d);
+            matmul_many(&[&b.attn_output], &a, &mut [&mut o]);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+
+            rms_norm(&x, &b.ffn_norm, cfg.rms_eps, &mut h);
+            let a = QActs::quantize(&h, d);
+            matmul_many(&[&b.ffn_gate, &b.ffn_up], &a, &mut [&mut gate, &mut up]);
+            gate.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = silu(*g) * u);
+            let a = QActs::quantize(&gate, cfg.n_ff);
+            matmul_many(&[&b.ffn_down], &a, &mut [&mut o]);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        }
+        state.len += t;
+        // Only the last position's logits are needed (prefill and decode alike).
+        let last = &x[(t - 1) * d..];
+        let mut hn = vec![0f32; d];
+        rms_norm(last, &self.output_norm, cfg.rms_eps, &mut hn);
+        let mut logits = vec![0f32; cfg.vocab_size];
+        matmul_many(
+            &[&self.output],
+            &QActs::quantize(&hn, d),
+            &mut [&mut logits],
+        );
+        Ok(logits)
+    }
+
+    /// `cos`/`sin` `[t, rope_dim / 2]` for positions `pos0..pos0 + t`, computed as llama.cpp does
+    /// (`theta = p; theta *= theta_scale` per pair, in f32).
+    fn rope_tables(&self, pos0: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.cfg.rope_dim / 2;
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in pos0..pos0 + t {
+            let mut theta = p as f32;
+            for _ in 0..half {
+                cos.push(theta.cos());
+                sin.push(theta.sin());
+                theta *= self.theta_scale;
+            }
+        }
+        (cos, sin)
+    }
+}
+
+/// A llama model served as a [`Generator`]: weights, tokenizer, chat template and one KV cache.
+///
+/// Concurrency: the weights are shared read-only; the KV cache ([`State`]) sits behind a
+/// `Mutex`, so concurrent `generate` calls run one after the other (a Lambda execution
+/// environment serves one request at a time anyway; `serve` may receive several). The state is
+/// reset at the start of every request, so nothing of one request leaks into the next.
+pub struct LlamaGenerator {
+    info: ModelInfo,
+    model: LlamaModel,
+    vocab: GgmlVocab,
+    template: Option<ChatTemplate>,
+    state: Mutex<State>,
+}
+
+impl LlamaGenerator {
+    pub fn load(content: &Content, bytes: &SharedBytes) -> Result<Self, EngineError> {
+        let meta = Meta::of(content);
+        let arch = meta.str(gguf::ARCHITECTURE)?.to_owned();
+        // The tokenizer (a 49k-entry BPE) and the weights are independent: both cores.
+        let t0 = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
+        let (vocab, model) = rayon::join(
+            || {
+                let r = ggml_tokenizer::load(&meta);
+                tracing::debug!(tokenizer_ms = ms(t0), "llama tokenizer built");
+                r
+            },
+            || {
+                let r = LlamaModel::load(content, bytes, &arch);
+                tracing::debug!(weights_ms = ms(t0), "llama weights mapped");
+                r
+            },
+        );
+        let (vocab, model) = (vocab?, model?);
+        let template = match meta.str("tokenizer.chat_template") {
+            Ok(src) => Some(ChatTemplate::new(src, &vocab.bos_text, &vocab.eos_text)?),
+            Err(_) => None,
+        };
+        let info = ModelInfo {
+            name: meta.str(gguf::NAME).unwrap_or(&arch).to_owned(),
+            architecture: arch,
+            kind: ModelKind::Generator,
+            quantization: model.quantization().to_owned(),
+            dimensions: model.cfg.n_embd,
+            max_seq_len: model.cfg.context_length,
+        };
+        Ok(Self {
+            info,
+            model,
+            vocab,
+            template,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// Prefill + decode with the KV cache of this generator (for benches and tests that need
+    /// logits rather than text).
+    pub fn with_state<R: Send>(&self, f: impl FnOnce(&LlamaModel, &mut State) -> R + Send) -> R {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st: &mut State = &mut st;
+        on_compute_pool(|| f(&self.model, st))
+    }
+}
+
+/// The model plus the state it runs with, as the generation loop's [`TokenModel`].
+struct Session<'a> {
+    model: &'a LlamaModel,
+    state: &'a mut State,
+}
+
+impl TokenModel for Session<'_> {
+    fn reset(&mut self) {
+        self.state.reset();
+    }
+
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        self.model.forward(self.state, tokens)
+    }
+}
+
+impl Generator for LlamaGenerator {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.template
+            .as_ref()
+            .ok_or(EngineError::NoChatTemplate)?
+            .render(messages, true)
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let enc = self
+            .vocab
+            .tokenizer
+            .encode_fast(text, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if let (true, Some(bos)) = (self.vocab.add_bos, self.vocab.bos_id) {
+            ids.push(bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<GenerateOutput, EngineError> {
+        // A panic in an earlier request poisons the lock; the state is reset below anyway.
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut session = Session {
+            model: &self.model,
+            state: &mut guard,
+        };
+        let detok = Detokenizer {
+            pieces: &self.vocab.pieces,
+            stop_ids: &self.vocab.stop_ids,
+        };
+        on_compute_pool(|| generate::generate(&mut session, &detok, prompt, params, on_text))
+    }
+}
+
+/// Runs `f` on a compute-pool (rayon) worker and waits for it. From any other thread, every
+/// parallel op inside a forward pass (~150 per token) would be handed to the pool and the caller
+/// put to sleep and woken again: a third thread fighting two workers for two cores. From a
+/// worker, the ops split in place and the other worker steals half.
+fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
+fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Row-wise `x / sqrt(mean(x^2) + eps) * w` (sum of squares in f64, as llama.cpp).
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * scale * g;
+        }
+    }
+}
+
+/// llama.cpp's "normal" RoPE (adjacent pairs; the GGUF converter permuted q/k for it) on every
+/// head of every row of `x` (`[t, heads * head_dim]`).
+fn rope(x: &mut [f32], head_dim: usize, rope_dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = rope_dim / 2;
+    let t = cos.len() / half.max(1);
+    let row_len = x.len() / t;
+    for (r, row) in x.chunks_exact_mut(row_len).enumerate() {
+        let (c, s) = (
+            &cos[r * half..(r + 1) * half],
+            &sin[r * half..(r + 1) * half],
+        );
+        for head in row.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * c[i] - b * s[i];
+                head[2 * i + 1] = a * s[i] + b * c[i];
+            }
+        }
+    }
+}
+
+/// Dot product with 8 independent accumulators (vectorizes; a plain `sum()` would not).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(never)] // a profile line of its own
+/// Causal grouped-query attention of `t` new queries (positions `pos0..pos0 + t`) over the cache
+/// (`pos0 + t` positions). One task per head; `out` is `[t, n_head * head_dim]`.
+fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, out: &mut [f32]) {
+    let (hd, nh, kvd) = (cfg.head_dim, cfg.n_head, cfg.kv_dim());
+    let d = nh * hd;
+    let t = q.len() / d;
+    let group = nh / cfg.n_head_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let per_head: Vec<Vec<f32>> = (0..nh)
+        .into_par_iter()
+        .map(|h| {
+            let g = h / group;
+            let mut res = vec![0f32; t * hd];
+            let mut scores = vec![0f32; pos0 + t];
+            for i in 0..t {
+                let n = pos0 + i + 1;
+                let qh = &q[i * d + h * hd..i * d + (h + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores[..n].iter_mut().enumerate() {
+                    *s = dot(qh, &kc[j * kvd + g * hd..j * kvd + (g + 1) * hd]) * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in scores[..n].iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                let r = &mut res[i * hd..(i + 1) * hd];
+                for (j, s) in scores[..n].iter().enumerate() {
+                    let p = s * inv;
+                    let vj = &vc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                    r.iter_mut().zip(vj).for_each(|(r, v)| *r += p * v);
+                }
+            }
+            res
+        })
+        .collect();
+    for (h, res) in per_head.iter().enumerate() {
+        for i in 0..t {
+            out[i * d + h * hd..i * d + (h + 1) * hd].copy_from_slice(&res[i * hd..(i + 1) * hd]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_and_keeps_norms() {
+        let mut x: Vec<f32> = (0..8).map(|i| i as f32 + 1.0).collect();
+        let n0: f32 = x.iter().map(|v| v * v).sum();
+        // One row, head_dim 8, position with angles 1.0 (pair 0) and 0.5 (pair 1..).
+        let cos = vec![1f32.cos(), 0.5f32.cos(), 0.0f32.cos(), 0.0f32.cos()];
+        let sin = vec![1f32.sin(), 0.5f32.sin(), 0.0, 0.0];
+        rope(&mut x, 8, 8, &cos, &sin);
+        let n1: f32 = x.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-4);
+        assert!((x[0] - (1.0 * 1f32.cos() - 2.0 * 1f32.sin())).abs() < 1e-6);
+        assert_eq!(&x[4..], &[5.0, 6.0, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn attention_of_one_position_returns_its_value() {
+        let cfg = Config {
+            n_layer: 1,
+            n_embd: 4,
+            n_head: 2,
+            n_head_kv: 1,
+            head_dim: 2,
+            n_ff: 4,
+            rope_dim: 2,
+            rope_base: 10000.0,
+            rms_eps: 1e-5,
+            context_length: 8,
+            vocab_size: 1,
+        };
+        let q = vec![0.3, -0.2, 1.0, 0.5];
+        let (k, v) = (vec![0.7, 0.1], vec![0.25, -1.5]);
+        let mut out = vec![0f32; 4];
+        attention(&cfg, &q, &k, &v, 0, &mut out);
+        // A single key gets all the weight: every head returns the (shared) value.
+        assert_eq!(out, vec![0.25, -1.5, 0.25, -1.5]);
+    }
+}
