@@ -104,6 +104,11 @@ pub struct Config {
     /// AWS_LAMBDA_INITIALIZATION_TYPE=provisioned-concurrency: init has no 10 s cap there and is
     /// not on a caller's clock, so the whole load happens at init whatever the budget.
     pub wait_for_whole_load: bool,
+    /// FUNCTION_URL_INVOKE_MODE=RESPONSE_STREAM: the function's URL streams (the template's does),
+    /// so every Function URL answer goes out through response streaming (metadata prelude + body),
+    /// not only `stream: true` ones; a buffered answer would reach the client as the raw envelope.
+    /// The event does not say which mode its URL has, hence the variable. Default BUFFERED.
+    pub function_url_streaming: bool,
     /// AWS_LAMBDA_FUNCTION_NAME (set by Lambda): the dimension of the cold-start metrics.
     pub function_name: Option<String>,
     /// S3_ENDPOINT_URL: an S3-compatible endpoint (MinIO, moto) for the model and the results,
@@ -281,6 +286,17 @@ impl Config {
             }
             None => None,
         };
+        let function_url_streaming = match get("FUNCTION_URL_INVOKE_MODE").as_deref().map(str::trim)
+        {
+            None | Some("BUFFERED") => false,
+            Some("RESPONSE_STREAM") => true,
+            Some(v) => {
+                return Err(err(
+                    "FUNCTION_URL_INVOKE_MODE",
+                    format!("expected BUFFERED or RESPONSE_STREAM, got {v:?}"),
+                ))
+            }
+        };
         let wait_for_whole_load = get("AWS_LAMBDA_INITIALIZATION_TYPE")
             .is_some_and(|v| v.trim() == "provisioned-concurrency");
         Ok(Config {
@@ -294,6 +310,7 @@ impl Config {
             s3_force_path_style,
             init_budget,
             wait_for_whole_load,
+            function_url_streaming,
             function_name: get("AWS_LAMBDA_FUNCTION_NAME").map(|s| s.trim().to_owned()),
             s3_endpoint,
             results_uri,
@@ -547,6 +564,7 @@ mod tests {
             ("RESULTS_URI", "s3://bucket/a/../b"),
             ("JOBS_QUEUE_URL", "jobs"),
             ("S3_ENDPOINT_URL", "localhost:9000"),
+            ("FUNCTION_URL_INVOKE_MODE", "stream"),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();
             assert_eq!(e.var, var);

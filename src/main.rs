@@ -84,6 +84,8 @@ fn main() -> Result<(), Error> {
                         .map(FunctionResponse::BufferedResponse)
                 }
             };
+            let url_streams = lazy.config().function_url_streaming
+                && events::detect(&event.payload) == Source::FunctionUrl;
             let reply = events::handle_call(&app.service, event.payload, Some(deadline)).await;
             if !first_done.swap(true, Ordering::Relaxed) {
                 let cold = ColdStart {
@@ -94,6 +96,7 @@ fn main() -> Result<(), Error> {
                 emit_cold_start(&app.report, &cold, lazy.config().function_name.as_deref());
             }
             Ok::<FunctionResponse<Value, SseBody>, Diagnostic>(match reply {
+                EventReply::Buffered(v) if url_streams => stream_whole(&v),
                 EventReply::Buffered(v) => FunctionResponse::BufferedResponse(v),
                 EventReply::Stream(s) => {
                     let mut prelude = MetadataPrelude::default();
@@ -180,6 +183,37 @@ fn post_init_error(api: &str, error_type: &str, message: &str) -> std::io::Resul
         tracing::warn!(answer = %status.lines().next().unwrap_or(""), "init/error answer");
     }
     Ok(())
+}
+
+/// A buffered HTTP answer (`{statusCode, headers, body}`) sent through response streaming: its
+/// status and headers as the metadata prelude, its body as the one chunk (FUNCTION_URL_INVOKE_MODE).
+fn stream_whole(envelope: &Value) -> FunctionResponse<Value, SseBody> {
+    let mut prelude = MetadataPrelude {
+        status_code: http::StatusCode::from_u16(
+            envelope["statusCode"].as_u64().unwrap_or(500) as u16
+        )
+        .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+        ..MetadataPrelude::default()
+    };
+    if let Some(headers) = envelope["headers"].as_object() {
+        for (k, v) in headers {
+            if let (Ok(name), Some(Ok(value))) = (
+                http::header::HeaderName::from_bytes(k.as_bytes()),
+                v.as_str().map(http::HeaderValue::from_str),
+            ) {
+                prelude.headers.insert(name, value);
+            }
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let body = envelope["body"].as_str().unwrap_or_default().to_owned();
+    // Capacity 1 and a fresh channel: this send cannot fail or wait.
+    let _ = tx.try_send(body);
+    let ok: fn(String) -> Result<String, Infallible> = Ok;
+    FunctionResponse::StreamingResponse(StreamResponse {
+        metadata_prelude: prelude,
+        stream: ReceiverStream::new(rx).map(ok),
+    })
 }
 
 /// The Lambda context's deadline (wall clock) as a monotonic instant: what the layers below

@@ -285,3 +285,44 @@ fn chat_and_response_streaming_through_the_real_runtime_api() {
     assert_eq!(out["statusCode"], 400, "{out}");
     assert!(out["body"].as_str().unwrap().contains("stream_unsupported"));
 }
+
+/// FUNCTION_URL_INVOKE_MODE=RESPONSE_STREAM (what the template sets for its streaming URL): every
+/// Function URL answer, not only `stream: true` ones, goes out through response streaming, with
+/// the HTTP status and headers in the metadata prelude, so the client sees the real status and
+/// body rather than the buffered envelope as text.
+#[test]
+fn function_url_answers_stream_when_its_url_streams() {
+    let Some(rie) = common::needed_file(".cache/bin/aws-lambda-rie", "scripts/fetch-tools") else {
+        return;
+    };
+    let Some(model) = common::needed_file("models/default.gguf", "scripts/fetch-models") else {
+        return;
+    };
+    let env = [("FUNCTION_URL_INVOKE_MODE", "RESPONSE_STREAM".to_string())];
+    let emu = Emulator::start(&rie, &model, &env);
+    let split = |raw: &str| -> (Value, String) {
+        let (prelude, body) = raw
+            .split_once("\0\0\0\0\0\0\0\0")
+            .unwrap_or_else(|| panic!("prelude + 8 NULs expected: {raw:?}"));
+        (serde_json::from_str(prelude).unwrap(), body.to_owned())
+    };
+
+    let event = std::fs::read(root().join("events/function-url-embeddings.json")).unwrap();
+    let (prelude, body) = split(&emu.invoke_raw(&event));
+    assert_eq!(prelude["statusCode"], 200, "{prelude}");
+    assert_eq!(prelude["headers"]["content-type"], "application/json");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["data"][0]["embedding"].as_array().unwrap().len(), 384);
+
+    // An error keeps its status through the prelude.
+    let mut bad: Value = serde_json::from_slice(&event).unwrap();
+    bad["body"] = Value::String("{\"input\": []}".into());
+    bad["isBase64Encoded"] = Value::Bool(false);
+    let (prelude, body) = split(&emu.invoke_raw(bad.to_string().as_bytes()));
+    assert_eq!(prelude["statusCode"], 400, "{prelude}");
+    assert!(body.contains("invalid_value"), "{body}");
+
+    // Other sources are unaffected: API Gateway still gets the buffered envelope.
+    let apigw = std::fs::read(root().join("events/apigw-v2-embeddings.json")).unwrap();
+    assert_eq!(emu.invoke(&apigw)["statusCode"], 200);
+}
