@@ -70,6 +70,13 @@ pub struct App {
     pub report: InitReport,
 }
 
+/// Applies the process-wide engine settings: the int8 kernel choice and the compute pool. Must
+/// run before any model is loaded.
+pub fn configure(config: &Config) {
+    engine::qgemm::allow_vnni(config.int8_vnni);
+    configure_threads(config.threads);
+}
+
 /// Sizes the compute pool. Must run before any candle or rayon work: rayon's global pool is built
 /// once, and candle's gemm reads RAYON_NUM_THREADS to split work. Rayon workers park on a condvar
 /// after a short yield loop, so idle threads do not burn the function's CPU share.

@@ -109,6 +109,9 @@ pub struct Config {
     /// not only `stream: true` ones; a buffered answer would reach the client as the raw envelope.
     /// The event does not say which mode its URL has, hence the variable. Default BUFFERED.
     pub function_url_streaming: bool,
+    /// INT8_KERNEL: `auto` (AVX-512 VNNI where the CPU has it, else AVX2) or `avx2` (force the
+    /// AVX2 kernel, to compare the two on one machine).
+    pub int8_vnni: bool,
     /// AWS_LAMBDA_FUNCTION_NAME (set by Lambda): the dimension of the cold-start metrics.
     pub function_name: Option<String>,
     /// S3_ENDPOINT_URL: an S3-compatible endpoint (MinIO, moto) for the model and the results,
@@ -297,6 +300,16 @@ impl Config {
                 ))
             }
         };
+        let int8_vnni = match get("INT8_KERNEL").as_deref().map(str::trim) {
+            None | Some("auto") => true,
+            Some("avx2") => false,
+            Some(v) => {
+                return Err(err(
+                    "INT8_KERNEL",
+                    format!("expected auto or avx2, got {v:?}"),
+                ))
+            }
+        };
         let wait_for_whole_load = get("AWS_LAMBDA_INITIALIZATION_TYPE")
             .is_some_and(|v| v.trim() == "provisioned-concurrency");
         Ok(Config {
@@ -311,6 +324,7 @@ impl Config {
             init_budget,
             wait_for_whole_load,
             function_url_streaming,
+            int8_vnni,
             function_name: get("AWS_LAMBDA_FUNCTION_NAME").map(|s| s.trim().to_owned()),
             s3_endpoint,
             results_uri,
@@ -565,6 +579,7 @@ mod tests {
             ("JOBS_QUEUE_URL", "jobs"),
             ("S3_ENDPOINT_URL", "localhost:9000"),
             ("FUNCTION_URL_INVOKE_MODE", "stream"),
+            ("INT8_KERNEL", "vnni"),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();
             assert_eq!(e.var, var);

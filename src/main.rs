@@ -43,7 +43,7 @@ fn main() -> Result<(), Error> {
         Err(e) => return Err(init_failed("InvalidConfig", &e.to_string())),
     };
     let config_ms = t_start.elapsed().as_secs_f64() * 1e3;
-    app::configure_threads(config.threads);
+    app::configure(&config);
     // One executor thread is plenty: requests arrive one at a time, and forward passes and the
     // engine build run on the blocking pool + the compute pool, not on the executor.
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -268,6 +268,15 @@ fn use_avx2() -> bool {
     }
 }
 
+/// Off: the AVX2 kernel even where VNNI exists (INT8_KERNEL=avx2, read by config.rs; for
+/// comparisons). Matrices loaded before a change keep their layout.
+static VNNI_ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Allows or forbids the VNNI kernel for matrices loaded from now on.
+pub fn allow_vnni(on: bool) {
+    VNNI_ALLOWED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether the AVX-512 VNNI kernel may run on this CPU (decided at run time: the binary is built
 /// for Haswell, and Lambda does not promise AVX-512; where it is there, it is 2x faster).
 fn use_vnni() -> bool {
@@ -277,7 +286,7 @@ fn use_vnni() -> bool {
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::env::var_os("LAMBDA_INFERENCE_NO_VNNI").is_none()
+            && VNNI_ALLOWED.load(std::sync::atomic::Ordering::Relaxed)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

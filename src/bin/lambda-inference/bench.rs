@@ -194,7 +194,7 @@ pub fn embeddings(opts: &Options) -> anyhow::Result<()> {
         "MODEL_URI" => Some(model.display().to_string()),
         _ => std::env::var(k).ok(),
     })?;
-    app::configure_threads(config.threads);
+    app::configure(&config);
     let size_mb = std::fs::metadata(&model)?.len() as f64 / 1e6;
     println!("model        {} ({size_mb:.1} MB)", model.display());
     println!(
@@ -378,7 +378,7 @@ pub fn generate(opts: &GenerateOptions) -> anyhow::Result<()> {
         "MODEL_URI" => Some(model.display().to_string()),
         _ => std::env::var(k).ok(),
     })?;
-    app::configure_threads(config.threads);
+    app::configure(&config);
     let size_mb = std::fs::metadata(&model)?.len() as f64 / 1e6;
     println!("model        {} ({size_mb:.1} MB)", model.display());
     println!(

@@ -100,7 +100,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Invoke { event } => {
             let config = Config::from_env()?;
-            app::configure_threads(config.threads);
+            app::configure(&config);
             let raw =
                 std::fs::read(&event).with_context(|| format!("reading {}", event.display()))?;
             let event: serde_json::Value = serde_json::from_slice(&raw)
@@ -115,7 +115,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Serve { addr } => {
             let config = Config::from_env()?;
-            app::configure_threads(config.threads);
+            app::configure(&config);
             let app =
                 app::App::init(&config).map_err(|e| anyhow::anyhow!("{}: {e}", e.error_type()))?;
             // Several executor threads: a slow streaming client must not hold up the others.
