@@ -6,119 +6,26 @@
 //! Needs the emulator and models/default.gguf (`scripts/fetch-models`). Without them the test says
 //! so and skips, except under CI=true, where a missing piece fails.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::Value;
 
 mod common;
+use common::emulator::Emulator;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The emulator with `bootstrap` under it; killed (by PID) when dropped.
-struct Emulator {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Emulator {
-    fn start(rie: &Path, model: &Path, env: &[(&str, String)]) -> Emulator {
-        Self::start_with(rie, model, "2048", env)
-    }
-
-    fn start_with(rie: &Path, model: &Path, memory_mb: &str, env: &[(&str, String)]) -> Emulator {
-        let (port, api_port) = (free_port(), free_port());
-        let child = Command::new(rie)
-            .arg("--runtime-interface-emulator-address")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--runtime-api-address")
-            .arg(format!("127.0.0.1:{api_port}"))
-            .arg(env!("CARGO_BIN_EXE_bootstrap"))
-            .env("MODEL_URI", model)
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", memory_mb)
-            .env("RUST_LOG", "warn")
-            .env("LOG_LEVEL", "warn")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting aws-lambda-rie");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "emulator did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Emulator { child, port }
-    }
-
-    /// One synchronous invoke, as `aws lambda invoke` or API Gateway would make it.
-    fn invoke(&self, payload: &[u8]) -> Value {
-        let body = self.invoke_raw(payload);
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-    }
-
-    /// One invoke; the response body as text (a streamed response arrives chunked).
-    fn invoke_raw(&self, payload: &[u8]) -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        write!(
-            s,
-            "POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            payload.len()
-        )
-        .unwrap();
-        s.write_all(payload).unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let text = String::from_utf8(raw).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(head.starts_with("HTTP/1.1 200"), "emulator answered {head}");
-        if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        }
-    }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (len, rest) = s.split_once("\r\n").unwrap();
-        let n = usize::from_str_radix(len.trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
+/// The emulator with `bootstrap` serving `model` with `memory_mb` (the compute pool follows it).
+fn start(rie: &Path, model: &Path, memory_mb: &str, env: &[(&str, String)]) -> Emulator {
+    let mut all = vec![
+        ("MODEL_URI", model.display().to_string()),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", memory_mb.to_string()),
+    ];
+    all.extend(env.iter().map(|(k, v)| (*k, v.clone())));
+    Emulator::start(rie, &all)
 }
 
 #[test]
@@ -138,7 +45,7 @@ fn every_sample_event_through_the_real_runtime_api() {
     common::s3::block_on(s3().create_bucket().bucket("e2e-results").send()).unwrap();
     let mut env = common::s3::s3_env(&moto.endpoint());
     env.push(("RESULTS_URI", "s3://e2e-results/jobs/".into()));
-    let emu = Emulator::start(&rie, &model, &env);
+    let emu = start(&rie, &model, "2048", &env);
 
     // The first invoke includes the init phase: model mapped, verified, engine built.
     let t = Instant::now();
@@ -242,7 +149,7 @@ fn chat_and_response_streaming_through_the_real_runtime_api() {
         return;
     };
     // 3538 MB = two vCPUs' share: two compute threads.
-    let emu = Emulator::start_with(&rie, &model, "3538", &[]);
+    let emu = start(&rie, &model, "3538", &[]);
     let chat = std::fs::read(root().join("events/direct-chat.json")).unwrap();
     let out = emu.invoke(&chat);
     assert_eq!(out["object"], "chat.completion", "{out}");
@@ -299,7 +206,7 @@ fn function_url_answers_stream_when_its_url_streams() {
         return;
     };
     let env = [("FUNCTION_URL_INVOKE_MODE", "RESPONSE_STREAM".to_string())];
-    let emu = Emulator::start(&rie, &model, &env);
+    let emu = start(&rie, &model, "2048", &env);
     let split = |raw: &str| -> (Value, String) {
         let (prelude, body) = raw
             .split_once("\0\0\0\0\0\0\0\0")

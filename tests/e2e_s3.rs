@@ -10,133 +10,14 @@
 //! Needs the emulator (scripts/fetch-tools), models/default.gguf (scripts/fetch-models) and
 //! moto_server; skips without them, fails under CI=true.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_json::Value;
 
 mod common;
-use common::s3::{block_on, client, free_port, s3_env, upload, Fault, FaultProxy, Moto};
-
-/// The emulator with `bootstrap` under it, its stdout collected; killed (by PID) when dropped.
-struct Emulator {
-    child: Child,
-    port: u16,
-    stdout: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Emulator {
-    fn start(rie: &Path, env: &[(&str, String)]) -> Emulator {
-        let (port, api_port) = (free_port(), free_port());
-        let mut cmd = Command::new(rie);
-        cmd.arg("--runtime-interface-emulator-address")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--runtime-api-address")
-            .arg(format!("127.0.0.1:{api_port}"))
-            .arg(env!("CARGO_BIN_EXE_bootstrap"))
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
-            .env("RUST_LOG", "warn")
-            .env("LOG_LEVEL", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("starting aws-lambda-rie");
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let (out, sink) = (child.stdout.take().unwrap(), stdout.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "emulator did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Emulator {
-            child,
-            port,
-            stdout,
-        }
-    }
-
-    /// One synchronous invoke; returns the JSON the emulator answers (a function error is
-    /// `{"errorType", "errorMessage"}`).
-    fn invoke(&self, payload: &[u8]) -> Value {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        write!(
-            s,
-            "POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            payload.len()
-        )
-        .unwrap();
-        s.write_all(payload).unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let text = String::from_utf8(raw).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        };
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {head}\n{body}"))
-    }
-
-    /// The cold-start EMF record the function printed, once it has printed it.
-    fn cold_start_record(&self) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let found = self
-                .stdout
-                .lock()
-                .unwrap()
-                .iter()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|v| v["event"] == "cold_start");
-            if let Some(v) = found {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "no cold_start record on stdout");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (len, rest) = s.split_once("\r\n").unwrap();
-        let n = usize::from_str_radix(len.trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-}
+use common::emulator::Emulator;
+use common::s3::{block_on, client, s3_env, upload, Fault, FaultProxy, Moto};
 
 /// Emulator, model and moto with the model uploaded as s3://models/minilm.gguf; `None`: skip.
 fn setup() -> Option<(PathBuf, Moto, String)> {

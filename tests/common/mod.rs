@@ -6,6 +6,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod emulator;
 pub mod s3;
 
 use std::hash::{DefaultHasher, Hash, Hasher};

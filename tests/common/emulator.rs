@@ -1,0 +1,142 @@
+//! The real AWS Lambda Runtime Interface Emulator (`aws-lambda-rie` from the aws-sam-cli wheel,
+//! put in .cache/bin by scripts/fetch-tools) with the real `bootstrap` under it, on free loopback
+//! ports; its stdout collected (the cold-start EMF record goes there); killed by PID when dropped.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::s3::free_port;
+
+pub struct Emulator {
+    child: Child,
+    port: u16,
+    stdout: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Emulator {
+    /// Starts the emulator with `bootstrap` at 2048 MB, logs at warn; `env` is applied last
+    /// (MODEL_URI, AWS_LAMBDA_FUNCTION_MEMORY_SIZE, ... override the defaults).
+    pub fn start(rie: &Path, env: &[(&str, String)]) -> Emulator {
+        let (port, api_port) = (free_port(), free_port());
+        let mut cmd = Command::new(rie);
+        cmd.arg("--runtime-interface-emulator-address")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--runtime-api-address")
+            .arg(format!("127.0.0.1:{api_port}"))
+            .arg(env!("CARGO_BIN_EXE_bootstrap"))
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
+            .env("RUST_LOG", "warn")
+            .env("LOG_LEVEL", "warn")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("starting aws-lambda-rie");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let (out, sink) = (child.stdout.take().unwrap(), stdout.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "emulator did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Emulator {
+            child,
+            port,
+            stdout,
+        }
+    }
+
+    /// One synchronous invoke, as `aws lambda invoke` makes it: the HTTP head and the (de-chunked)
+    /// body the emulator answers.
+    pub fn invoke_http(&self, payload: &[u8]) -> (String, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        write!(
+            s,
+            "POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            payload.len()
+        )
+        .unwrap();
+        s.write_all(payload).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        (head.to_owned(), body)
+    }
+
+    /// The raw body of a successful invoke (a streamed response: prelude, NULs, body).
+    pub fn invoke_raw(&self, payload: &[u8]) -> String {
+        let (head, body) = self.invoke_http(payload);
+        assert!(head.starts_with("HTTP/1.1 200"), "emulator answered {head}");
+        body
+    }
+
+    /// The JSON an invoke answers (a function error is `{"errorType", "errorMessage"}`).
+    pub fn invoke(&self, payload: &[u8]) -> Value {
+        let (head, body) = self.invoke_http(payload);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {head}\n{body}"))
+    }
+
+    /// The cold-start EMF record the function printed, once it has printed it.
+    pub fn cold_start_record(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self
+                .stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["event"] == "cold_start");
+            if let Some(v) = found {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "no cold_start record on stdout");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (len, rest) = s.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(len.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+}
