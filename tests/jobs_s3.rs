@@ -12,7 +12,6 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use lambda_inference::config::S3Location;
 use lambda_inference::events;
 use lambda_inference::jobs::aws::{S3ResultStore, SqsJobQueue};
@@ -21,25 +20,9 @@ use serde_json::{json, Value};
 
 mod common;
 use common::s3::{self, Moto};
-use common::FailFirstWrite;
+use common::{failures, FailFirstWrite};
 
 const BUCKET: &str = "job-results";
-
-fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let conf = aws_sdk_sqs::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .http_client(http)
-        .endpoint_url(endpoint)
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
-        .build();
-    aws_sdk_sqs::Client::from_conf(conf)
-}
 
 async fn results_store(moto: &Moto) -> (aws_sdk_s3::Client, S3ResultStore) {
     let client = s3::client(&moto.endpoint());
@@ -77,15 +60,6 @@ async fn object(client: &aws_sdk_s3::Client, id: &str) -> Value {
         .await
         .unwrap_or_else(|e| panic!("no result object for {id}: {e}"));
     serde_json::from_slice(&o.body.collect().await.unwrap().into_bytes()).unwrap()
-}
-
-fn failures(v: &Value) -> Vec<String> {
-    v["batchItemFailures"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no batchItemFailures in {v}"))
-        .iter()
-        .map(|f| f["itemIdentifier"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 #[tokio::test]
@@ -173,7 +147,7 @@ fn apigw(method: &str, path: &str, body: Option<Value>) -> Value {
 async fn submit_through_api_consume_from_moto_sqs_then_get_the_result() {
     let Some(moto) = Moto::start() else { return };
     let (_, store) = results_store(&moto).await;
-    let sqs = sqs_client(&moto.endpoint());
+    let sqs = s3::sqs_client(&moto.endpoint());
     let url = sqs
         .create_queue()
         .queue_name("jobs")

@@ -15,16 +15,7 @@ use lambda_inference::service::{Limits, Service};
 use serde_json::{json, Value};
 
 mod common;
-use common::{FailFirstWrite, FakeEmbedder, FakeResultStore};
-
-fn failures(v: &Value) -> Vec<String> {
-    v["batchItemFailures"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no batchItemFailures in {v}"))
-        .iter()
-        .map(|f| f["itemIdentifier"].as_str().unwrap().to_owned())
-        .collect()
-}
+use common::{failures, FailFirstWrite, FakeEmbedder, FakeResultStore};
 
 fn stored(store: &FakeResultStore, id: &str) -> Value {
     let objects = store.objects.lock().unwrap();

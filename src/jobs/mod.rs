@@ -18,8 +18,6 @@
 pub mod aws;
 pub mod worker;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -28,7 +26,7 @@ use crate::error::{ApiError, ErrorKind};
 use crate::service::{ApiResponse, Limits};
 
 /// A boxed future, so the ports can be trait objects.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use futures_util::future::BoxFuture;
 
 /// SQS's message size limit (1 MiB since 2025): a job over it is refused at submit with 413.
 pub const MAX_JOB_BYTES: usize = 1024 * 1024;
@@ -62,7 +60,7 @@ impl JobId {
         }
     }
 
-    /// A fresh id for a job submitted without one: time + process + counter, hex. Unique within a
+    /// A fresh id for a job submitted without one: time + process + counter, hashed. Unique within a
     /// function's lifetime and, with the process id and nanoseconds, across environments in practice.
     pub fn generate() -> JobId {
         use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,18 +70,26 @@ impl JobId {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut h = sha2::Sha256::default();
+        JobId::hashed(
+            "job",
+            &[
+                &nanos.to_le_bytes(),
+                &std::process::id().to_le_bytes(),
+                &n.to_le_bytes(),
+            ],
+        )
+    }
+
+    /// `<prefix>-<24 hex digits of SHA-256(parts)>`: always a valid id, whatever the parts hold.
+    fn hashed(prefix: &str, parts: &[&[u8]]) -> JobId {
         use sha2::Digest;
-        h.update(nanos.to_le_bytes());
-        h.update(std::process::id().to_le_bytes());
-        h.update(n.to_le_bytes());
-        let d = h.finalize();
+        let mut h = sha2::Sha256::new();
+        for p in parts {
+            h.update(p);
+        }
         JobId(format!(
-            "job-{}",
-            d[..12]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
+            "{prefix}-{}",
+            crate::artifacts::hex(&h.finalize()[..12])
         ))
     }
 

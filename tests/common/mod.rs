@@ -149,6 +149,16 @@ pub fn needed_file(rel: &str, how: &str) -> Option<PathBuf> {
     None
 }
 
+/// The message ids an SQS partial batch response asks to redeliver.
+pub fn failures(v: &serde_json::Value) -> Vec<String> {
+    v["batchItemFailures"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no batchItemFailures in {v}"))
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// A FAKE result store (for testing the job worker without S3): a map in memory with the same
 /// create-only semantics as S3's `If-None-Match: *`. The S3 store is tested against moto.
 #[derive(Default)]

@@ -110,20 +110,36 @@ pub fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
 /// An S3 client for `endpoint` with dummy credentials and path-style addressing, on the same
 /// HTTP stack as the function (rustls on ring; plain http for loopback).
 pub fn client(endpoint: &str) -> aws_sdk_s3::Client {
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
     let conf = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .endpoint_url(endpoint)
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
         .force_path_style(true)
-        .http_client(http)
+        .http_client(http_client())
         .build();
     aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// An SQS client for a loopback server at `endpoint` (moto serves SQS on the same port as S3).
+pub fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
+    let conf = aws_sdk_sqs::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .http_client(http_client())
+        .endpoint_url(endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
+        .build();
+    aws_sdk_sqs::Client::from_conf(conf)
+}
+
+/// The function's HTTP stack (rustls on ring; plain http for loopback).
+fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
 }
 
 /// Creates `bucket` and uploads `bytes` as `key` through aws-sdk-s3: one PUT below 16 MB,

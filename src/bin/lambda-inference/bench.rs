@@ -185,11 +185,12 @@ fn cold_once(exe: &Path, model: &Path, event_file: &Path) -> anyhow::Result<(f64
     Ok((secs, ru.ru_maxrss as f64 / 1024.0, resp))
 }
 
-pub fn embeddings(opts: &Options) -> anyhow::Result<()> {
-    let model = opts
-        .model
+/// The model's absolute path and the configuration with it as MODEL_URI (the rest from the
+/// environment), applied to this process; prints the model and thread lines every bench starts with.
+fn setup(model: &Path) -> anyhow::Result<(PathBuf, Config)> {
+    let model = model
         .canonicalize()
-        .with_context(|| format!("model {}", opts.model.display()))?;
+        .with_context(|| format!("model {}", model.display()))?;
     let config = Config::from_lookup(|k| match k {
         "MODEL_URI" => Some(model.display().to_string()),
         _ => std::env::var(k).ok(),
@@ -201,6 +202,11 @@ pub fn embeddings(opts: &Options) -> anyhow::Result<()> {
         "threads      {} ({})",
         config.threads, config.threads_reason
     );
+    Ok((model, config))
+}
+
+pub fn embeddings(opts: &Options) -> anyhow::Result<()> {
+    let (model, config) = setup(&opts.model)?;
 
     // Cold start: fresh processes through the real invoke path.
     let short = "A man is playing a guitar on the stage tonight.";
@@ -370,21 +376,7 @@ pub fn generate(opts: &GenerateOptions) -> anyhow::Result<()> {
     use lambda_inference::engine::{Generator, SharedBytes};
     use std::sync::Arc;
 
-    let model = opts
-        .model
-        .canonicalize()
-        .with_context(|| format!("model {}", opts.model.display()))?;
-    let config = Config::from_lookup(|k| match k {
-        "MODEL_URI" => Some(model.display().to_string()),
-        _ => std::env::var(k).ok(),
-    })?;
-    app::configure(&config);
-    let size_mb = std::fs::metadata(&model)?.len() as f64 / 1e6;
-    println!("model        {} ({size_mb:.1} MB)", model.display());
-    println!(
-        "threads      {} ({})",
-        config.threads, config.threads_reason
-    );
+    let (model, _config) = setup(&opts.model)?;
 
     // Spawn -> first token: a fresh `invoke` process on a short chat with max_tokens 1.
     let tmp = std::env::temp_dir().join(format!("li-bench-gen-{}.json", std::process::id()));
