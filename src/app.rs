@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use serde_json::{json, Value};
 
-use crate::artifacts::{self, Artifact, ArtifactError, FetchStats};
+use crate::artifacts::{self, Artifact, ArtifactError, FetchStats, ModelDigest};
 use crate::config::Config;
 use crate::engine::{self, EngineError, SharedBytes};
 use crate::service::{ModelMeta, Service};
@@ -42,10 +42,11 @@ impl InitError {
 /// Where init time went, in milliseconds.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct InitReport {
-    /// Fetch (S3: HEAD + body, hashed as it arrives; file: mmap).
+    /// Fetch (S3: until the last byte landed; file: mmap).
     pub fetch_ms: f64,
     /// SHA-256 of the bytes: for a mapped file, overlapped with the engine build; for a download,
-    /// the part of the hash left after the last byte arrived (usually one chunk or less).
+    /// the hashing left after the last byte landed (none when the hash kept up with the
+    /// download; otherwise overlapped with the engine build).
     pub verify_ms: f64,
     /// GGUF parse + weight preparation + tokenizer build.
     pub engine_ms: f64,
@@ -125,38 +126,38 @@ impl App {
         // freed when `bytes` drops below); a generator keeps its weights in place, as llama.cpp
         // does with its mmap, instead of holding a second copy of the file.
         let bytes: SharedBytes = Arc::new(FileBytes(art.bytes));
-        let (sha256, verify_ms, engine, engine_ms) = match &art.sha256 {
-            // Downloaded: hashed while it arrived. Check before building, so a wrong model is
-            // never even parsed.
-            Some(sha) => {
-                artifacts::verify(&art.source, sha, config.model_sha256.as_deref())?;
-                let t = Instant::now();
-                let engine = engine::load_shared(bytes.clone());
-                (sha.clone(), 0.0, engine, t.elapsed().as_secs_f64() * 1e3)
+        let build = || {
+            let t = Instant::now();
+            let engine = engine::load_shared(bytes.clone());
+            (engine, t.elapsed().as_secs_f64() * 1e3)
+        };
+        let expected = config.model_sha256.as_deref();
+        let (sha256, verify_ms, engine, engine_ms) = match art.digest {
+            // Hashed while it arrived, and the hash kept up: check before building, so a wrong
+            // model is never even parsed.
+            digest if digest.is_ready() => {
+                let (sha, verify_ms) = digest.wait((*bytes).as_ref());
+                artifacts::verify(&art.source, &sha, expected)?;
+                let (engine, engine_ms) = build();
+                (sha, verify_ms, engine, engine_ms)
             }
-            // Mapped file: hash on one core while the engine is built on the other. Building
-            // from bytes not yet verified is harmless: nothing is served, and a mismatch drops
-            // the engine and fails init.
-            None => {
-                let (hashed, built) = rayon::join(
-                    || {
-                        let t = Instant::now();
-                        (
-                            artifacts::sha256_hex((*bytes).as_ref()),
-                            t.elapsed().as_secs_f64() * 1e3,
-                        )
-                    },
-                    || {
-                        let t = Instant::now();
-                        (
-                            engine::load_shared(bytes.clone()),
-                            t.elapsed().as_secs_f64() * 1e3,
-                        )
-                    },
-                );
-                let ((sha256, verify_ms), (engine, engine_ms)) = (hashed, built);
-                artifacts::verify(&art.source, &sha256, config.model_sha256.as_deref())?;
-                (sha256, verify_ms, engine, engine_ms)
+            // Downloaded faster than it could be hashed (the server shared our cores): the
+            // hashing thread finishes on one core while the engine is built on this one.
+            // Building from bytes not yet verified is harmless: nothing is served, and a
+            // mismatch drops the engine and fails init.
+            digest @ ModelDigest::Following { .. } => {
+                let (engine, engine_ms) = build();
+                let (sha, verify_ms) = digest.wait((*bytes).as_ref());
+                artifacts::verify(&art.source, &sha, expected)?;
+                (sha, verify_ms, engine, engine_ms)
+            }
+            // Mapped file: hash on one core while the engine is built on the other (same
+            // reasoning).
+            digest @ ModelDigest::ByCaller => {
+                let (hashed, built) = rayon::join(|| digest.wait((*bytes).as_ref()), build);
+                let ((sha, verify_ms), (engine, engine_ms)) = (hashed, built);
+                artifacts::verify(&art.source, &sha, expected)?;
+                (sha, verify_ms, engine, engine_ms)
             }
         };
         let engine = engine?;
@@ -304,7 +305,7 @@ pub fn cold_start_record(
     let f = &init.fetch;
     let metrics = [
         ("ConfigMs", "Milliseconds"),
-        ("HeadMs", "Milliseconds"),
+        ("FirstByteMs", "Milliseconds"),
         ("FetchMs", "Milliseconds"),
         ("FetchMBps", "None"),
         ("FetchRetries", "Count"),
@@ -325,7 +326,7 @@ pub fn cold_start_record(
         "FunctionName": function.unwrap_or("local"),
         "event": "cold_start",
         "ConfigMs": cold.config_ms,
-        "HeadMs": f.head_ms,
+        "FirstByteMs": f.first_byte_ms,
         "FetchMs": f.fetch_ms,
         "FetchMBps": f.mb_per_s,
         "FetchRetries": f.retries,

@@ -138,9 +138,9 @@ pub struct FetchSettings {
     /// MODEL_FETCH_SPLIT_BELOW_MBPS: larger objects start as one plain GET; if its first bytes
     /// arrive slower than this (MB/s), the rest is split into ranged GETs. 0: always ranged.
     pub split_below_mb_s: u64,
-    /// MODEL_FETCH_ATTEMPTS: tries per request (HEAD, each chunk) on transient errors.
+    /// MODEL_FETCH_ATTEMPTS: tries per request (the first GET, each chunk) on transient errors.
     pub attempts: u32,
-    /// MODEL_FETCH_TIMEOUT_S: the whole fetch (HEAD + all chunks + retries) must end by then.
+    /// MODEL_FETCH_TIMEOUT_S: the whole fetch (every GET and retry) must end by then.
     pub deadline: Duration,
 }
 

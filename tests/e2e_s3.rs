@@ -82,8 +82,8 @@ fn load_longer_than_the_init_budget_continues_into_the_first_invoke() {
     let Some((rie, moto, sha)) = setup() else {
         return;
     };
-    // HEAD and GET each wait 600 ms: the load takes > 1.2 s.
-    let slow = FaultProxy::start(moto.port, Fault::Delay(Duration::from_millis(600)));
+    // The one GET waits 1.2 s before it is relayed: the load takes > 1.2 s.
+    let slow = FaultProxy::start(moto.port, Fault::Delay(Duration::from_millis(1200)));
     for (init_type, continued) in [("on-demand", true), ("provisioned-concurrency", false)] {
         let emu = Emulator::start(
             &rie,

@@ -2,7 +2,8 @@
 //! object's exact bytes and digest, and every fault ends in a named error or a recovered load,
 //! never a wrong or half model. Faults come from the server itself (missing bucket or key), from
 //! the uploaded object (wrong digest, truncated GGUF), or from a fault-injecting proxy between
-//! the function and the server (refused connections, a body broken once, a stalled server).
+//! the function and the server (refused connections, a body broken once, an object replaced
+//! mid-download, a stalled server).
 //!
 //! Needs `moto_server` (pip install 'moto[server]'); skips without it, fails under CI=true.
 
@@ -80,6 +81,15 @@ fn plans_and_faults_against_a_real_s3_server() {
         for (settings, plan, chunks) in [
             (single(), "single", 1..=1),
             (ranged(), "ranged", 9..=9),
+            // Split at once, but the object is smaller than one chunk: the plain GET alone.
+            (
+                FetchSettings {
+                    chunk_bytes: 4 << 20,
+                    ..ranged()
+                },
+                "ranged",
+                1..=1,
+            ),
             (adaptive(1), "probe", 1..=1),
             (adaptive(1_000_000), "probe+split", 2..=9),
         ] {
@@ -87,7 +97,7 @@ fn plans_and_faults_against_a_real_s3_server() {
                 .await
                 .unwrap();
             assert!(a.bytes[..] == data[..], "{plan}: bytes differ");
-            assert_eq!(a.sha256.as_deref(), Some(want.as_str()), "{plan}");
+            assert_eq!(a.digest.wait(&a.bytes).0, want, "{plan}");
             assert_eq!(a.stats.plan, plan);
             assert!(chunks.contains(&a.stats.chunks), "{plan}: {:?}", a.stats);
             assert_eq!(a.stats.retries, 0);
@@ -140,7 +150,25 @@ fn plans_and_faults_against_a_real_s3_server() {
                 a.bytes[..] == data[..],
                 "{plan}: bytes differ after a retry"
             );
-            assert_eq!(a.sha256.as_deref(), Some(want.as_str()), "{plan}");
+            assert_eq!(a.digest.wait(&a.bytes).0, want, "{plan}");
+        }
+
+        // The object replaced between the first GET and the next: the later GETs carry the
+        // first one's ETag in If-Match, so the fetch fails instead of mixing two versions.
+        for (settings, plan) in [(ranged(), "ranged"), (adaptive(1_000_000), "probe+split")] {
+            let key = format!("replaced-{plan}.bin");
+            upload(&client(&moto.endpoint()), "models", &key, &data).await;
+            let proxy = FaultProxy::start(moto.port, Fault::ReplaceBeforeGet { nth_get: 2 });
+            let e = fetch(&proxy.endpoint(), settings, "models", &key)
+                .await
+                .err()
+                .unwrap();
+            assert_eq!(e.error_type(), "FetchFailed", "{plan}: {e}");
+            assert!(
+                e.to_string()
+                    .contains("the object changed during the download"),
+                "{plan}: {e}"
+            );
         }
 
         // A server too slow for the deadline: Timeout, naming the deadline.

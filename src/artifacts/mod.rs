@@ -1,10 +1,11 @@
 //! Model artifacts: where the GGUF bytes come from, and proof of what they are.
 //!
 //! Used once, at init: the bytes are fetched through an [`ArtifactStore`] (a local file, mapped;
-//! or S3, downloaded in parallel and hashed as it arrives: [`s3`]), hashed with SHA-256 and
-//! checked against MODEL_SHA256 before any engine sees them. Must not parse the model, and must
+//! or S3, downloaded in parallel and hashed as it lands: [`s3`], [`landing`]), hashed with
+//! SHA-256 and checked against MODEL_SHA256 before anything is served. Must not parse the model, and must
 //! not be called on the request path.
 
+pub mod landing;
 pub mod s3;
 
 use std::future::Future;
@@ -53,9 +54,9 @@ impl ArtifactError {
     }
 }
 
-/// The model's bytes: a heap buffer (downloads) or a read-only mapping of a local file.
+/// The model's bytes: a finished download or a read-only mapping of a local file.
 pub enum ModelBytes {
-    Heap(Vec<u8>),
+    Landed(landing::Landed),
     /// The image's model is a read-only file in the page cache: mapping it costs one syscall,
     /// where reading it into a fresh buffer costs a copy and ~6k page faults (~25 ms for 25 MB).
     Mapped(memmap2::Mmap),
@@ -65,7 +66,7 @@ impl std::ops::Deref for ModelBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            ModelBytes::Heap(v) => v,
+            ModelBytes::Landed(v) => v,
             ModelBytes::Mapped(m) => m,
         }
     }
@@ -74,14 +75,15 @@ impl std::ops::Deref for ModelBytes {
 /// How a fetch went, for the cold-start breakdown.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct FetchStats {
-    /// `file` (mapped), `single` (one plain GET) or `ranged` (parallel ranged GETs).
+    /// `file` (mapped), `single` (one plain GET), `probe` (a plain GET judged fast enough to go
+    /// on alone), `probe+split` (judged slow, joined by ranged GETs) or `ranged` (split at once).
     pub plan: &'static str,
-    /// The HEAD request (S3 only), ms.
-    pub head_ms: f64,
-    /// HEAD + body, ms.
+    /// Until the first GET's response headers (size and ETag known), ms (S3 only).
+    pub first_byte_ms: f64,
+    /// Until the last byte landed, ms.
     pub fetch_ms: f64,
     pub bytes: u64,
-    /// Body throughput (after the HEAD), MB/s (10^6 bytes).
+    /// Body throughput (after the first byte), MB/s (10^6 bytes).
     pub mb_per_s: f64,
     /// GET requests the body was split into (0 for a mapped file).
     pub chunks: usize,
@@ -105,10 +107,46 @@ pub trait ArtifactStore: Send + Sync {
 pub struct Artifact {
     pub bytes: ModelBytes,
     pub source: String,
-    /// SHA-256 computed while the bytes arrived (downloads); `None`: the caller hashes (a mapped
-    /// file is hashed in parallel with the engine build, see `App::init`).
-    pub sha256: Option<String>,
+    pub digest: ModelDigest,
     pub stats: FetchStats,
+}
+
+/// The SHA-256 of an artifact's bytes, as far as the store got with it.
+pub enum ModelDigest {
+    /// Computed by a thread that followed the download (finished, or finishing the part that
+    /// was left when the last byte landed at `landed_at`).
+    Following {
+        digest: landing::PendingDigest,
+        landed_at: std::time::Instant,
+    },
+    /// Not computed: the caller hashes the bytes (a mapped file, hashed in parallel with the
+    /// engine build, see `App::build`).
+    ByCaller,
+}
+
+impl ModelDigest {
+    /// Whether [`wait`](Self::wait) would return at once.
+    pub fn is_ready(&self) -> bool {
+        matches!(self, ModelDigest::Following { digest, .. } if digest.is_finished())
+    }
+
+    /// The lowercase hex digest of `bytes`, and the ms it cost beyond the fetch: the hashing
+    /// left after the last byte landed, or the whole hash when the caller computes it.
+    pub fn wait(self, bytes: &[u8]) -> (String, f64) {
+        let t = std::time::Instant::now();
+        let hashed_here = || (sha256_hex(bytes), t.elapsed().as_secs_f64() * 1e3);
+        match self {
+            ModelDigest::Following { digest, landed_at } => match digest.wait() {
+                Some((sha, ready_at)) => (
+                    sha,
+                    ready_at.saturating_duration_since(landed_at).as_secs_f64() * 1e3,
+                ),
+                // Only when the download was given up, which `bytes` says it was not.
+                None => hashed_here(),
+            },
+            ModelDigest::ByCaller => hashed_here(),
+        }
+    }
 }
 
 /// Fetches the model named by `config.model_uri` through the store for its scheme. The caller
@@ -170,7 +208,7 @@ fn read_file(path: &Path) -> Result<Artifact, ArtifactError> {
     Ok(Artifact {
         bytes,
         source,
-        sha256: None,
+        digest: ModelDigest::ByCaller,
         stats: FetchStats {
             plan: "file",
             fetch_ms: t0.elapsed().as_secs_f64() * 1e3,

@@ -1,39 +1,42 @@
-//! The model from S3: one HEAD, then the object in one plain GET or in parallel ranged GETs,
-//! written straight into one preallocated buffer and hashed while it arrives.
+//! The model from S3: one plain GET whose headers give the size and ETag, continued alone or
+//! joined by parallel ranged GETs, written straight into one preallocated buffer that a thread of
+//! its own hashes as the bytes land.
 //!
-//! - No second copy: the buffer is allocated once at the size the HEAD gave and each GET writes
-//!   into its own disjoint slice of it. The engine later reads that buffer in place.
-//! - Hash while downloading: SHA-256 must see the bytes in order, so the hasher follows the
-//!   contiguous prefix: the chunk at the front of the prefix hashes each frame as it lands; a
-//!   chunk that finishes early waits in a map and is hashed as soon as the front reaches it. By
-//!   the time the last byte arrives, at most one chunk is left to hash.
-//! - Never a wrong or half model: every GET carries `If-Match: <ETag from the HEAD>` (an object
-//!   replaced mid-download fails instead of mixing two versions), every chunk must come back at
-//!   exactly its length, and MODEL_SHA256 is checked by the caller on the finished digest.
-//! - Plans: one plain GET for small objects; for bigger ones a plain GET that is judged after its
+//! - No HEAD: the first GET's response carries the same size and ETag, and its body is already
+//!   coming. A HEAD first costs one more round trip (3.5 ms on a loopback moto, one first-byte
+//!   latency on S3) before any byte moves.
+//! - No second copy: the buffer ([`Landing`]) is allocated once at the size the first GET gave;
+//!   each GET writes into its own disjoint range of it (a [`Claim`]). The engine later reads that
+//!   buffer in place.
+//! - Hash while downloading, off the download's path: a hashing thread follows the contiguous
+//!   landed prefix at idle priority (see [`super::landing`]), so it never slows the GETs; what is
+//!   left when the last byte lands is finished while the engine is built.
+//! - Never a wrong or half model: every later GET carries `If-Match: <ETag of the first GET>` (an
+//!   object replaced mid-download fails instead of mixing two versions), every ranged GET must
+//!   come back at exactly its length, and MODEL_SHA256 is checked by the caller on the digest.
+//! - Plans: one plain GET for small objects; for bigger ones the plain GET is judged after its
 //!   first 2 MiB and split into parallel ranged GETs only if its connection is slow (real S3
 //!   gives one connection 60-90 MB/s; a local server 300+ MB/s, and serves ranges badly); or, with
-//!   MODEL_FETCH_SPLIT_BELOW_MBPS=0, ranged GETs from the start.
+//!   MODEL_FETCH_SPLIT_BELOW_MBPS=0, split into ranged GETs as soon as its headers arrive.
 //! - Retries are ours, not the SDK's: a body that breaks after 5 of 8 MB resumes at byte 5 MB of
 //!   that chunk (a Range from where it stopped), with exponential backoff; the SDK can only repeat
-//!   whole requests. One overall deadline (MODEL_FETCH_TIMEOUT_S) bounds HEAD, chunks and retries.
+//!   whole requests. One overall deadline (MODEL_FETCH_TIMEOUT_S) bounds every request and retry.
 //!
 //! Must not parse the model; used at init only.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::get_object::GetObjectOutput;
 use aws_sdk_s3::primitives::ByteStream;
 use futures_util::TryStreamExt;
-use sha2::{Digest, Sha256};
 
-use super::{hex, Artifact, ArtifactError, ArtifactStore, FetchStats, ModelBytes};
+use super::landing::{Claim, Landed, Landing};
+use super::{Artifact, ArtifactError, ArtifactStore, FetchStats, ModelBytes, ModelDigest};
 use crate::config::{FetchSettings, ModelUri};
 
 /// Downloads models from S3 (or any S3-compatible server the SDK is pointed at).
@@ -94,44 +97,49 @@ impl S3ArtifactStore {
             attempts: self.settings.attempts,
             progress,
         };
-        let (size, etag) = req.head().await?;
-        let head_ms = ms(t0);
+        // Every plan starts as one plain GET of the whole object: its headers carry the size and
+        // ETag a HEAD would give, without the HEAD's round trip (3.5 ms on a loopback moto, one
+        // first-byte latency on S3), and its body is already on the way.
+        let (first, size, etag) = req.first_get().await?;
+        let first_byte_ms = ms(t0);
         progress.size.store(size, Ordering::Relaxed);
         let size_usize = usize::try_from(size)
             .map_err(|_| ArtifactError::Io(format!("{uri}: {size} bytes do not fit in memory")))?;
+        let (req, etag) = (&req, etag.as_str());
+        let (landing, mut all) = Landing::new(size_usize).map_err(|e| {
+            ArtifactError::Io(format!("{uri}: cannot map a {size}-byte buffer: {e}"))
+        })?;
+        let digest = landing.follow_with_sha256();
 
-        // calloc-backed: the pages are mapped lazily as the GETs write them, so this costs no
-        // time up front and the buffer is never copied afterwards.
-        let mut buf = vec![0u8; size_usize];
-        let hashing = Mutex::new(Hashing {
-            hasher: Sha256::new(),
-            front: 0,
-            waiting: BTreeMap::new(),
-        });
         let st = self.settings;
         let chunk =
             usize::try_from(st.chunk_bytes).expect("chunk size is at most 1 GiB (config.rs)");
         let (plan, chunks) = if size <= st.single_get_max_bytes || st.concurrency == 1 {
-            // Small objects: one plain GET; parallel requests cannot win back their latency.
-            req.chunk(0, 0, true, &mut buf[..], &etag, &hashing, None)
-                .await?;
+            // Small objects: the one plain GET; parallel requests cannot win back their latency.
+            req.chunk(all, Some(first), etag, false, None).await?;
             ("single", 1)
         } else if st.split_below_mb_s == 0 {
-            // Static plan: ranged GETs of chunk_bytes, `concurrency` in flight.
-            let chunks = buf.len().div_ceil(chunk);
-            futures_util::stream::iter(buf.chunks_mut(chunk).enumerate().map(Ok))
-                .try_for_each_concurrent(st.concurrency, |(i, slice)| {
-                    req.chunk(i, (i * chunk) as u64, false, slice, &etag, &hashing, None)
-                })
-                .await?;
-            ("ranged", chunks)
+            // Static plan: the plain GET keeps the first chunk_bytes; the rest is ranged GETs of
+            // chunk_bytes, `concurrency` in flight in all.
+            let tail = split_into(all.split_off(chunk.min(size_usize)), chunk);
+            let n = tail.len();
+            let head = req.chunk(all, Some(first), etag, true, None);
+            let tail = async {
+                futures_util::stream::iter(tail.into_iter().map(Ok))
+                    .try_for_each_concurrent((st.concurrency - 1).max(1), move |c| {
+                        req.chunk(c, None, etag, false, None)
+                    })
+                    .await
+            };
+            futures_util::future::try_join(head, tail).await?;
+            ("ranged", 1 + n)
         } else {
-            // Adaptive plan: one plain GET of the whole object, judged after its first bytes.
-            // A local server (moto, MinIO on loopback) streams 300-550 MB/s on one connection
-            // and serves ranged GETs badly (moto: 98 MB in 0.3 s on one GET, 1.35 s as 12
-            // ranges): the GET just goes on. Real S3 gives one connection 60-90 MB/s: the GET
-            // keeps the next chunk_bytes, and the rest of the object is fetched as ranged GETs
-            // on concurrency-1 more connections.
+            // Adaptive plan: the plain GET is judged after its first bytes. A local server
+            // (moto, MinIO on loopback) streams 300-1500 MB/s on one connection and serves
+            // ranged GETs badly (moto: 98 MB in 0.3 s on one GET, 1.35 s as 12 ranges): the GET
+            // just goes on. Real S3 gives one connection 60-90 MB/s: the GET keeps the next
+            // chunk_bytes, and the rest of the object is fetched as ranged GETs on
+            // concurrency-1 more connections.
             let (tx, rx) = tokio::sync::oneshot::channel();
             let probe = Probe {
                 after: chunk.min(2 << 20),
@@ -139,17 +147,16 @@ impl S3ArtifactStore {
                 keep: chunk,
                 tail: tx,
             };
-            let head = req.chunk(0, 0, true, &mut buf[..], &etag, &hashing, Some(probe));
+            let head = req.chunk(all, Some(first), etag, false, Some(probe));
             let tail = async {
                 let Ok(Some(tail)) = rx.await else {
                     return Ok(0);
                 };
-                let base = size_usize - tail.len();
-                let n = tail.len().div_ceil(chunk);
-                futures_util::stream::iter(tail.chunks_mut(chunk).enumerate().map(Ok))
-                    .try_for_each_concurrent((st.concurrency - 1).max(1), |(j, slice)| {
-                        let start = (base + j * chunk) as u64;
-                        req.chunk(1 + j, start, false, slice, &etag, &hashing, None)
+                let tail = split_into(tail, chunk);
+                let n = tail.len();
+                futures_util::stream::iter(tail.into_iter().map(Ok))
+                    .try_for_each_concurrent((st.concurrency - 1).max(1), move |c| {
+                        req.chunk(c, None, etag, false, None)
                     })
                     .await?;
                 Ok(n)
@@ -161,37 +168,43 @@ impl S3ArtifactStore {
                 ("probe+split", 1 + tail_chunks)
             }
         };
-        let Hashing {
-            hasher,
-            front,
-            waiting,
-        } = hashing
-            .into_inner()
-            .expect("no chunk panicked holding the lock");
-        assert!(
-            front == chunks && waiting.is_empty(),
-            "every chunk was hashed, in order"
-        );
-        drop(waiting);
-        let sha256 = hex(&hasher.finalize());
         let fetch_ms = ms(t0);
-        let body_s = ((fetch_ms - head_ms) / 1e3).max(1e-9);
+        let landed_at = Instant::now();
+        let bytes = Landed::new(landing).ok_or_else(|| {
+            ArtifactError::Io(format!(
+                "{uri}: every GET ended, yet some bytes are missing"
+            ))
+        })?;
+        let body_s = ((fetch_ms - first_byte_ms) / 1e3).max(1e-9);
         Ok(Artifact {
-            bytes: ModelBytes::Heap(buf),
+            bytes: ModelBytes::Landed(bytes),
             source: uri.to_owned(),
-            sha256: Some(sha256),
+            digest: ModelDigest::Following { digest, landed_at },
             stats: FetchStats {
                 plan,
-                head_ms,
+                first_byte_ms,
                 fetch_ms,
                 bytes: size,
                 mb_per_s: size as f64 / 1e6 / body_s,
                 chunks,
                 retries: progress.retries.load(Ordering::Relaxed),
-                etag: Some(etag),
+                etag: Some(etag.to_owned()),
             },
         })
     }
+}
+
+/// `claim` cut into claims of `chunk` bytes (the last one shorter).
+fn split_into(mut claim: Claim, chunk: usize) -> Vec<Claim> {
+    let mut out = Vec::new();
+    while claim.remaining() > chunk {
+        let rest = claim.split_off(claim.cursor() + chunk);
+        out.push(std::mem::replace(&mut claim, rest));
+    }
+    if claim.remaining() > 0 {
+        out.push(claim);
+    }
+    out
 }
 
 impl ArtifactStore for S3ArtifactStore {
@@ -231,17 +244,8 @@ impl Default for Progress {
     }
 }
 
-/// The in-order hash over chunks that complete out of order.
-struct Hashing<'b> {
-    hasher: Sha256,
-    /// The chunk whose bytes the hasher takes next; every chunk before it is hashed.
-    front: usize,
-    /// Chunks finished before the front reached them: their not-yet-hashed bytes.
-    waiting: BTreeMap<usize, &'b [u8]>,
-}
-
 /// The adaptive plan's decision point, carried by its plain GET of the whole object.
-struct Probe<'b> {
+struct Probe {
     /// Bytes after which the connection's rate is judged.
     after: usize,
     /// Split when the rate so far (first-byte latency included) is below this.
@@ -249,7 +253,7 @@ struct Probe<'b> {
     /// Bytes the plain GET keeps fetching after the decision.
     keep: usize,
     /// Where the tail goes (`None`: no split).
-    tail: tokio::sync::oneshot::Sender<Option<&'b mut [u8]>>,
+    tail: tokio::sync::oneshot::Sender<Option<Claim>>,
 }
 
 /// What one failed request means for the fetch.
@@ -271,31 +275,33 @@ struct Req<'a> {
 }
 
 impl Req<'_> {
-    /// Size and ETag of the object.
-    async fn head(&self) -> Result<(u64, String), ArtifactError> {
+    /// The plain GET of the whole object every plan starts with, retried until its headers
+    /// arrive; with the object's size and ETag from them.
+    async fn first_get(&self) -> Result<(GetObjectOutput, u64, String), ArtifactError> {
         let mut attempt = 1;
         loop {
             let r = self
                 .client
-                .head_object()
+                .get_object()
                 .bucket(self.bucket)
                 .key(self.key)
                 .send()
                 .await;
             let failure = match r {
-                Ok(h) => {
-                    let size = h.content_length().unwrap_or(-1);
-                    let Ok(size) = u64::try_from(size) else {
+                Ok(resp) => {
+                    let Some(size) = resp.content_length().and_then(|n| u64::try_from(n).ok())
+                    else {
                         return Err(ArtifactError::Io(format!(
-                            "{}: HEAD gave no Content-Length",
+                            "{}: GET gave no Content-Length",
                             self.uri
                         )));
                     };
-                    // Without an ETag there is nothing to pin the GETs to; S3 always sends one.
-                    let etag = h.e_tag().unwrap_or_default().to_owned();
-                    return Ok((size, etag));
+                    // Without an ETag there is nothing to pin the other GETs to; S3 always
+                    // sends one.
+                    let etag = resp.e_tag().unwrap_or_default().to_owned();
+                    return Ok((resp, size, etag));
                 }
-                Err(e) => classify(self.uri, "HEAD", &e),
+                Err(e) => classify(self.uri, "GET", &e),
             };
             self.backoff_or_fail(failure, &mut attempt).await?;
         }
@@ -327,77 +333,75 @@ impl Req<'_> {
         }
     }
 
-    /// Fetches chunk `i` (`slice.len()` bytes from `start`) into `slice`, resuming where a broken
-    /// body stopped, and feeds the in-order hash.
-    #[allow(clippy::too_many_arguments)]
-    async fn chunk<'b>(
+    /// Fills `claim` from the object's bytes at the same offsets: from `first` (the plain
+    /// GET's response, which may run past the claim when `overrun` is set: the rest is someone
+    /// else's and is dropped unread), else from ranged GETs; a broken body resumes where it
+    /// stopped. Every frame lands in the buffer, where the hashing thread picks it up.
+    async fn chunk(
         &self,
-        i: usize,
-        start: u64,
-        whole: bool,
-        mut slice: &'b mut [u8],
+        mut claim: Claim,
+        mut first: Option<GetObjectOutput>,
         etag: &str,
-        hashing: &Mutex<Hashing<'b>>,
-        mut probe: Option<Probe<'b>>,
+        mut overrun: bool,
+        mut probe: Option<Probe>,
     ) -> Result<(), ArtifactError> {
-        let mut len = slice.len();
-        let (mut written, mut hashed) = (0usize, 0usize);
         let mut attempt = 1;
+        let claim_start = claim.cursor();
         // When the first frame landed, and how many bytes had by then: the probe's rate runs
         // from there, so that the request's first-byte latency (which parallel GETs pay too)
         // does not count as slowness.
         let mut first_frame: Option<(Instant, usize)> = None;
-        // Set when the probe handed the tail away while this plain GET still streams the whole
-        // object: the rest of its body is someone else's and is dropped unread.
-        let mut truncated = false;
-        while written < len {
-            let from = start + written as u64;
-            let to = start + len as u64 - 1;
-            let mut get = self.client.get_object().bucket(self.bucket).key(self.key);
-            if !etag.is_empty() {
-                get = get.if_match(etag);
-            }
-            if !(whole && written == 0) {
-                get = get.range(format!("bytes={from}-{to}"));
-            }
-            let failure = match get.send().await {
-                Err(e) => classify(self.uri, "GET", &e),
-                Ok(resp) => {
-                    let want = (len - written) as i64;
-                    if resp.content_length().is_some_and(|n| n != want) {
-                        // An object that grew or shrank since the HEAD (without If-Match
-                        // support on the server), or a server ignoring Range.
-                        return Err(ArtifactError::Io(format!(
-                            "{}: GET bytes {from}-{to} answered {} bytes, expected {want}",
-                            self.uri,
-                            resp.content_length().unwrap_or(-1)
-                        )));
+        while claim.remaining() > 0 {
+            let (from, to) = (claim.cursor() as u64, claim.end() as u64 - 1);
+            let resp = match first.take() {
+                Some(resp) => Ok(resp),
+                None => {
+                    let mut get = self
+                        .client
+                        .get_object()
+                        .bucket(self.bucket)
+                        .key(self.key)
+                        .range(format!("bytes={from}-{to}"));
+                    if !etag.is_empty() {
+                        get = get.if_match(etag);
                     }
+                    // A resumed plain GET is a ranged GET that stops at the claim's end.
+                    overrun = false;
+                    match get.send().await {
+                        Ok(resp) => {
+                            let want = (to - from + 1) as i64;
+                            if resp.content_length().is_some_and(|n| n != want) {
+                                // An object that changed size without the server honouring
+                                // If-Match, or a server ignoring Range.
+                                return Err(ArtifactError::Io(format!(
+                                    "{}: GET bytes {from}-{to} answered {} bytes, expected {want}",
+                                    self.uri,
+                                    resp.content_length().unwrap_or(-1)
+                                )));
+                            }
+                            Ok(resp)
+                        }
+                        Err(e) => Err(classify(self.uri, "GET", &e)),
+                    }
+                }
+            };
+            let failure = match resp {
+                Err(f) => f,
+                Ok(resp) => {
                     let mut body: ByteStream = resp.body;
                     loop {
                         match body.next().await {
                             Some(Ok(frame)) => {
-                                let mut end = written + frame.len();
-                                if end > len {
-                                    if !truncated {
-                                        return Err(ArtifactError::Io(format!(
-                                            "{}: GET bytes {from}-{to} sent more than asked",
-                                            self.uri
-                                        )));
-                                    }
-                                    end = len;
+                                let n = frame.len().min(claim.remaining());
+                                if n < frame.len() && !overrun {
+                                    return Err(ArtifactError::Io(format!(
+                                        "{}: GET bytes {from}-{to} sent more than asked",
+                                        self.uri
+                                    )));
                                 }
-                                let n = end - written;
-                                slice[written..end].copy_from_slice(&frame[..n]);
-                                written = end;
+                                claim.write(&frame[..n]);
                                 self.progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                                {
-                                    let mut h = hashing.lock().expect("hash lock");
-                                    if h.front == i {
-                                        h.hasher.update(&slice[hashed..written]);
-                                        hashed = written;
-                                    }
-                                }
+                                let written = claim.cursor() - claim_start;
                                 let (t0, at0) =
                                     *first_frame.get_or_insert((Instant::now(), written));
                                 if probe.as_ref().is_some_and(|p| written >= p.after) {
@@ -408,23 +412,17 @@ impl Req<'_> {
                                     } else {
                                         f64::INFINITY
                                     };
-                                    let split = written + p.keep;
-                                    let tail = if rate < p.split_below_bytes_per_s
-                                        && split + p.keep < len
-                                    {
-                                        let (head, tail) =
-                                            std::mem::take(&mut slice).split_at_mut(split);
-                                        slice = head;
-                                        len = split;
-                                        truncated = true;
-                                        Some(tail)
-                                    } else {
-                                        None
-                                    };
+                                    let split = claim.cursor() + p.keep;
+                                    let tail = (rate < p.split_below_bytes_per_s
+                                        && split + p.keep < claim.end())
+                                    .then(|| {
+                                        overrun = true;
+                                        claim.split_off(split)
+                                    });
                                     // The receiver is gone only if the fetch already failed.
                                     let _ = p.tail.send(tail);
                                 }
-                                if written == len {
+                                if claim.remaining() == 0 {
                                     break Failure::Transient(String::new());
                                 }
                             }
@@ -432,44 +430,28 @@ impl Req<'_> {
                                 break Failure::Transient(format!(
                                     "{}: body of bytes {from}-{to} broke after {} bytes: {}",
                                     self.uri,
-                                    written as u64 + start - from,
+                                    claim.cursor() as u64 - from,
                                     DisplayErrorContext(&e)
                                 ))
                             }
-                            None if written == len => break Failure::Transient(String::new()),
+                            None if claim.remaining() == 0 => {
+                                break Failure::Transient(String::new())
+                            }
                             None => {
                                 break Failure::Transient(format!(
                                     "{}: body of bytes {from}-{to} ended early, at {} bytes",
                                     self.uri,
-                                    written as u64 + start - from
+                                    claim.cursor() as u64 - from
                                 ))
                             }
                         }
                     }
                 }
             };
-            if written == len {
+            if claim.remaining() == 0 {
                 break;
             }
             self.backoff_or_fail(failure, &mut attempt).await?;
-        }
-        // Done: hash what is left if this chunk is the front, then every finished chunk behind
-        // it; otherwise leave the unhashed rest for the front to pick up.
-        let rest: &'b [u8] = &slice[hashed..];
-        let mut h = hashing.lock().expect("hash lock");
-        if h.front == i {
-            h.hasher.update(rest);
-            h.front += 1;
-            loop {
-                let next = h.front;
-                let Some(waiting) = h.waiting.remove(&next) else {
-                    break;
-                };
-                h.hasher.update(waiting);
-                h.front += 1;
-            }
-        } else {
-            h.waiting.insert(i, rest);
         }
         Ok(())
     }

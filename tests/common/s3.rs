@@ -236,6 +236,10 @@ pub enum Fault {
     Stall,
     /// Every request waits this long before it is relayed: a slow server.
     Delay(Duration),
+    /// Before the `nth` GET is relayed, the object it asks for is overwritten (a PUT straight to
+    /// the server with a dummy signature, which moto does not check): an object replaced
+    /// mid-download.
+    ReplaceBeforeGet { nth_get: usize },
 }
 
 /// A loopback TCP proxy in front of an S3 server, one request per connection (it asks both
@@ -280,6 +284,23 @@ impl FaultProxy {
     }
 }
 
+/// `PUT path` with `body` on a fresh connection (signature not computed), waiting for the answer.
+fn put_unchecked(port: u16, path: &str, body: &[u8]) {
+    let mut up = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        up,
+        "PUT {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, \
+         SignedHeaders=host, Signature=0\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    up.write_all(body).unwrap();
+    let mut answer = String::new();
+    up.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "PUT {path}: {answer}");
+}
+
 fn relay(
     mut client: TcpStream,
     upstream_port: u16,
@@ -309,6 +330,21 @@ fn relay(
         Fault::BreakOnce { nth_get, after } if nth == nth_get => limit = after,
         Fault::BreakOnce { .. } => {}
         Fault::Delay(d) => std::thread::sleep(d),
+        Fault::ReplaceBeforeGet { nth_get } if nth == nth_get => {
+            let path = text
+                .split(' ')
+                .nth(1)
+                .unwrap_or("/")
+                .split('?')
+                .next()
+                .unwrap();
+            put_unchecked(
+                upstream_port,
+                path,
+                b"replaced while it was being downloaded",
+            );
+        }
+        Fault::ReplaceBeforeGet { .. } => {}
         Fault::Stall => {
             // Hold the connection until the client gives up (or the test ends).
             let _ = client.set_read_timeout(Some(Duration::from_millis(100)));
