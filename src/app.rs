@@ -141,21 +141,20 @@ impl App {
                 let (engine, engine_ms) = build();
                 (sha, verify_ms, engine, engine_ms)
             }
-            // Downloaded faster than it could be hashed (the server shared our cores): the
-            // hashing thread finishes on one core while the engine is built on this one.
+            // Not hashed yet: the hash runs on one core while the engine is built on this one.
             // Building from bytes not yet verified is harmless: nothing is served, and a
             // mismatch drops the engine and fails init.
-            digest @ ModelDigest::Following { .. } => {
-                let (engine, engine_ms) = build();
-                let (sha, verify_ms) = digest.wait((*bytes).as_ref());
-                artifacts::verify(&art.source, &sha, expected)?;
-                (sha, verify_ms, engine, engine_ms)
-            }
-            // Mapped file: hash on one core while the engine is built on the other (same
-            // reasoning).
-            digest @ ModelDigest::ByCaller => {
-                let (hashed, built) = rayon::join(|| digest.wait((*bytes).as_ref()), build);
-                let ((sha, verify_ms), (engine, engine_ms)) = (hashed, built);
+            digest => {
+                let ((sha, verify_ms), (engine, engine_ms)) = match digest {
+                    // A download that outran its hashing thread (the server shared our cores):
+                    // that thread finishes on its own.
+                    ModelDigest::Following { .. } => {
+                        let built = build();
+                        (digest.wait((*bytes).as_ref()), built)
+                    }
+                    // A mapped file: hashed on a second rayon worker.
+                    ModelDigest::ByCaller => rayon::join(|| digest.wait((*bytes).as_ref()), build),
+                };
                 artifacts::verify(&art.source, &sha, expected)?;
                 (sha, verify_ms, engine, engine_ms)
             }

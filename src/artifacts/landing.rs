@@ -98,16 +98,8 @@ impl Landing {
         Ok((landing, claim))
     }
 
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Bytes landed so far at the front.
-    pub fn prefix(&self) -> usize {
+    fn prefix(&self) -> usize {
         self.prefix.load(Ordering::Acquire)
     }
 
@@ -123,7 +115,7 @@ impl Landing {
     }
 
     /// The whole buffer, once every byte has landed.
-    pub fn complete(&self) -> Option<&[u8]> {
+    fn complete(&self) -> Option<&[u8]> {
         (self.prefix() == self.len).then(|| self.landed(0, self.len))
     }
 
