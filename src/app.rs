@@ -30,6 +30,17 @@ pub enum InitError {
 }
 
 impl InitError {
+    /// Whether a new load in this environment would fail the same way (a wrong digest, a model
+    /// the engine cannot run, a missing object or permission): such a failure is kept for the
+    /// environment's life instead of re-downloading the model on every request.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            InitError::Artifact(a) => a.is_permanent(),
+            InitError::Engine(_) => true,
+            InitError::Panicked(_) => false,
+        }
+    }
+
     pub fn error_type(&self) -> &'static str {
         match self {
             InitError::Artifact(a) => a.error_type(),
@@ -206,11 +217,21 @@ type LoadFuture = Shared<BoxFuture<'static, Result<Arc<App>, Arc<InitError>>>>;
 ///
 /// Init waits for the load up to the budget ([`LazyApp::wait`]); an invoke awaits the same load
 /// ([`LazyApp::get`]), so a model that takes longer than Lambda's 10 s init cap finishes during the
-/// first invoke instead of being killed with init. A failed load is not kept: the invoke that saw
-/// it reports it, and the next invoke starts a fresh load (S3 may have recovered).
+/// first invoke instead of being killed with init. A permanent failure
+/// ([`InitError::is_permanent`]) is kept for the environment's life: every invoke answers it at
+/// once. A transient one (a network failure, a timeout) is retried by a later invoke, no sooner
+/// than a backoff that doubles with each failure (1 s up to 60 s): until then invokes answer the
+/// last error without touching S3.
 pub struct LazyApp {
     config: Arc<Config>,
     current: Mutex<Option<LoadFuture>>,
+    /// The last transient failure: when, how many in a row, and the error.
+    backoff: Mutex<Option<(Instant, u32, Arc<InitError>)>>,
+}
+
+/// The wait before retrying a transient load failure after `failures` in a row.
+pub fn load_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 impl LazyApp {
@@ -222,6 +243,7 @@ impl LazyApp {
         LazyApp {
             config,
             current: Mutex::new(Some(first)),
+            backoff: Mutex::new(None),
         }
     }
 
@@ -253,18 +275,34 @@ impl LazyApp {
         tokio::time::timeout(budget, self.current()).await.ok()
     }
 
-    /// The loaded App, awaiting the load in progress (or starting a new one after a failure).
+    /// The loaded App, awaiting the load in progress (or starting a new one after a transient
+    /// failure, once its backoff has passed).
     pub async fn get(&self) -> Result<Arc<App>, Arc<InitError>> {
+        {
+            let backoff = self.backoff.lock().expect("never held across a panic");
+            if let Some((at, failures, e)) = backoff.as_ref() {
+                let cur = self.current.lock().expect("never held across a panic");
+                if cur.is_none() && at.elapsed() < load_backoff(*failures) {
+                    return Err(e.clone());
+                }
+            }
+        }
         let fut = self.current();
         let r = fut.clone().await;
-        if r.is_err() {
-            let mut cur = self
-                .current
-                .lock()
-                .expect("LazyApp lock is never held across a panic");
-            if cur.as_ref().is_some_and(|c| c.ptr_eq(&fut)) {
-                *cur = None;
+        match &r {
+            Err(e) if !e.is_permanent() => {
+                // Same order as above (backoff, then current): no lock-order inversion.
+                let mut backoff = self.backoff.lock().expect("never held across a panic");
+                let mut cur = self.current.lock().expect("never held across a panic");
+                if cur.as_ref().is_some_and(|c| c.ptr_eq(&fut)) {
+                    *cur = None;
+                    let failures = backoff.as_ref().map_or(0, |b| b.1) + 1;
+                    *backoff = Some((Instant::now(), failures, e.clone()));
+                }
             }
+            Ok(_) => *self.backoff.lock().expect("never held across a panic") = None,
+            // Permanent: the failed load stays current, so every later call answers it at once.
+            Err(_) => {}
         }
         r
     }

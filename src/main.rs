@@ -22,11 +22,12 @@ use std::time::{Duration, Instant, SystemTime};
 use lambda_inference::app::{self, ColdStart, LazyApp};
 use lambda_inference::config::{self, Config};
 use lambda_inference::error::{ApiError, ErrorKind};
-use lambda_inference::events::{self, EventReply, Source};
+use lambda_inference::events::{self, EventReply, Invocation, Source};
 use lambda_inference::service::ApiResponse;
 use lambda_runtime::{
     service_fn, Diagnostic, Error, FunctionResponse, LambdaEvent, MetadataPrelude, StreamResponse,
 };
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -74,48 +75,76 @@ fn main() -> Result<(), Error> {
         };
         let first_done = AtomicBool::new(false);
         let (lazy, cold, first_done) = (&lazy, &cold, &first_done);
-        lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-            let t = Instant::now();
-            let deadline = deadline_instant(event.context.deadline());
-            let app = match lazy.get().await {
-                Ok(app) => app,
-                Err(e) => {
-                    return load_failed(&event.payload, e.error_type(), &e.to_string())
-                        .map(FunctionResponse::BufferedResponse)
-                }
-            };
-            let url_streams = lazy.config().function_url_streaming
-                && events::detect(&event.payload) == Source::FunctionUrl;
-            let reply = events::handle_call(&app.service, event.payload, Some(deadline)).await;
-            if !first_done.swap(true, Ordering::Relaxed) {
-                let cold = ColdStart {
-                    first_invoke_ms: t.elapsed().as_secs_f64() * 1e3,
-                    total_ms: t_start.elapsed().as_secs_f64() * 1e3,
-                    ..cold.clone()
+        // The payload arrives as raw JSON text and is parsed here, not by lambda_runtime: JSON
+        // that Lambda delivers but serde_json refuses as a Value (a lone surrogate escape such as
+        // "\ud800", nesting deeper than 128) must get a 400 in the client's shape, not a
+        // Lambda-level error named after a Rust type. Capturing raw text checks neither.
+        lambda_runtime::run(service_fn(
+            move |event: LambdaEvent<Box<RawValue>>| async move {
+                let t = Instant::now();
+                let deadline = deadline_instant(event.context.deadline());
+                let payload = match serde_json::from_str::<Value>(event.payload.get()) {
+                    Ok(v) => v,
+                    // Only a direct invoke can carry such JSON: AWS event sources write their own.
+                    Err(e) => {
+                        let body = ApiError::new(
+                            ErrorKind::InvalidJson,
+                            format!("the payload is not JSON this function can read: {e}"),
+                        )
+                        .to_body();
+                        return Ok(FunctionResponse::BufferedResponse(body));
+                    }
                 };
-                emit_cold_start(&app.report, &cold, lazy.config().function_name.as_deref());
-            }
-            Ok::<FunctionResponse<Value, SseBody>, Diagnostic>(match reply {
-                EventReply::Buffered(v) if url_streams => stream_whole(&v),
-                EventReply::Buffered(v) => FunctionResponse::BufferedResponse(v),
-                EventReply::Stream(s) => {
-                    let mut prelude = MetadataPrelude::default();
-                    prelude.headers.insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static(events::http::SSE_CONTENT_TYPE),
-                    );
-                    prelude.headers.insert(
-                        http::header::CACHE_CONTROL,
-                        http::HeaderValue::from_static("no-cache"),
-                    );
-                    let ok: fn(String) -> Result<String, Infallible> = Ok;
-                    FunctionResponse::StreamingResponse(StreamResponse {
-                        metadata_prelude: prelude,
-                        stream: ReceiverStream::new(s.rx).map(ok),
-                    })
+                let url_streams = lazy.config().function_url_streaming
+                    && events::detect(&payload) == Source::FunctionUrl;
+                let app = match lazy.get().await {
+                    Ok(app) => app,
+                    Err(e) => {
+                        return load_failed(&payload, e.error_type(), &e.to_string()).map(|v| {
+                            if url_streams {
+                                stream_whole(&v)
+                            } else {
+                                FunctionResponse::BufferedResponse(v)
+                            }
+                        })
+                    }
+                };
+                let invocation = Invocation {
+                    deadline,
+                    received: t,
+                    url_streams: lazy.config().function_url_streaming,
+                };
+                let reply = events::handle_call(&app.service, payload, Some(invocation)).await;
+                if !first_done.swap(true, Ordering::Relaxed) {
+                    let cold = ColdStart {
+                        first_invoke_ms: t.elapsed().as_secs_f64() * 1e3,
+                        total_ms: t_start.elapsed().as_secs_f64() * 1e3,
+                        ..cold.clone()
+                    };
+                    emit_cold_start(&app.report, &cold, lazy.config().function_name.as_deref());
                 }
-            })
-        }))
+                Ok::<FunctionResponse<Value, SseBody>, Diagnostic>(match reply {
+                    EventReply::Buffered(v) if url_streams => stream_whole(&v),
+                    EventReply::Buffered(v) => FunctionResponse::BufferedResponse(v),
+                    EventReply::Stream(s) => {
+                        let mut prelude = MetadataPrelude::default();
+                        prelude.headers.insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static(events::http::SSE_CONTENT_TYPE),
+                        );
+                        prelude.headers.insert(
+                            http::header::CACHE_CONTROL,
+                            http::HeaderValue::from_static("no-cache"),
+                        );
+                        let ok: fn(String) -> Result<String, Infallible> = Ok;
+                        FunctionResponse::StreamingResponse(StreamResponse {
+                            metadata_prelude: prelude,
+                            stream: ReceiverStream::new(s.rx).map(ok),
+                        })
+                    }
+                })
+            },
+        ))
         .await
     })
 }
@@ -135,6 +164,11 @@ fn emit_cold_start(report: &app::InitReport, cold: &ColdStart, function: Option<
 /// Lambda-level error would reach an API Gateway client as an opaque 502); direct invokes and SQS
 /// batches fail with the stable error type (SQS then redelivers the batch).
 fn load_failed(event: &Value, error_type: &str, message: &str) -> Result<Value, Diagnostic> {
+    // The error's Display already starts with its type ("ModelNotFound: ..."): not twice.
+    let message = message
+        .strip_prefix(error_type)
+        .and_then(|m| m.strip_prefix(": "))
+        .unwrap_or(message);
     tracing::error!(error_type, error = %message, "model load failed");
     match events::detect(event) {
         Source::HttpApiV2 | Source::FunctionUrl | Source::RestApiV1 => {
@@ -153,6 +187,10 @@ fn load_failed(event: &Value, error_type: &str, message: &str) -> Result<Value, 
 /// Logs an init failure and reports it on the Runtime API's init error path, so that Lambda (and
 /// the emulator) show the stable `errorType` instead of a bare "Runtime.ExitError".
 fn init_failed(error_type: &str, message: &str) -> Error {
+    let message = message
+        .strip_prefix(error_type)
+        .and_then(|m| m.strip_prefix(": "))
+        .unwrap_or(message);
     tracing::error!(error_type, error = %message, "init failed");
     if let Some(api) = config::runtime_api_address() {
         if let Err(e) = post_init_error(&api, error_type, message) {

@@ -25,6 +25,26 @@ use crate::engine::{
 use crate::error::{ApiError, ErrorKind};
 use crate::jobs::{self, JobPorts};
 
+mod cost;
+pub use cost::CostModel;
+
+/// Every route the service answers, as (method, path template): the one list that routing, the
+/// OpenAPI document (`docs/openapi.json`, checked against it by a test) and `serve` agree on.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model}"),
+    ("GET", "/health"),
+    ("GET", "/openapi.json"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs/{id}"),
+];
+
+/// The OpenAPI 3.1 document of this API, served at `GET /openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../docs/openapi.json");
+
 /// Request limits, checked before any work proportional to the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -130,6 +150,8 @@ pub struct Service {
     served: AtomicBool,
     /// Result store and queue for `/v1/jobs` and the SQS worker (empty: jobs disabled).
     jobs: JobPorts,
+    /// What work costs here, measured on the requests served so far.
+    cost: CostModel,
 }
 
 /// What an embeddings request asks for besides its inputs.
@@ -268,7 +290,13 @@ impl Service {
             meta,
             served: AtomicBool::new(false),
             jobs: JobPorts::default(),
+            cost: CostModel::default(),
         }
+    }
+
+    /// What work has cost here so far (for the SQS worker's planning, and `/health`).
+    pub fn cost(&self) -> &CostModel {
+        &self.cost
     }
 
     /// Enables `/v1/jobs` and the SQS worker with these ports.
@@ -321,7 +349,7 @@ impl Service {
             "/v1/embeddings" | "/v1/chat/completions" | "/v1/completions" | "/v1/jobs" => {
                 Method::Post
             }
-            "/v1/models" | "/health" => Method::Get,
+            "/v1/models" | "/health" | "/openapi.json" => Method::Get,
             p if p.starts_with("/v1/models/") || p.starts_with("/v1/jobs/") => Method::Get,
             _ => {
                 return Err(ApiError::new(
@@ -361,6 +389,7 @@ impl Service {
             "/v1/completions" => self.generate(Route::Completions, &req.body, opts).await,
             "/v1/models" => Ok(full(ApiResponse::ok(self.models()))),
             "/health" => Ok(full(ApiResponse::ok(self.health()))),
+            "/openapi.json" => Ok(full(ApiResponse::ok(openapi()))),
             "/v1/jobs" => jobs::submit(&self.jobs, &self.limits, &req.body)
                 .await
                 .map(full),
@@ -450,13 +479,22 @@ impl Service {
                 ApiError::new(ErrorKind::Internal, format!("prompt task failed: {e}"))
             })??;
         let ctx = gen.info().max_seq_len;
+        let max_tokens = v.max_tokens.min(ctx.saturating_sub(prompt.len()));
+        if let Some(budget) = opts.budget {
+            self.admit(
+                self.cost.generation(prompt.len(), max_tokens),
+                budget,
+                deadline,
+            )?;
+        }
         let params = GenerateParams {
             // Never past the context window: the prompt fits (checked), the answer is cut.
-            max_tokens: v.max_tokens.min(ctx.saturating_sub(prompt.len())),
+            max_tokens,
             sampling: v.sampling.clone(),
             stop: v.stop.clone(),
             deadline,
             cancel: None,
+            prefill_per_token: self.cost.prefill_per_token(),
         };
         let head = ResponseHead {
             id: response_id(route),
@@ -481,6 +519,16 @@ impl Service {
                 ApiError::new(ErrorKind::Internal, format!("generation task failed: {e}"))
             })?
             .map_err(engine_error)?;
+        self.cost.observe_prefill(out.prefill, out.prompt_tokens);
+        self.cost
+            .observe_decode(out.decode, out.token_ids.len().saturating_sub(1));
+        if opts.budget.is_some() && out.hit_deadline {
+            // A job must finish: a partial answer is not its result. Handed back, it runs again
+            // in a fresh invocation, planned with the rates this run has just measured.
+            return Err(not_started(
+                "the invocation's deadline stopped this generation before it finished",
+            ));
+        }
         Ok(Reply::Full(ApiResponse::ok(head.full_body(&out))))
     }
 
@@ -495,12 +543,33 @@ impl Service {
     /// forward passes: one engine call over all their inputs, split back per request. An invalid
     /// request fails alone; if the shared call fails (one input over the token limit, an engine
     /// panic), the group is bisected until only the guilty request fails.
-    pub async fn embeddings_many(&self, bodies: &[&[u8]]) -> Vec<Result<Value, ApiError>> {
+    ///
+    /// With a budget in `opts` (jobs), requests are admitted in order while their estimated cost
+    /// fits before the deadline; the rest answer [`not_started`] errors, and a request that could
+    /// not finish even in a whole invocation ([`CallOptions::budget`]) fails with 413.
+    pub async fn embeddings_many(
+        &self,
+        bodies: &[&[u8]],
+        opts: &CallOptions,
+    ) -> Vec<Result<Value, ApiError>> {
         let mut results: Vec<Option<Result<Value, ApiError>>> = vec![None; bodies.len()];
         let mut valid: Vec<(usize, EmbeddingShape, Vec<String>)> = Vec::new();
+        let deadline = opts.deadline;
+        let mut planned = Duration::ZERO;
         for (i, body) in bodies.iter().enumerate() {
             match self.prepare_embeddings(body) {
-                Ok((inputs, shape)) => valid.push((i, shape, inputs)),
+                Ok((inputs, shape)) => {
+                    if let Some(budget) = opts.budget {
+                        let cost = self.embed_estimate(&inputs);
+                        let later = deadline.map(|d| d.checked_sub(planned).unwrap_or(d));
+                        if let Err(e) = self.admit(cost, budget, later) {
+                            results[i] = Some(Err(e));
+                            continue;
+                        }
+                        planned += cost.unwrap_or_default();
+                    }
+                    valid.push((i, shape, inputs))
+                }
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
@@ -622,16 +691,63 @@ impl Service {
     async fn embed(&self, inputs: Vec<String>) -> Result<EmbedOutput, ApiError> {
         let embedder = self.embedder()?.clone();
         let max_tokens = self.limits.max_input_tokens;
+        let t = Instant::now();
         // Forward passes are CPU-bound for milliseconds to seconds: run them on the blocking pool
         // so the runtime's executor (and the Lambda Runtime API client on it) stays responsive. A
         // panic in the engine comes back as a JoinError and becomes a 500, not a dead function.
-        tokio::task::spawn_blocking(move || {
+        let out = tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
             embedder.embed(&refs, max_tokens)
         })
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("embedding task failed: {e}")))?
-        .map_err(engine_error)
+        .map_err(engine_error)?;
+        self.cost
+            .observe_embed(t.elapsed(), out.token_counts.iter().sum());
+        Ok(out)
+    }
+
+    /// The estimated time of embedding `inputs`, from their byte lengths (before tokenizing):
+    /// at most one token per 2 bytes of text (English averages about 4), at most the model's
+    /// window per input, plus the special tokens.
+    fn embed_estimate(&self, inputs: &[String]) -> Option<Duration> {
+        let window = self.engine.info().max_seq_len;
+        let tokens = inputs
+            .iter()
+            .map(|s| (s.len().div_ceil(2) + 2).min(window))
+            .sum();
+        self.cost.embeddings(tokens)
+    }
+
+    /// Whether work of estimated `cost` may start for a caller that needs it finished before
+    /// `deadline` (a job). Unknown cost (nothing measured yet) is admitted: the first request
+    /// measures it.
+    fn admit(
+        &self,
+        cost: Option<Duration>,
+        budget: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<(), ApiError> {
+        let Some(cost) = cost else { return Ok(()) };
+        if cost > budget {
+            return Err(ApiError::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "this request would take about {:.1} s here, more than a whole invocation \
+                     allows ({:.1} s, the function's timeout): it can never finish as a job; \
+                     split it, lower max_tokens, or raise the worker's timeout",
+                    cost.as_secs_f64(),
+                    budget.as_secs_f64()
+                ),
+            )
+            .with_code("exceeds_invocation_time"));
+        }
+        if deadline.is_some_and(|d| Instant::now() + cost > d) {
+            return Err(not_started(
+                "not started: it would not finish before this invocation's deadline",
+            ));
+        }
+        Ok(())
     }
 
     /// The OpenAI response for one request's embeddings.
@@ -722,10 +838,16 @@ pub enum Streaming {
 /// What the entry point knows about one call beyond the request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallOptions {
-    /// When the invocation is cut off (the Lambda context's deadline); generation stops
-    /// [`DEADLINE_MARGIN`] before it.
+    /// When the answer is due (the Lambda context's deadline, or the client's, whichever is
+    /// earlier); generation stops [`DEADLINE_MARGIN`] before it.
     pub deadline: Option<Instant>,
     pub streaming: Streaming,
+    /// Set for callers that need the work finished, not cut short (SQS jobs): the time a whole
+    /// invocation gives. Work whose estimated cost exceeds it fails (413, it could never
+    /// finish); work that would not finish before `deadline` is not started ([`not_started`]);
+    /// a generation the deadline stops anyway answers [`not_started`] instead of a partial
+    /// result. `None` (HTTP, direct): start, and answer what is done by the deadline.
+    pub budget: Option<Duration>,
 }
 
 impl Default for CallOptions {
@@ -733,8 +855,25 @@ impl Default for CallOptions {
         Self {
             deadline: None,
             streaming: Streaming::Unsupported("this entry point returns one buffered response"),
+            budget: None,
         }
     }
+}
+
+/// The `error.code` of work refused or stopped for lack of time before the deadline: retrying in
+/// a fresh invocation will do it (status 503).
+pub const NOT_STARTED_CODE: &str = "deadline_not_started";
+
+/// An error for work not done for lack of time in this invocation (see [`CallOptions::budget`]).
+pub fn not_started(message: &str) -> ApiError {
+    ApiError::new(ErrorKind::Unavailable, message).with_code(NOT_STARTED_CODE)
+}
+
+/// The OpenAPI document as JSON (it is checked to parse by the tests).
+fn openapi() -> Value {
+    serde_json::from_str(OPENAPI_JSON).unwrap_or_else(|e| {
+        ApiError::new(ErrorKind::Internal, format!("docs/openapi.json: {e}")).to_body()
+    })
 }
 
 /// A service answer: one response, or server-sent events as they are produced.
@@ -798,8 +937,9 @@ struct GenerationRequest {
     top_p: Option<f64>,
     #[serde(default)]
     top_k: Option<i64>,
+    /// Any JSON number: `-0` and `42.0` are integers to a JavaScript client.
     #[serde(default)]
-    seed: Option<i64>,
+    seed: Option<serde_json::Number>,
     #[serde(default)]
     stop: Option<Value>,
     #[serde(default)]
@@ -814,6 +954,122 @@ struct GenerationRequest {
     repetition_penalty: Option<f64>,
     #[serde(default)]
     n: Option<i64>,
+    /// OpenAI fields that change what the answer means. None is implemented: a client that
+    /// asked for a tool call or JSON mode must hear so, not get plain text and a 200. Read
+    /// loosely (any JSON) so that the 400 names the field whatever its shape.
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    functions: Option<Value>,
+    #[serde(default)]
+    function_call: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
+    #[serde(default)]
+    logit_bias: Option<Value>,
+    #[serde(default)]
+    echo: Option<Value>,
+    #[serde(default)]
+    best_of: Option<Value>,
+    #[serde(default)]
+    suffix: Option<Value>,
+    #[serde(default)]
+    modalities: Option<Value>,
+    #[serde(default)]
+    audio: Option<Value>,
+}
+
+impl GenerationRequest {
+    /// The first field set to something this function cannot honour, with why. Absent, `null`
+    /// and the values that mean "off" (`tools: []`, `tool_choice: "none"`, `logprobs: false`,
+    /// `response_format: {"type": "text"}`, ...) pass.
+    fn unsupported(&self) -> Option<(&'static str, &'static str)> {
+        let off = |v: &Option<Value>, offs: &[Value]| match v {
+            None | Some(Value::Null) => true,
+            Some(x) => offs.contains(x),
+        };
+        let empty = |v: &Option<Value>| match v {
+            None | Some(Value::Null) => true,
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(Value::Object(o)) => o.is_empty(),
+            Some(Value::String(s)) => s.is_empty(),
+            _ => false,
+        };
+        let text_format = json!({"type": "text"});
+        let checks: [(&'static str, bool, &'static str); 13] = [
+            (
+                "tools",
+                empty(&self.tools),
+                "tool calling is not supported by this function",
+            ),
+            (
+                "tool_choice",
+                off(&self.tool_choice, &[json!("none"), json!("auto")]),
+                "tool calling is not supported by this function",
+            ),
+            (
+                "functions",
+                empty(&self.functions),
+                "function calling is not supported by this function",
+            ),
+            (
+                "function_call",
+                off(&self.function_call, &[json!("none"), json!("auto")]),
+                "function calling is not supported by this function",
+            ),
+            (
+                "response_format",
+                off(&self.response_format, &[text_format]),
+                "only response_format {\"type\": \"text\"} is supported (no JSON mode or schema)",
+            ),
+            (
+                "logprobs",
+                off(&self.logprobs, &[json!(false), json!(0)]),
+                "logprobs are not returned by this function",
+            ),
+            (
+                "top_logprobs",
+                off(&self.top_logprobs, &[json!(0)]),
+                "logprobs are not returned by this function",
+            ),
+            (
+                "logit_bias",
+                empty(&self.logit_bias),
+                "logit_bias is not supported by this function",
+            ),
+            (
+                "echo",
+                off(&self.echo, &[json!(false)]),
+                "echo is not supported by this function",
+            ),
+            (
+                "best_of",
+                off(&self.best_of, &[json!(1)]),
+                "only best_of=1 is supported",
+            ),
+            (
+                "suffix",
+                empty(&self.suffix),
+                "suffix (insertion) is not supported by this function",
+            ),
+            (
+                "modalities",
+                off(&self.modalities, &[json!(["text"])]),
+                "only text output is supported",
+            ),
+            ("audio", empty(&self.audio), "audio output is not supported"),
+        ];
+        checks
+            .into_iter()
+            .find(|(_, ok, _)| !ok)
+            .map(|(field, _, why)| (field, why))
+    }
 }
 
 /// Where the prompt text comes from.
@@ -839,6 +1095,14 @@ fn invalid(param: &str, msg: impl Into<String>) -> ApiError {
 }
 
 fn validate(route: Route, r: GenerationRequest, limits: &Limits) -> Result<Validated, ApiError> {
+    if let Some((field, why)) = r.unsupported() {
+        return Err(ApiError::new(
+            ErrorKind::InvalidValue,
+            format!("{field}: {why}; remove the field (or send its default) to get a plain answer"),
+        )
+        .with_param(field)
+        .with_code("unsupported_parameter"));
+    }
     let prompt = match route {
         Route::Chat => PromptSource::Chat(messages(r.messages)?),
         Route::Completions => PromptSource::Text(prompt_text(r.prompt)?),
@@ -916,14 +1180,17 @@ fn validate(route: Route, r: GenerationRequest, limits: &Limits) -> Result<Valid
         .and_then(Value::as_bool)
         .unwrap_or(false);
     // No seed: a fresh one per request (OpenAI's behaviour), so sampling varies between calls.
-    let seed = r.seed.map_or_else(
-        || {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-        },
-        |s| s as u64,
-    );
+    let seed = match &r.seed {
+        None => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+        Some(n) => seed_value(n).ok_or_else(|| {
+            invalid(
+                "seed",
+                format!("seed must be an integer between -2^63 and 2^64-1, got {n}"),
+            )
+        })?,
+    };
     Ok(Validated {
         prompt,
         max_tokens,
@@ -939,6 +1206,23 @@ fn validate(route: Route, r: GenerationRequest, limits: &Limits) -> Result<Valid
         stop,
         stream: r.stream.unwrap_or(false),
         include_usage,
+    })
+}
+
+/// A seed as any integral JSON number (`42`, `-1`, `-0`, `7.0`): negative ones wrap, as the
+/// i64 -> u64 cast always did.
+fn seed_value(n: &serde_json::Number) -> Option<u64> {
+    if let Some(u) = n.as_u64() {
+        return Some(u);
+    }
+    if let Some(i) = n.as_i64() {
+        return Some(i as u64);
+    }
+    let f = n.as_f64()?;
+    (f.fract() == 0.0 && f >= -(2f64.powi(63)) && f < 2f64.powi(64)).then_some(if f < 0.0 {
+        f as i64 as u64
+    } else {
+        f as u64
     })
 }
 
@@ -1027,15 +1311,28 @@ fn prepare(gen: &dyn Generator, src: &PromptSource, limits: &Limits) -> Result<V
         PromptSource::Chat(m) => (gen.render_chat(m).map_err(engine_error)?, "messages"),
         PromptSource::Text(t) => (t.clone(), "prompt"),
     };
-    let ids = gen.tokenize(&text).map_err(engine_error)?;
     let ctx = gen.info().max_seq_len;
     let limit = limits.max_input_tokens.min(ctx.saturating_sub(1));
+    let which = if limit == limits.max_input_tokens {
+        "MAX_INPUT_TOKENS"
+    } else {
+        "the model's context length"
+    };
+    // Conclusive from the length alone: no token covers more than max_token_bytes bytes.
+    let at_least = text.len() / gen.max_token_bytes().max(1);
+    if at_least > limit {
+        return Err(ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "the prompt is {} bytes, at least {at_least} tokens for this model, more than \
+                 the limit of {limit} ({which})",
+                text.len()
+            ),
+        )
+        .with_param(param));
+    }
+    let ids = gen.tokenize(&text).map_err(engine_error)?;
     if ids.len() > limit {
-        let which = if limit == limits.max_input_tokens {
-            "MAX_INPUT_TOKENS"
-        } else {
-            "the model's context length"
-        };
         return Err(ApiError::new(
             ErrorKind::PayloadTooLarge,
             format!(
@@ -1195,7 +1492,7 @@ fn engine_error(e: EngineError) -> ApiError {
             limit,
         } => ApiError::new(
             ErrorKind::PayloadTooLarge,
-            format!("input[{index}] has {tokens} tokens, more than the limit of {limit} (MAX_INPUT_TOKENS)"),
+            format!("input[{index}] has at least {tokens} tokens, more than the limit of {limit} (MAX_INPUT_TOKENS)"),
         )
         .with_param("input"),
         EngineError::Template(m) => ApiError::new(

@@ -144,6 +144,7 @@ async fn generation_stops_before_the_deadline_with_length() {
     let opts = CallOptions {
         deadline: Some(deadline),
         streaming: Streaming::Unsupported("test"),
+        budget: None,
     };
     let t = Instant::now();
     let Reply::Full(r) = s
@@ -189,6 +190,7 @@ async fn stream(s: &Service, path: &str, body: Value) -> Vec<Value> {
     let opts = CallOptions {
         deadline: None,
         streaming: Streaming::Supported,
+        budget: None,
     };
     match s.handle_call(req(path, &body), &opts).await {
         Reply::Stream(st) => sse_events(&st.collect().await),

@@ -41,6 +41,18 @@ pub enum ArtifactError {
 }
 
 impl ArtifactError {
+    /// Whether retrying cannot help in this execution environment: the configuration, the
+    /// object or its permissions must change first (and changing them starts new environments).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            ArtifactError::NotFound(_)
+                | ArtifactError::AccessDenied(_)
+                | ArtifactError::DigestMismatch { .. }
+                | ArtifactError::Unsupported(_)
+        )
+    }
+
     /// The stable Lambda `errorType` for an init failure of this kind.
     pub fn error_type(&self) -> &'static str {
         match self {
@@ -178,7 +190,15 @@ impl ArtifactStore for FileArtifactStore {
     ) -> Pin<Box<dyn Future<Output = Result<Artifact, ArtifactError>> + Send + 'a>> {
         Box::pin(async move {
             match uri {
-                ModelUri::File(p) => read_file(p),
+                // Mapping with MAP_POPULATE reads the whole file (seconds for a multi-GB model on
+                // a cold image layer): on a blocking thread, so the init budget's timer on the
+                // async thread keeps running.
+                ModelUri::File(p) => {
+                    let p = p.clone();
+                    tokio::task::spawn_blocking(move || read_file(&p))
+                        .await
+                        .map_err(|e| ArtifactError::Io(format!("reading the model file: {e}")))?
+                }
                 other => Err(ArtifactError::Unsupported(format!(
                     "{other}: not a file URI"
                 ))),

@@ -495,6 +495,30 @@ pub struct BertEmbedder {
 /// Inputs per forward pass; also bounds the padded activations of one pass.
 const MAX_BATCH: usize = 32;
 
+/// Inputs longer than this many bytes are tokenized window by window (see
+/// [`BertEmbedder::tokenize_bounded`]).
+pub const WINDOW: usize = 16 * 1024;
+
+/// Where the window starting at `start` ends: [`WINDOW`] bytes on, moved back to the last
+/// whitespace in its second half (a word is never cut), else to a char boundary.
+fn window_end(text: &str, start: usize) -> usize {
+    let mut end = start + WINDOW;
+    if end >= text.len() {
+        return text.len();
+    }
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut half = start + WINDOW / 2;
+    while !text.is_char_boundary(half) {
+        half += 1;
+    }
+    match text[half..end].rfind(char::is_whitespace) {
+        Some(at) if half + at > start => half + at,
+        _ => end,
+    }
+}
+
 impl BertEmbedder {
     /// Builds the embedder from a parsed GGUF and its bytes, with the default [`WeightMode`].
     pub fn load(content: &Content, bytes: &[u8]) -> Result<Self, EngineError> {
@@ -569,17 +593,59 @@ impl BertEmbedder {
     /// Token ids per input exactly as sentence-transformers feeds them: special tokens added,
     /// truncated to `max_seq_len`, no padding. Also returns the untruncated lengths.
     pub fn tokenize(&self, inputs: &[&str]) -> Result<(Vec<Encoding>, Vec<usize>), EngineError> {
+        self.tokenize_bounded(inputs, usize::MAX)
+    }
+
+    /// [`Self::tokenize`], refusing an input of more than `max_input_tokens` tokens with
+    /// [`EngineError::InputTooLong`], in memory bounded whatever the input's size: an input
+    /// longer than [`WINDOW`] bytes is counted window by window (stopping as soon as it is over
+    /// the limit), and only the prefix that holds the model's window is encoded. Tokenizing a
+    /// 6 MB input whole would hold millions of token records (gigabytes) for a model that sees
+    /// 256 of them.
+    pub fn tokenize_bounded(
+        &self,
+        inputs: &[&str],
+        max_input_tokens: usize,
+    ) -> Result<(Vec<Encoding>, Vec<usize>), EngineError> {
+        let keep = self.cfg.max_seq_len - self.added_tokens;
+        let mut texts = Vec::with_capacity(inputs.len());
+        let mut counted = vec![None; inputs.len()];
+        for (index, &text) in inputs.iter().enumerate() {
+            if text.len() <= WINDOW {
+                texts.push(text);
+                continue;
+            }
+            let stop_above = max_input_tokens.saturating_sub(self.added_tokens);
+            let (prefix_end, count) = self.count_windows(text, keep, stop_above)?;
+            let tokens = count.saturating_add(self.added_tokens);
+            if tokens > max_input_tokens {
+                return Err(EngineError::InputTooLong {
+                    index,
+                    tokens,
+                    limit: max_input_tokens,
+                });
+            }
+            counted[index] = Some(tokens);
+            texts.push(&text[..prefix_end]);
+        }
         // Tokenize without specials, truncate, then post-process: the same order tokenizers'
         // own `encode` uses, but we also learn the untruncated length for the limit check.
         let raw = self
             .tokenizer
-            .encode_batch(inputs.to_vec(), false)
+            .encode_batch(texts, false)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        let keep = self.cfg.max_seq_len - self.added_tokens;
         let mut full = Vec::with_capacity(raw.len());
         let mut out = Vec::with_capacity(raw.len());
-        for mut enc in raw {
-            full.push(enc.len() + self.added_tokens);
+        for (index, mut enc) in raw.into_iter().enumerate() {
+            let tokens = counted[index].unwrap_or(enc.len() + self.added_tokens);
+            if tokens > max_input_tokens {
+                return Err(EngineError::InputTooLong {
+                    index,
+                    tokens,
+                    limit: max_input_tokens,
+                });
+            }
+            full.push(tokens);
             if enc.len() > keep {
                 enc.truncate(keep, 0, TruncationDirection::Right);
             }
@@ -590,6 +656,36 @@ impl BertEmbedder {
             out.push(enc);
         }
         Ok((out, full))
+    }
+
+    /// Counts the tokens of a long text window by window, stopping once the count is over
+    /// `stop_above`. Returns the end of the shortest prefix (made of whole windows) holding at
+    /// least `keep` tokens, and the count. Windows are cut before whitespace, where BERT's
+    /// pre-tokenizer splits anyway, so the prefix's tokens are the text's first tokens.
+    fn count_windows(
+        &self,
+        text: &str,
+        keep: usize,
+        stop_above: usize,
+    ) -> Result<(usize, usize), EngineError> {
+        let (mut start, mut count, mut prefix_end) = (0, 0usize, None);
+        while start < text.len() {
+            let end = window_end(text, start);
+            let n = self
+                .tokenizer
+                .encode_fast(&text[start..end], false)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+                .len();
+            count += n;
+            start = end;
+            if prefix_end.is_none() && count >= keep {
+                prefix_end = Some(end);
+            }
+            if count > stop_above {
+                break;
+            }
+        }
+        Ok((prefix_end.unwrap_or(text.len()), count))
     }
 
     /// One forward pass over inputs of similar length: `[n, h]` sentence vectors.
@@ -651,15 +747,7 @@ impl BertEmbedder {
         inputs: &[&str],
         max_input_tokens: usize,
     ) -> Result<EmbedOutput, EngineError> {
-        let (encs, full) = self.tokenize(inputs)?;
-        if let Some((index, &tokens)) = full.iter().enumerate().find(|(_, &n)| n > max_input_tokens)
-        {
-            return Err(EngineError::InputTooLong {
-                index,
-                tokens,
-                limit: max_input_tokens,
-            });
-        }
+        let (encs, _) = self.tokenize_bounded(inputs, max_input_tokens)?;
         // Sort by length so each batch pads to a similar length: padding is pure waste.
         let mut order: Vec<usize> = (0..encs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encs[i].len()));

@@ -63,6 +63,10 @@ pub struct GenerateParams {
     pub deadline: Option<Instant>,
     /// Set by the caller to stop at the next token (a streaming client went away).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The caller's estimate of one prompt token's prefill time (measured on earlier requests),
+    /// so that even the first prefill chunk is not started when it would end past the deadline.
+    /// `None`: no estimate yet; the first chunk always starts.
+    pub prefill_per_token: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -134,19 +138,22 @@ pub fn generate(
     // so a long prompt cannot carry a request past it.
     let t = Instant::now();
     let mut logits = Vec::new();
-    let mut chunk_time = Duration::ZERO;
+    let mut per_token = params.prefill_per_token.unwrap_or(Duration::ZERO);
     for chunk in prompt.chunks(PREFILL_CHUNK) {
-        if past_deadline(chunk_time) {
+        if past_deadline(per_token * chunk.len() as u32) {
             out.hit_deadline = true;
             out.prefill = t.elapsed();
             return Ok(out);
         }
         let tc = Instant::now();
         logits = model.forward(chunk)?;
-        chunk_time = tc.elapsed();
+        per_token = tc.elapsed() / chunk.len() as u32;
     }
     out.prefill = t.elapsed();
     let mut last_step = Duration::ZERO;
+    // Whether a stop string ended generation: then the text after it is dropped; any other end
+    // (stop token, max_tokens, deadline) makes the held-back text final.
+    let mut stopped_by_string = false;
     loop {
         let id = sampler.sample(&mut logits);
         if vocab.stop_ids.contains(&id) {
@@ -157,6 +164,7 @@ pub fn generate(
         let piece = vocab.pieces.get(id as usize).map_or(&[][..], Vec::as_slice);
         if text.push(piece, on_text) {
             out.finish_reason = FinishReason::Stop;
+            stopped_by_string = true;
             break;
         }
         if out.token_ids.len() >= params.max_tokens {
@@ -179,7 +187,7 @@ pub fn generate(
         last_step = t.elapsed();
         out.decode += last_step;
     }
-    if out.finish_reason == FinishReason::Length {
+    if !stopped_by_string {
         text.finish(on_text);
     }
     out.text = text.emitted;
@@ -346,15 +354,22 @@ impl Sampler {
     }
 
     fn draw(&mut self, logits: &[f32]) -> u32 {
+        // Shifted by the largest logit before dividing: (l - max) / t is <= 0 for any t > 0, so a
+        // tiny temperature gives -inf (probability 0) or 0 (the argmax), never inf - inf = NaN.
+        let top = logits
+            .iter()
+            .copied()
+            .filter(|l| l.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max);
+        if top == f32::NEG_INFINITY {
+            return argmax(logits);
+        }
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l / self.p.temperature))
+            .map(|(i, &l)| (i as u32, (l - top) / self.p.temperature))
             .collect();
-        if cand.is_empty() {
-            return 0;
-        }
         // Sorted by logit, ties by id: the order (and so the draw) does not depend on anything
         // but the logits.
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -606,6 +621,65 @@ mod tests {
         assert_eq!(m.forwards.len(), 1, "{:?}", m.forwards);
         assert!(out.hit_deadline && out.token_ids.is_empty());
         assert_eq!(out.finish_reason, FinishReason::Length);
+    }
+
+    #[test]
+    fn held_back_text_is_kept_when_a_stop_token_ends_generation() {
+        // "a", "S" (a possible start of "STOP", held back), then the stop token: "aS" is final.
+        let mut p = params(10);
+        p.stop = vec!["STOP".into()];
+        let (out, _) = run(&mut fake(&[0, 6, 5]), &p);
+        assert_eq!(
+            (out.text.as_str(), out.finish_reason),
+            ("aS", FinishReason::Stop)
+        );
+        // Same with max_tokens ending it.
+        let (out, _) = run(&mut fake(&[0, 6]), &params_stop(2, "STOP"));
+        assert_eq!(out.text, "aS");
+    }
+
+    fn params_stop(max_tokens: usize, stop: &str) -> GenerateParams {
+        GenerateParams {
+            max_tokens,
+            stop: vec![stop.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tiny_temperatures_pick_the_most_likely_token_not_nan() {
+        for t in [1e-38f32, 1e-30, 1e-20, 1e-6] {
+            let mut p = params(4);
+            p.sampling = SamplingParams {
+                temperature: t,
+                seed: 7,
+                ..Default::default()
+            };
+            let (out, _) = run(&mut fake(&[1]), &p);
+            assert_eq!(out.token_ids, vec![1, 1, 1, 1], "temperature {t}");
+        }
+    }
+
+    #[test]
+    fn first_prefill_chunk_waits_for_an_estimate_that_fits() {
+        let mut m = fake(&[0]);
+        let prompt: Vec<u32> = (0..100).map(|i| i % 8).collect();
+        let p = pieces();
+        let v = Detokenizer {
+            pieces: &p,
+            stop_ids: &[5],
+        };
+        // 100 tokens at 10 ms each = 1 s, with 200 ms left: not started at all.
+        let mut q = params(2);
+        q.deadline = Some(Instant::now() + Duration::from_millis(200));
+        q.prefill_per_token = Some(Duration::from_millis(10));
+        let out = generate(&mut m, &v, &prompt, &q, &mut |_| {}).unwrap();
+        assert!(m.forwards.is_empty(), "{:?}", m.forwards);
+        assert!(out.hit_deadline && out.token_ids.is_empty());
+        // A cheap estimate lets it run.
+        q.prefill_per_token = Some(Duration::from_micros(10));
+        let out = generate(&mut m, &v, &prompt, &q, &mut |_| {}).unwrap();
+        assert_eq!(out.token_ids.len(), 2);
     }
 
     #[test]

@@ -390,6 +390,8 @@ pub struct LlamaGenerator {
     vocab: GgmlVocab,
     template: Option<ChatTemplate>,
     state: Mutex<State>,
+    /// The most text bytes one token can stand for (see [`Generator::max_token_bytes`]).
+    max_token_bytes: usize,
 }
 
 impl LlamaGenerator {
@@ -416,6 +418,17 @@ impl LlamaGenerator {
             Ok(src) => Some(ChatTemplate::new(src, &vocab.bos_text, &vocab.eos_text)?),
             Err(_) => None,
         };
+        // Vocabulary strings are byte-level encoded (a byte becomes a char of 1-2 UTF-8 bytes) or
+        // the text itself (added tokens): either way at least as long as the bytes they match.
+        let max_token_bytes = vocab
+            .tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .chain(vocab.pieces.iter().map(Vec::len))
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let info = ModelInfo {
             name: meta.str(gguf::NAME).unwrap_or(&arch).to_owned(),
             architecture: arch,
@@ -430,6 +443,7 @@ impl LlamaGenerator {
             vocab,
             template,
             state: Mutex::new(State::default()),
+            max_token_bytes,
         })
     }
 
@@ -472,6 +486,10 @@ impl Generator for LlamaGenerator {
             .as_ref()
             .ok_or(EngineError::NoChatTemplate)?
             .render(messages, true)
+    }
+
+    fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {

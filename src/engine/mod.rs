@@ -57,8 +57,9 @@ pub struct EmbedOutput {
 /// Errors of the engine layer. The service maps them into client-facing errors.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// Input `index` has more tokens than the configured limit (before truncation).
-    #[error("input {index} has {tokens} tokens, more than the limit of {limit}")]
+    /// Input `index` has more tokens than the configured limit (before truncation). `tokens` is
+    /// a lower bound: counting stops once the limit is passed.
+    #[error("input {index} has at least {tokens} tokens, more than the limit of {limit}")]
     InputTooLong {
         index: usize,
         tokens: usize,
@@ -106,6 +107,14 @@ pub trait Generator: Send + Sync {
     /// added if the model asks for it: what llama.cpp's `tokenize(add_special, parse_special)`
     /// gives.
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError>;
+
+    /// The most bytes of text one token can cover: a text of `n` bytes has at least
+    /// `n / max_token_bytes` tokens, which lets a prompt that cannot fit be refused from its
+    /// length alone, before tokenizing it (tokenizing megabytes costs seconds and gigabytes).
+    /// The default claims no bound.
+    fn max_token_bytes(&self) -> usize {
+        usize::MAX
+    }
 
     /// Generates from `prompt`; `on_text` receives the text as it becomes final.
     fn generate(

@@ -21,10 +21,11 @@ pub mod direct;
 pub mod http;
 pub mod sqs;
 
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use crate::jobs::worker;
 use crate::service::{CallOptions, Service, SseStream, Streaming};
 
 /// The event sources [`handle`] tells apart.
@@ -86,11 +87,50 @@ pub enum EventReply {
     Stream(SseStream),
 }
 
+/// What the entry point knows about the invocation an event arrived with.
+#[derive(Debug, Clone, Copy)]
+pub struct Invocation {
+    /// When the Lambda invocation is cut off (its context's deadline).
+    pub deadline: Instant,
+    /// When the invocation arrived (before any wait for the model): `deadline - received` is
+    /// what a whole invocation of this function gives, the budget SQS jobs are planned against.
+    pub received: Instant,
+    /// Whether this function's URL has InvokeMode RESPONSE_STREAM (FUNCTION_URL_INVOKE_MODE):
+    /// only then can a Function URL request stream.
+    pub url_streams: bool,
+}
+
+/// API Gateway closes an integration after 30 s (HTTP API's maximum, REST API's default) and
+/// answers 503/504 itself: generation for its events stops this long after the request arrived,
+/// so the partial answer (finish_reason "length") reaches the client instead of a gateway error.
+pub const API_GATEWAY_TIMEOUT: Duration = Duration::from_secs(29);
+
+/// The deadline of an API Gateway request: the gateway's own (request time + 29 s) or the
+/// invocation's, whichever is earlier. The request time is `requestContext.timeEpoch` (HTTP API)
+/// or `requestTimeEpoch` (REST API), in ms; when absent, the invocation's arrival stands in.
+fn gateway_deadline(event: &Value, inv: &Invocation) -> Instant {
+    let ctx = &event["requestContext"];
+    let epoch_ms = ctx["timeEpoch"]
+        .as_u64()
+        .or_else(|| ctx["requestTimeEpoch"].as_u64());
+    let arrived = epoch_ms
+        .and_then(|ms| {
+            let sent = UNIX_EPOCH + Duration::from_millis(ms);
+            // How long ago the request reached the gateway (0 if the clocks disagree).
+            let ago = SystemTime::now().duration_since(sent).unwrap_or_default();
+            inv.received.checked_sub(ago.min(API_GATEWAY_TIMEOUT))
+        })
+        .unwrap_or(inv.received);
+    (arrived + API_GATEWAY_TIMEOUT).min(inv.deadline)
+}
+
 /// Why each source cannot stream, for the 400 a `stream: true` request gets there.
 const NO_STREAM_APIGW: &str = "API Gateway buffers Lambda responses; stream through a Lambda \
     Function URL with InvokeMode RESPONSE_STREAM, or `lambda-inference serve`";
 const NO_STREAM_DIRECT: &str = "a direct invoke returns one JSON document; stream through a \
     Lambda Function URL with InvokeMode RESPONSE_STREAM, or `lambda-inference serve`";
+const NO_STREAM_URL_BUFFERED: &str = "this function's URL has InvokeMode BUFFERED \
+    (FUNCTION_URL_INVOKE_MODE); deploy it with RESPONSE_STREAM to stream";
 
 /// Answers one Lambda event of any supported shape for a caller that buffers (the CLI's
 /// `invoke`, tests): a Function URL stream comes back as one response whose body is the whole
@@ -102,41 +142,52 @@ pub async fn handle(service: &Service, event: Value) -> Value {
     }
 }
 
-/// Answers one Lambda event; `deadline` is the invocation's (from the Lambda context), so that
-/// generation stops in time. Function URL events may answer with a stream.
-pub async fn handle_call(service: &Service, event: Value, deadline: Option<Instant>) -> EventReply {
+/// Answers one Lambda event within `invocation` (from the Lambda context: `None` for callers
+/// without one, the CLI), so that generation stops in time and SQS jobs are planned. Function
+/// URL events may answer with a stream.
+pub async fn handle_call(
+    service: &Service,
+    event: Value,
+    invocation: Option<Invocation>,
+) -> EventReply {
     let source = detect(&event);
     tracing::debug!(?source, "event");
-    let opts = |streaming| CallOptions {
+    let deadline = invocation.map(|i| i.deadline);
+    let opts = |streaming, deadline| CallOptions {
         deadline,
         streaming,
+        budget: None,
     };
+    let gateway = |event: &Value| invocation.map(|i| gateway_deadline(event, &i));
     match source {
-        // A Function URL may be configured BUFFERED or RESPONSE_STREAM, which the event does not
-        // say: a client asking for stream=true is taken to have deployed the latter.
-        Source::FunctionUrl => http::handle_v2(service, &event, &opts(Streaming::Supported)).await,
+        // Without an invocation (the CLI) a stream is collected into one answer.
+        Source::FunctionUrl => {
+            let streaming = match invocation {
+                Some(i) if !i.url_streams => Streaming::Unsupported(NO_STREAM_URL_BUFFERED),
+                _ => Streaming::Supported,
+            };
+            http::handle_v2(service, &event, &opts(streaming, deadline)).await
+        }
         Source::HttpApiV2 => {
-            http::handle_v2(
-                service,
-                &event,
-                &opts(Streaming::Unsupported(NO_STREAM_APIGW)),
-            )
-            .await
+            let o = opts(Streaming::Unsupported(NO_STREAM_APIGW), gateway(&event));
+            http::handle_v2(service, &event, &o).await
         }
         Source::RestApiV1 => {
-            http::handle_v1(
-                service,
-                &event,
-                &opts(Streaming::Unsupported(NO_STREAM_APIGW)),
-            )
-            .await
+            let o = opts(Streaming::Unsupported(NO_STREAM_APIGW), gateway(&event));
+            http::handle_v1(service, &event, &o).await
         }
-        Source::Sqs => EventReply::Buffered(sqs::handle(service, &event).await),
+        Source::Sqs => {
+            let plan = invocation.map(|i| worker::Plan {
+                deadline: i.deadline,
+                budget: i.deadline.saturating_duration_since(i.received),
+            });
+            EventReply::Buffered(sqs::handle(service, &event, plan).await)
+        }
         Source::Direct => EventReply::Buffered(
             direct::handle(
                 service,
                 event,
-                &opts(Streaming::Unsupported(NO_STREAM_DIRECT)),
+                &opts(Streaming::Unsupported(NO_STREAM_DIRECT), deadline),
             )
             .await,
         ),

@@ -7,7 +7,7 @@
 
 use serde_json::{json, Value};
 
-use crate::jobs::worker::{self, Message};
+use crate::jobs::worker::{self, Message, Plan};
 use crate::service::Service;
 
 /// Reads the records of an SQS event. A record without a messageId cannot be reported back; it is
@@ -45,10 +45,11 @@ pub fn decode(event: &Value) -> Vec<Message> {
         .collect()
 }
 
-/// Runs the batch and answers with the partial batch response.
-pub async fn handle(service: &Service, event: &Value) -> Value {
+/// Runs the batch within `plan` (the invocation's deadline; `None`: no deadline, the CLI) and
+/// answers with the partial batch response.
+pub async fn handle(service: &Service, event: &Value, plan: Option<Plan>) -> Value {
     let messages = decode(event);
-    let report = worker::run_batch(service, service.jobs(), messages).await;
+    let report = worker::run_batch(service, service.jobs(), messages, plan).await;
     let failures: Vec<Value> = report
         .failures
         .iter()

@@ -192,9 +192,22 @@ impl JobSpec {
     }
 
     /// The SQS message body for this job (id always explicit, so `GET /v1/jobs/{id}` finds it).
+    ///
+    /// SQS refuses a message containing characters outside XML's (#x9 | #xA | #xD | #x20-#xD7FF |
+    /// #xE000-#xFFFD | #x10000-#x10FFFF; SendMessage, "MessageBody"). serde_json already escapes
+    /// the control characters; U+FFFE and U+FFFF, which JSON allows raw, are escaped here too, so
+    /// any JSON a client sends travels unchanged.
     pub fn to_message(&self) -> String {
         let request: Value = serde_json::from_slice(&self.request).expect("parsed from JSON");
-        json!({"id": self.id.as_str(), "endpoint": self.endpoint, "request": request}).to_string()
+        let text = json!({"id": self.id.as_str(), "endpoint": self.endpoint, "request": request})
+            .to_string();
+        if text.contains(['\u{FFFE}', '\u{FFFF}']) {
+            // Both can only occur inside JSON strings, where an escape means the same character.
+            text.replace('\u{FFFE}', "\\ufffe")
+                .replace('\u{FFFF}', "\\uffff")
+        } else {
+            text
+        }
     }
 }
 
@@ -280,7 +293,13 @@ pub async fn submit(
     // An id that already has a result would never run again (writes are create-only): say so
     // instead of accepting a job that silently does nothing.
     if let Some(store) = &ports.results {
-        if store.get(&spec.id).await.map_err(store_error)?.is_some() {
+        // A look-up that fails does not stop the submission: the worker's create-only write
+        // still keeps an existing result from being overwritten.
+        let existing = store.get(&spec.id).await.unwrap_or_else(|e| {
+            tracing::warn!(job = %spec.id, error = %e, "could not check for an earlier result");
+            None
+        });
+        if existing.is_some() {
             return Err(ApiError::new(
                 ErrorKind::Conflict,
                 format!(
@@ -366,6 +385,19 @@ mod tests {
         let round = JobSpec::parse(s.to_message().as_bytes(), None).unwrap();
         assert_eq!(round.id, s.id);
         assert_eq!(round.request, s.request);
+
+        // Characters SQS refuses in a message travel escaped, and come back unchanged.
+        let odd = JobSpec::parse(
+            "{\"endpoint\": \"/v1/embeddings\", \"request\": {\"input\": \"a\u{FFFE}b\u{FFFF}\\u0001\"}}"
+                .as_bytes(),
+            Some("m-2"),
+        )
+        .unwrap();
+        let msg = odd.to_message();
+        assert!(!msg.contains(['\u{FFFE}', '\u{FFFF}', '\u{1}']), "{msg:?}");
+        let back = JobSpec::parse(msg.as_bytes(), None).unwrap();
+        let input: Value = serde_json::from_slice(&back.request).unwrap();
+        assert_eq!(input["input"], "a\u{FFFE}b\u{FFFF}\u{1}");
 
         let cases: [(&[u8], &str); 7] = [
             (b"not json", "invalid_json"),

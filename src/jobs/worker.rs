@@ -9,7 +9,7 @@
 //! Must not know the SQS event shape (events/sqs.rs decodes it) nor AWS types (the ports hide them).
 
 use std::panic::AssertUnwindSafe;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use futures_util::FutureExt;
@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::{JobId, JobPorts, JobSpec, PutOutcome, StoreError};
 use crate::error::{ApiError, ErrorKind};
-use crate::service::{ApiRequest, Method, Service};
+use crate::service::{ApiRequest, CallOptions, Method, Reply, Service, Streaming};
 
 /// One SQS message, as the event adapter hands it over.
 #[derive(Debug, Clone)]
@@ -96,8 +96,38 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The invocation a batch runs in: the deadline, and what a whole invocation gives (the
+/// function's timeout, as far as the handler can tell).
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub deadline: Instant,
+    pub budget: Duration,
+}
+
+/// Time kept back from the deadline to write the last results and answer Lambda.
+pub const WRITE_MARGIN: Duration = Duration::from_millis(1500);
+
+/// Inputs per shared forward-pass group of embedding jobs: results are written after each
+/// group, so a big batch makes progress that a timeout cannot take back.
+const EMBED_GROUP_INPUTS: usize = 256;
+
+/// A result write in flight: the message index, the status written, the store's answer.
+type Write = tokio::task::JoinHandle<(usize, &'static str, Result<PutOutcome, StoreError>)>;
+
 /// Runs one batch. Never panics and never fails as a whole: every message gets an [`Outcome`].
-pub async fn run_batch(service: &Service, ports: &JobPorts, messages: Vec<Message>) -> BatchReport {
+///
+/// With a `plan` (an invocation deadline), each result is written as soon as it is computed, no
+/// job starts that its measured cost says cannot finish before the deadline (less
+/// [`WRITE_MARGIN`]), and the jobs not started are handed back for redelivery; a job that could
+/// not finish even in a whole invocation gets a `failed` result naming the limit. A generation
+/// stopped by the deadline anyway is handed back, not stored as a partial result (decided in
+/// [`crate::service::CallOptions::budget`]).
+pub async fn run_batch(
+    service: &Service,
+    ports: &JobPorts,
+    messages: Vec<Message>,
+    plan: Option<Plan>,
+) -> BatchReport {
     let started = Instant::now();
     let Some(store) = ports.results.clone() else {
         // Misconfiguration: nothing can be stored, so nothing may be acknowledged. SQS redelivers
@@ -113,147 +143,175 @@ pub async fn run_batch(service: &Service, ports: &JobPorts, messages: Vec<Messag
         let failures = outcomes.iter().map(|(id, _)| id.clone()).collect();
         return BatchReport { outcomes, failures };
     };
+    let opts = CallOptions {
+        deadline: plan.map(|p| p.deadline.checked_sub(WRITE_MARGIN).unwrap_or(p.deadline)),
+        streaming: Streaming::Unsupported("a job's result is one stored object"),
+        budget: plan.map(|p| p.budget.saturating_sub(WRITE_MARGIN)),
+    };
+    let n = messages.len();
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
+    let mut writes: Vec<Write> = Vec::new();
+    let writer = Writer {
+        store: store.clone(),
+        meta: service.meta(),
+        batch_size: n,
+    };
 
-    // 1. Parse. Malformed jobs get their failed answer right away.
-    let mut ids = Vec::with_capacity(messages.len());
-    let mut answers: Vec<Option<Answer>> = Vec::with_capacity(messages.len());
-    let mut specs: Vec<Option<JobSpec>> = Vec::with_capacity(messages.len());
-    for m in &messages {
+    // 1. Parse. Malformed jobs get their failed result right away.
+    let mut ids = Vec::with_capacity(n);
+    let mut specs: Vec<Option<JobSpec>> = Vec::with_capacity(n);
+    for (i, m) in messages.iter().enumerate() {
         match JobSpec::parse(m.body.as_bytes(), Some(&m.message_id)) {
             Ok(spec) => {
                 ids.push(spec.id.clone());
                 specs.push(Some(spec));
-                answers.push(None);
             }
             Err(e) => {
                 ids.push(fallback_id(m));
                 specs.push(None);
-                answers.push(Some(Answer::from_api_error(&e)));
+                let answer = Answer::from_api_error(&e);
+                settle(
+                    &writer,
+                    &mut writes,
+                    &mut outcomes,
+                    i,
+                    &ids[i],
+                    m,
+                    None,
+                    answer,
+                    0.0,
+                );
             }
         }
     }
 
     // 2. Redeliveries: a job whose result exists is done; it is neither recomputed nor rewritten.
-    let existing = join_all(ids.iter().map(|id| store.get(id))).await;
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; messages.len()];
-    for (i, found) in existing.into_iter().enumerate() {
+    // A failed look-up is not a reason to hand the job back: the create-only write below keeps a
+    // redelivered job from overwriting a result all the same.
+    let todo: Vec<usize> = (0..n).filter(|&i| specs[i].is_some()).collect();
+    let existing = join_all(todo.iter().map(|&i| store.get(&ids[i]))).await;
+    for (&i, found) in todo.iter().zip(existing) {
         match found {
             Ok(Some(_)) => outcomes[i] = Some(Outcome::AlreadyDone(ids[i].clone())),
             Ok(None) => {}
-            Err(e) => outcomes[i] = Some(Outcome::Retry(format!("reading the result: {e}"))),
+            Err(e) => tracing::warn!(job = %ids[i], error = %e,
+                "could not check for an earlier result; running the job (the write is create-only)"),
         }
     }
+    let runnable =
+        |i: usize, outcomes: &[Option<Outcome>]| specs[i].is_some() && outcomes[i].is_none();
 
-    // 3. Run what is left: embedding jobs together, the rest one by one. Each is guarded so a
-    // panic outside the engine (the engine's own are caught by the service) fails that job only.
-    let compute_start = Instant::now();
-    let runnable: Vec<bool> = (0..messages.len())
-        .map(|i| outcomes[i].is_none() && answers[i].is_none())
-        .collect();
-    let embed_idx: Vec<usize> = (0..messages.len())
-        .filter(|&i| runnable[i])
+    // 3. Embedding jobs: in groups that share forward passes, each group's results written as
+    // soon as it is done. The first group of a fresh environment (nothing measured yet) is one
+    // job: it measures what the rest will cost.
+    let embed_idx: Vec<usize> = (0..n)
+        .filter(|&i| runnable(i, &outcomes))
         .filter(|&i| {
             specs[i]
                 .as_ref()
                 .is_some_and(|s| s.endpoint == "/v1/embeddings")
         })
         .collect();
-    if !embed_idx.is_empty() {
-        let bodies: Vec<&[u8]> = embed_idx
+    let mut rest = &embed_idx[..];
+    while !rest.is_empty() {
+        // Without a deadline (the CLI, tests) there is nothing to plan: one group.
+        let measured = plan.is_none() || service.cost().embeddings(1).is_some();
+        let mut take = 0;
+        let mut inputs = 0;
+        let cap = if plan.is_some() { EMBED_GROUP_INPUTS } else { usize::MAX };
+        while take < rest.len() && (take == 0 || (measured && inputs < cap)) {
+            inputs += input_count(&specs[rest[take]].as_ref().expect("parsed").request);
+            take += 1;
+        }
+        let (group, tail) = rest.split_at(take);
+        rest = tail;
+        let bodies: Vec<&[u8]> = group
             .iter()
-            .map(|&i| specs[i].as_ref().unwrap().request.as_slice())
+            .map(|&i| specs[i].as_ref().expect("parsed").request.as_slice())
             .collect();
-        match AssertUnwindSafe(service.embeddings_many(&bodies))
+        let t = Instant::now();
+        let results = AssertUnwindSafe(service.embeddings_many(&bodies, &opts))
             .catch_unwind()
-            .await
-        {
-            Ok(results) => {
-                for (&i, r) in embed_idx.iter().zip(results) {
-                    answers[i] = Some(match r {
-                        Ok(v) => Answer::Ok(v),
-                        Err(e) => Answer::from_api_error(&e),
-                    });
-                }
-            }
-            Err(_) => {
-                for &i in &embed_idx {
-                    answers[i] = Some(panicked());
-                }
-            }
+            .await;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        for (k, &i) in group.iter().enumerate() {
+            let answer = match &results {
+                Ok(r) => match &r[k] {
+                    Ok(v) => Answer::Ok(v.clone()),
+                    Err(e) => Answer::from_api_error(e),
+                },
+                Err(_) => panicked(),
+            };
+            let endpoint = specs[i].as_ref().map(|s| s.endpoint);
+            settle(
+                &writer,
+                &mut writes,
+                &mut outcomes,
+                i,
+                &ids[i],
+                &messages[i],
+                endpoint,
+                answer,
+                ms,
+            );
         }
     }
-    for i in 0..messages.len() {
-        if !runnable[i] || answers[i].is_some() {
+
+    // 4. The other jobs one by one, each guarded so that a panic outside the engine (the
+    // engine's own are caught by the service) fails that job only.
+    for i in 0..n {
+        if !runnable(i, &outcomes) {
             continue;
         }
         let spec = specs[i].as_ref().expect("runnable jobs parsed");
+        if opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            outcomes[i] = Some(Outcome::Retry(
+                "not started: the invocation's deadline is near".into(),
+            ));
+            continue;
+        }
         let req = ApiRequest {
             method: Method::Post,
             path: spec.endpoint.to_owned(),
             body: spec.request.clone(),
         };
-        answers[i] = Some(
-            match AssertUnwindSafe(service.handle(req)).catch_unwind().await {
-                Ok(r) if (200..300).contains(&r.status) => Answer::Ok(r.body),
-                Ok(r) => Answer::Err {
-                    error: r.body.get("error").cloned().unwrap_or(r.body),
-                    transient: r.status == 503 || r.status == 429,
-                },
-                Err(_) => panicked(),
+        let t = Instant::now();
+        let answer = match AssertUnwindSafe(service.handle_call(req, &opts))
+            .catch_unwind()
+            .await
+        {
+            Ok(Reply::Full(r)) if (200..300).contains(&r.status) => Answer::Ok(r.body),
+            Ok(Reply::Full(r)) => Answer::Err {
+                error: r.body.get("error").cloned().unwrap_or(r.body),
+                transient: r.status == 503 || r.status == 429,
             },
+            // Jobs never ask to stream (JobSpec refuses it), so the service never streams here.
+            Ok(Reply::Stream(_)) => panicked(),
+            Err(_) => panicked(),
+        };
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        settle(
+            &writer,
+            &mut writes,
+            &mut outcomes,
+            i,
+            &ids[i],
+            &messages[i],
+            Some(spec.endpoint),
+            answer,
+            ms,
         );
     }
-    let compute_ms = compute_start.elapsed().as_secs_f64() * 1e3;
 
-    // 4. Write every answer that is final, create-only and concurrently.
-    let meta = service.meta();
-    let now = unix_ms();
-    let mut writes = Vec::new();
-    for (i, m) in messages.iter().enumerate() {
-        if outcomes[i].is_some() {
-            continue;
-        }
-        let answer = answers[i].take().expect("every runnable job has an answer");
-        let (status, payload) = match answer {
-            Answer::Err {
-                transient: true,
-                error,
-            } => {
-                outcomes[i] = Some(Outcome::Retry(format!(
-                    "transient: {}",
-                    error["message"].as_str().unwrap_or("unavailable")
-                )));
+    // 5. Wait for the writes (most finished while later jobs computed).
+    for w in writes {
+        let (i, status, r) = match w.await {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "a result write task failed");
                 continue;
             }
-            Answer::Ok(v) => ("succeeded", ("result", v)),
-            Answer::Err { error, .. } => ("failed", ("error", error)),
         };
-        let endpoint = specs[i].as_ref().map(|s| s.endpoint);
-        let mut doc = json!({
-            "id": ids[i].as_str(),
-            "object": "job",
-            "status": status,
-            "endpoint": endpoint,
-            "model": meta.id,
-            "digest": meta.sha256,
-            "message_id": m.message_id,
-            "completed_at_ms": now,
-            "timings": {
-                "queue_ms": m.sent_timestamp_ms.map(|t| now.saturating_sub(t)),
-                "batch_compute_ms": compute_ms,
-                "batch_size": messages.len(),
-            },
-        });
-        doc[payload.0] = payload.1;
-        let bytes = serde_json::to_vec(&doc).expect("a JSON value serializes");
-        let store = store.clone();
-        let id = ids[i].clone();
-        writes.push(async move {
-            let r = store.put_new(&id, bytes).await;
-            (i, status, r)
-        });
-    }
-    for (i, status, r) in join_all(writes).await {
         let id = ids[i].clone();
         outcomes[i] = Some(match r {
             Ok(PutOutcome::Written) if status == "succeeded" => Outcome::Succeeded(id),
@@ -267,7 +325,7 @@ pub async fn run_batch(service: &Service, ports: &JobPorts, messages: Vec<Messag
 
     let mut report = BatchReport::default();
     for (m, o) in messages.into_iter().zip(outcomes) {
-        let o = o.expect("every message has an outcome");
+        let o = o.unwrap_or_else(|| Outcome::Retry("not run".into()));
         if let Outcome::Retry(reason) = &o {
             tracing::warn!(message_id = %m.message_id, %reason, "job left for redelivery");
             report.failures.push(m.message_id.clone());
@@ -281,6 +339,84 @@ pub async fn run_batch(service: &Service, ports: &JobPorts, messages: Vec<Messag
         "sqs batch done"
     );
     report
+}
+
+/// How many inputs an embeddings body carries (for grouping; a body that does not parse counts
+/// as one, and the service refuses it properly).
+fn input_count(body: &[u8]) -> usize {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        input: Value,
+    }
+    match serde_json::from_slice::<Peek>(body) {
+        Ok(Peek {
+            input: Value::Array(a),
+        }) => a.len().max(1),
+        _ => 1,
+    }
+}
+
+/// What a result document is written with.
+struct Writer<'a> {
+    store: std::sync::Arc<dyn super::ResultStore>,
+    meta: &'a crate::service::ModelMeta,
+    batch_size: usize,
+}
+
+/// Settles one job's answer: a transient error is handed back to SQS (nothing written), a final
+/// answer starts its create-only write at once.
+#[allow(clippy::too_many_arguments)]
+fn settle(
+    w: &Writer,
+    writes: &mut Vec<Write>,
+    outcomes: &mut [Option<Outcome>],
+    i: usize,
+    id: &JobId,
+    m: &Message,
+    endpoint: Option<&'static str>,
+    answer: Answer,
+    compute_ms: f64,
+) {
+    let (status, payload) = match answer {
+        Answer::Err {
+            transient: true,
+            error,
+        } => {
+            outcomes[i] = Some(Outcome::Retry(format!(
+                "transient: {}",
+                error["message"].as_str().unwrap_or("unavailable")
+            )));
+            return;
+        }
+        Answer::Ok(v) => ("succeeded", ("result", v)),
+        Answer::Err { error, .. } => ("failed", ("error", error)),
+    };
+    let now = unix_ms();
+    let mut doc = json!({
+        "id": id.as_str(),
+        "object": "job",
+        "status": status,
+        "endpoint": endpoint,
+        "model": w.meta.id,
+        "digest": w.meta.sha256,
+        "message_id": m.message_id,
+        "completed_at_ms": now,
+        "timings": {
+            "queue_ms": m.sent_timestamp_ms.map(|t| now.saturating_sub(t)),
+            "compute_ms": compute_ms,
+            "batch_size": w.batch_size,
+        },
+    });
+    doc[payload.0] = payload.1;
+    let bytes = serde_json::to_vec(&doc).expect("a JSON value serializes");
+    // Until the write answers, the job counts as not done (and is not run again in this batch).
+    outcomes[i] = Some(Outcome::Retry("the result write did not finish".into()));
+    let store = w.store.clone();
+    let id = id.clone();
+    writes.push(tokio::spawn(async move {
+        let r = store.put_new(&id, bytes).await;
+        (i, status, r)
+    }));
 }
 
 fn panicked() -> Answer {
