@@ -5,7 +5,9 @@
 //! AWS_ENDPOINT_URL, ~/.aws/config). The only thing we add is the HTTP client: rustls on *ring*
 //! instead of the SDK's default rustls on aws-lc-rs, whose C build (aws-lc-sys) costs minutes per
 //! clean build and brings nothing S3 needs (both speak TLS 1.2/1.3 with the same cipher suites).
-//! Must not know what the clients are used for (model fetch, job results).
+//! The clients must not know what they are used for (model fetch, job results); [`AWS_CALLS`] is
+//! the one list of what the code does with them, which the functions' IAM roles in template.yaml
+//! must grant and nothing more (tests/template_iam.rs checks both ways).
 
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
@@ -43,3 +45,84 @@ pub fn s3_client_at(
     }
     aws_sdk_s3::Client::from_conf(conf.build())
 }
+
+/// The function whose execution role makes a call (template.yaml: ApiFunctionRole,
+/// WorkerFunctionRole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The API function (HTTP API, Function URL, direct invokes).
+    Api,
+    /// The SQS job worker.
+    Worker,
+    /// Both functions.
+    Both,
+}
+
+impl Caller {
+    /// Whether a call made by `self` is made by `role`'s function (`role` is `Api` or `Worker`).
+    pub fn includes(self, role: Caller) -> bool {
+        self == Caller::Both || self == role
+    }
+}
+
+/// What a call touches, as template.yaml names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AwsResource {
+    /// The model object, `ModelUri` (`s3://bucket/key`; only when the model comes from S3).
+    ModelObject,
+    /// Job results: objects under `results/` in `ResultsBucket` (`RESULTS_URI`).
+    ResultsPrefix,
+    /// `JobsQueue` (`JOBS_QUEUE_URL`).
+    JobsQueue,
+    /// `ApiKeysSecret` (`API_KEYS_SECRET_ARN`; only when `ApiAuth=KEY`).
+    ApiKeysSecret,
+}
+
+/// One AWS API call the deployed code makes.
+#[derive(Debug, Clone, Copy)]
+pub struct AwsCall {
+    pub caller: Caller,
+    /// The IAM action, e.g. `s3:GetObject`.
+    pub action: &'static str,
+    pub resource: AwsResource,
+    /// Where in the code, and why.
+    pub why: &'static str,
+}
+
+/// Every AWS call the code deployed in the image makes (the `bootstrap` binary; the
+/// `lambda-inference` tool's benchmarks are not deployed). What the Lambda service does with a role
+/// on the function's behalf (logs, traces, polling SQS for the worker) is not a call of ours and is
+/// listed in tests/template_iam.rs instead.
+pub const AWS_CALLS: &[AwsCall] = &[
+    AwsCall {
+        caller: Caller::Both,
+        action: "s3:GetObject",
+        resource: AwsResource::ModelObject,
+        why: "artifacts/s3.rs: the model fetch at init, plain and ranged GETs (If-Match)",
+    },
+    AwsCall {
+        caller: Caller::Both,
+        action: "s3:GetObject",
+        resource: AwsResource::ResultsPrefix,
+        why: "jobs/aws.rs S3ResultStore::get: GET /v1/jobs/{id} and the submit-time check (api), \
+              the already-done check before a batch runs (worker)",
+    },
+    AwsCall {
+        caller: Caller::Worker,
+        action: "s3:PutObject",
+        resource: AwsResource::ResultsPrefix,
+        why: "jobs/aws.rs S3ResultStore::put_new: the create-only result write (If-None-Match)",
+    },
+    AwsCall {
+        caller: Caller::Api,
+        action: "sqs:SendMessage",
+        resource: AwsResource::JobsQueue,
+        why: "jobs/aws.rs SqsJobQueue::send: POST /v1/jobs",
+    },
+    AwsCall {
+        caller: Caller::Api,
+        action: "secretsmanager:GetSecretValue",
+        resource: AwsResource::ApiKeysSecret,
+        why: "the accepted API keys, read at init (ApiAuth=KEY)",
+    },
+];
