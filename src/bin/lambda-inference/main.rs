@@ -29,6 +29,16 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         addr: String,
+        /// The request head must arrive within this many ms of the connection (else 408, or a
+        /// plain close if nothing came); each read of the body must progress within it.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+        read_timeout_ms: u64,
+        /// The whole request body must arrive within this many ms of the head (else 408).
+        #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+        body_timeout_ms: u64,
+        /// Connections open at once; more wait in the listen backlog.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+        max_connections: u64,
     },
     /// Converts a Hugging Face BERT folder (config.json, tokenizer.json, model.safetensors) to GGUF.
     Convert {
@@ -113,7 +123,12 @@ fn main() -> anyhow::Result<()> {
             let out = rt.block_on(events::handle(&app.service, event));
             println!("{}", serde_json::to_string(&out)?);
         }
-        Cmd::Serve { addr } => {
+        Cmd::Serve {
+            addr,
+            read_timeout_ms,
+            body_timeout_ms,
+            max_connections,
+        } => {
             let config = Config::from_env()?;
             app::configure(&config);
             let app =
@@ -123,7 +138,13 @@ fn main() -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(serve::serve(std::sync::Arc::new(app), &addr))?;
+            let opts = serve::Options {
+                addr,
+                read_timeout: std::time::Duration::from_millis(read_timeout_ms),
+                body_timeout: std::time::Duration::from_millis(body_timeout_ms),
+                max_connections: max_connections as usize,
+            };
+            rt.block_on(serve::serve(std::sync::Arc::new(app), opts))?;
         }
         Cmd::Convert {
             dtype,
