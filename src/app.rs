@@ -1,4 +1,4 @@
-//! Init: configuration -> model bytes -> engine -> service, timed step by step.
+//! Init: configuration -> model bytes (and API keys) -> engine -> service, timed step by step.
 //!
 //! Runs once per execution environment (the Lambda init phase, or the CLI's start). Both the
 //! `bootstrap` binary and the CLI build the same [`App`], so a local invoke exercises exactly what
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use crate::artifacts::{self, Artifact, ArtifactError, FetchStats, ModelDigest};
 use crate::config::Config;
 use crate::engine::{self, EngineError, SharedBytes};
-use crate::service::{ModelMeta, Service};
+use crate::service::{ApiKeys, ModelMeta, Service};
 
 /// Why init failed; `error_type` is the stable name reported to Lambda and in logs.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +27,10 @@ pub enum InitError {
     /// The load task panicked or was cancelled: a bug, never the model's fault.
     #[error("InitPanic: {0}")]
     Panicked(String),
+    /// The API keys (API_KEYS_SECRET_ARN) could not be read or are not usable: nothing is served
+    /// rather than serving without the authentication the deployment asked for.
+    #[error("AuthConfig: {message}")]
+    AuthConfig { message: String, permanent: bool },
 }
 
 impl InitError {
@@ -38,6 +42,7 @@ impl InitError {
             InitError::Artifact(a) => a.is_permanent(),
             InitError::Engine(_) => true,
             InitError::Panicked(_) => false,
+            InitError::AuthConfig { permanent, .. } => *permanent,
         }
     }
 
@@ -46,6 +51,7 @@ impl InitError {
             InitError::Artifact(a) => a.error_type(),
             InitError::Engine(_) => "InvalidModel",
             InitError::Panicked(_) => "InitPanic",
+            InitError::AuthConfig { .. } => "AuthConfig",
         }
     }
 }
@@ -118,15 +124,24 @@ impl App {
     pub async fn load(config: &Config) -> Result<App, InitError> {
         let t0 = Instant::now();
         // The job clients (if RESULTS_URI / JOBS_QUEUE_URL are set) are made while the model
-        // downloads; they do no I/O until the first job.
-        let (art, jobs) = tokio::join!(artifacts::fetch(config), crate::jobs::aws::ports(config));
+        // downloads; they do no I/O until the first job. The API keys are read meanwhile too.
+        let (art, jobs, keys) = tokio::join!(
+            artifacts::fetch(config),
+            crate::jobs::aws::ports(config),
+            api_keys(config)
+        );
         let art = art?;
+        let keys = keys?;
         let config = config.clone();
         let app = tokio::task::spawn_blocking(move || Self::build(art, &config, t0))
             .await
             .map_err(|e| InitError::Panicked(format!("engine build: {e}")))??;
+        let service = app.service.with_jobs(jobs);
         Ok(App {
-            service: app.service.with_jobs(jobs),
+            service: match keys {
+                Some(keys) => service.with_api_keys(keys),
+                None => service,
+            },
             report: app.report,
         })
     }
@@ -208,6 +223,30 @@ impl App {
             report,
         })
     }
+}
+
+/// The keys API Gateway requests must carry: API_KEYS and the secret at API_KEYS_SECRET_ARN
+/// together; `None` when neither is set (the gateway authenticates, or nobody does).
+async fn api_keys(config: &Config) -> Result<Option<ApiKeys>, InitError> {
+    let Some(arn) = &config.api_keys_secret_arn else {
+        return Ok(config.api_keys.clone());
+    };
+    let sdk = crate::aws::sdk_config().await;
+    let text = crate::aws::secret_string(&sdk, arn, config.fetch.deadline)
+        .await
+        .map_err(|e| InitError::AuthConfig {
+            message: format!("API_KEYS_SECRET_ARN: {e}"),
+            permanent: e.permanent,
+        })?;
+    let keys = ApiKeys::from_secret_json(&text).map_err(|e| InitError::AuthConfig {
+        message: format!("API_KEYS_SECRET_ARN {arn}: {e}"),
+        permanent: true,
+    })?;
+    tracing::info!(keys = keys.len(), "API keys read from API_KEYS_SECRET_ARN");
+    Ok(Some(match config.api_keys.clone() {
+        Some(local) => keys.merge(local),
+        None => keys,
+    }))
 }
 
 /// A load shared by everyone who waits for it: init (up to its budget) and the first invoke.

@@ -7,7 +7,8 @@
 //! clean build and brings nothing S3 needs (both speak TLS 1.2/1.3 with the same cipher suites).
 //! The clients must not know what they are used for (model fetch, job results); [`AWS_CALLS`] is
 //! the one list of what the code does with them, which the functions' IAM roles in template.yaml
-//! must grant and nothing more (tests/template_iam.rs checks both ways).
+//! must grant and nothing more (tests/template_iam.rs checks both ways). The one call made here is
+//! [`secret_string`], a plain read of a secret at init (what it holds is the caller's business).
 
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
@@ -44,6 +45,67 @@ pub fn s3_client_at(
         conf = conf.endpoint_url(url);
     }
     aws_sdk_s3::Client::from_conf(conf.build())
+}
+
+/// Why a secret could not be read, sorted as the other AWS ports sort their failures: `permanent`
+/// when retrying in this environment cannot help (no such secret, access denied, a KMS key the role
+/// cannot use), transient otherwise (throttling, 5xx, network, timeout).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SecretError {
+    pub message: String,
+    pub permanent: bool,
+}
+
+/// The SecretString of secret `id` (an ARN or a name), read with the default chain's credentials;
+/// the whole read (SDK retries included) ends within `timeout`.
+pub async fn secret_string(
+    sdk: &SdkConfig,
+    id: &str,
+    timeout: std::time::Duration,
+) -> Result<String, SecretError> {
+    use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+    let client = aws_sdk_secretsmanager::Client::new(sdk);
+    let call = client.get_secret_value().secret_id(id).send();
+    let fail = |permanent, message: String| SecretError { message, permanent };
+    let out = match tokio::time::timeout(timeout, call).await {
+        Err(_) => {
+            return Err(fail(
+                false,
+                format!("GetSecretValue {id}: no answer within {timeout:?}"),
+            ))
+        }
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => {
+            let detail = DisplayErrorContext(&e);
+            return Err(match &e {
+                SdkError::ServiceError(se) => {
+                    let code = e.code().unwrap_or("");
+                    let status = se.raw().status().as_u16();
+                    let msg = format!("GetSecretValue {id}: HTTP {status} {code}: {detail}");
+                    let transient = matches!(status, 408 | 429 | 500..=599)
+                        || matches!(
+                            code,
+                            "ThrottlingException" | "InternalServiceError" | "RequestTimeout"
+                        );
+                    fail(!transient, msg)
+                }
+                SdkError::ConstructionFailure(_) => {
+                    fail(true, format!("GetSecretValue {id}: {detail}"))
+                }
+                // Connection refused or reset, timeouts, unparseable answers: worth another try.
+                _ => fail(false, format!("GetSecretValue {id} failed: {detail}")),
+            });
+        }
+    };
+    out.secret_string.ok_or_else(|| {
+        fail(
+            true,
+            format!(
+                "secret {id} has no SecretString (a binary secret?): expected {{\"key\": \"...\"}}"
+            ),
+        )
+    })
 }
 
 /// The function whose execution role makes a call (template.yaml: ApiFunctionRole,
@@ -123,6 +185,7 @@ pub const AWS_CALLS: &[AwsCall] = &[
         caller: Caller::Api,
         action: "secretsmanager:GetSecretValue",
         resource: AwsResource::ApiKeysSecret,
-        why: "the accepted API keys, read at init (ApiAuth=KEY)",
+        why: "aws.rs secret_string, called by app.rs: the accepted API keys, read at init \
+              (ApiAuth=KEY)",
     },
 ];

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::service::Limits;
+use crate::service::{ApiKeys, Limits};
 
 /// Where the model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +124,15 @@ pub struct Config {
     pub results_uri: Option<S3Location>,
     /// JOBS_QUEUE_URL: where `POST /v1/jobs` sends; unset: that route answers 404.
     pub jobs_queue_url: Option<String>,
+    /// API_KEYS_SECRET_ARN (ApiAuth=KEY): the Secrets Manager secret holding the keys API Gateway
+    /// requests must carry, `{"key": "...", "keys"?: [...]}`, read once at init. Empty = unset
+    /// (`sam local` passes an unset template value as ""); unset: keys are not checked (unless
+    /// API_KEYS).
+    pub api_keys_secret_arn: Option<String>,
+    /// API_KEYS: more accepted keys, comma-separated, for local runs and tests without Secrets
+    /// Manager (in AWS use the secret: a variable is readable by anyone who can read the
+    /// function's configuration). Hashed here; the plain keys are not kept.
+    pub api_keys: Option<ApiKeys>,
 }
 
 /// Model download settings (S3). Defaults are measured; README "Model from S3" has the figures.
@@ -310,6 +319,33 @@ impl Config {
                 ))
             }
         };
+        let api_keys_secret_arn = match get("API_KEYS_SECRET_ARN") {
+            Some(v) if v.trim().starts_with("arn:") && v.contains(":secretsmanager:") => {
+                Some(v.trim().to_owned())
+            }
+            Some(v) => {
+                return Err(err(
+                    "API_KEYS_SECRET_ARN",
+                    format!(
+                        "expected a secret's ARN (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME), got {:?}",
+                        v.chars().take(200).collect::<String>()
+                    ),
+                ))
+            }
+            None => None,
+        };
+        let api_keys = match get("API_KEYS") {
+            Some(v) => {
+                let keys: Vec<&str> = v.split(',').map(str::trim).collect();
+                for (i, k) in keys.iter().enumerate() {
+                    // The message names the position, never the key.
+                    crate::service::check_key(k)
+                        .map_err(|e| err("API_KEYS", format!("key {}: {e}", i + 1)))?;
+                }
+                Some(ApiKeys::new(keys))
+            }
+            None => None,
+        };
         let wait_for_whole_load = get("AWS_LAMBDA_INITIALIZATION_TYPE")
             .is_some_and(|v| v.trim() == "provisioned-concurrency");
         Ok(Config {
@@ -329,6 +365,8 @@ impl Config {
             s3_endpoint,
             results_uri,
             jobs_queue_url,
+            api_keys_secret_arn,
+            api_keys,
         })
     }
 }
@@ -580,11 +618,37 @@ mod tests {
             ("S3_ENDPOINT_URL", "localhost:9000"),
             ("FUNCTION_URL_INVOKE_MODE", "stream"),
             ("INT8_KERNEL", "vnni"),
+            ("API_KEYS_SECRET_ARN", "ApiKeysSecret"),
+            ("API_KEYS_SECRET_ARN", "arn:aws:s3:::bucket"),
+            ("API_KEYS", "short"),
+            ("API_KEYS", "a-long-enough-key-1,,a-long-enough-key-2"),
+            ("API_KEYS", "a-long-enough key-1"),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();
             assert_eq!(e.var, var);
             assert!(e.to_string().starts_with(var), "{e}");
         }
+    }
+
+    #[test]
+    fn api_keys_settings() {
+        let c = cfg(&[]).unwrap();
+        assert!(c.api_keys_secret_arn.is_none() && c.api_keys.is_none());
+        // `sam local` passes an unset template value as "": unset, not an error.
+        let c = cfg(&[("API_KEYS_SECRET_ARN", ""), ("API_KEYS", " ")]).unwrap();
+        assert!(c.api_keys_secret_arn.is_none() && c.api_keys.is_none());
+        let arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:keys-AbCdEf";
+        let c = cfg(&[
+            ("API_KEYS_SECRET_ARN", arn),
+            ("API_KEYS", "local-key-0123456789, local-key-abcdefghij"),
+        ])
+        .unwrap();
+        assert_eq!(c.api_keys_secret_arn.as_deref(), Some(arn));
+        let keys = c.api_keys.unwrap();
+        assert_eq!(keys.len(), 2);
+        assert!(keys.identify(b"local-key-abcdefghij").is_some());
+        let e = cfg(&[("API_KEYS", "secret-but-too-short,x")]).unwrap_err();
+        assert!(!e.to_string().contains("secret-but"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub enum ErrorKind {
     InvalidValue,
     /// The route exists but the loaded model cannot serve it (chat on an embedder).
     WrongModelKind,
+    /// No API key, or not one this deployment accepts (ApiAuth=KEY): `Authorization: Bearer <key>`.
+    Unauthorized,
     /// No such route.
     NotFound,
     /// The route exists, the method does not.
@@ -42,6 +44,7 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::InvalidJson | ErrorKind::InvalidValue | ErrorKind::WrongModelKind => 400,
+            ErrorKind::Unauthorized => 401,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::Conflict => 409,
@@ -62,7 +65,9 @@ impl ErrorKind {
             | ErrorKind::WrongModelKind
             | ErrorKind::PayloadTooLarge
             | ErrorKind::Conflict
-            | ErrorKind::MethodNotAllowed => "invalid_request_error",
+            | ErrorKind::MethodNotAllowed
+            // What OpenAI answers for a missing or wrong key.
+            | ErrorKind::Unauthorized => "invalid_request_error",
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::TooManyRequests => "rate_limit_error",
             ErrorKind::Unavailable => "service_unavailable",
@@ -77,6 +82,7 @@ impl ErrorKind {
             ErrorKind::InvalidType => "invalid_type",
             ErrorKind::InvalidValue => "invalid_value",
             ErrorKind::WrongModelKind => "unsupported_for_model",
+            ErrorKind::Unauthorized => "invalid_api_key",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::PayloadTooLarge => "payload_too_large",
@@ -95,6 +101,7 @@ impl ErrorKind {
                 "InvalidRequest"
             }
             ErrorKind::WrongModelKind => "UnsupportedForModel",
+            ErrorKind::Unauthorized => "Unauthorized",
             ErrorKind::NotFound => "NotFound",
             ErrorKind::MethodNotAllowed => "MethodNotAllowed",
             ErrorKind::PayloadTooLarge => "PayloadTooLarge",
@@ -178,6 +185,7 @@ mod tests {
             InvalidType,
             InvalidValue,
             WrongModelKind,
+            Unauthorized,
             NotFound,
             MethodNotAllowed,
             PayloadTooLarge,
@@ -191,7 +199,23 @@ mod tests {
             assert!((400..600).contains(&s), "{k:?} -> {s}");
             assert!(!k.lambda_error_type().is_empty());
         }
+        let statuses: std::collections::BTreeSet<u16> = kinds
+            .iter()
+            .filter(|k| !matches!(k, InvalidValue | WrongModelKind))
+            .map(|k| k.status())
+            .collect();
+        assert_eq!(statuses.len(), kinds.len() - 2, "{statuses:?}");
         assert_eq!(Internal.status(), 500);
         assert_eq!(Unavailable.status(), 503);
+    }
+
+    #[test]
+    fn unauthorized_is_what_openai_answers_for_a_bad_key() {
+        let b = ApiError::new(ErrorKind::Unauthorized, "no key").to_body();
+        assert_eq!(ErrorKind::Unauthorized.status(), 401);
+        assert_eq!(b["error"]["type"], "invalid_request_error");
+        assert_eq!(b["error"]["code"], "invalid_api_key");
+        assert_eq!(b["error"]["param"], serde_json::Value::Null);
+        assert_eq!(ErrorKind::Unauthorized.lambda_error_type(), "Unauthorized");
     }
 }

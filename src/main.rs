@@ -83,6 +83,8 @@ fn main() -> Result<(), Error> {
             move |event: LambdaEvent<Box<RawValue>>| async move {
                 let t = Instant::now();
                 let deadline = deadline_instant(event.context.deadline());
+                // Requests this large leave freed memory in glibc's arenas: trimmed afterwards.
+                let large = event.payload.get().len() > 256 * 1024;
                 let payload = match serde_json::from_str::<Value>(event.payload.get()) {
                     Ok(v) => v,
                     // Only a direct invoke can carry such JSON: AWS event sources write their own.
@@ -115,6 +117,15 @@ fn main() -> Result<(), Error> {
                     url_streams: lazy.config().function_url_streaming,
                 };
                 let reply = events::handle_call(&app.service, payload, Some(invocation)).await;
+                if large {
+                    // The request's buffers are free now; its answer is freed once sent, so the
+                    // heap is trimmed again then (the task runs while the runtime sends).
+                    lambda_inference::service::trim_heap();
+                    tokio::spawn(async {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        lambda_inference::service::trim_heap();
+                    });
+                }
                 if !first_done.swap(true, Ordering::Relaxed) {
                     let cold = ColdStart {
                         first_invoke_ms: t.elapsed().as_secs_f64() * 1e3,
@@ -172,6 +183,13 @@ fn load_failed(event: &Value, error_type: &str, message: &str) -> Result<Value, 
     tracing::error!(error_type, error = %message, "model load failed");
     match events::detect(event) {
         Source::HttpApiV2 | Source::FunctionUrl | Source::RestApiV1 => {
+            // Without its keys the function cannot tell who is asking: the details (the secret's
+            // ARN, the account) are for the log, not for an unauthenticated caller.
+            let message = if error_type == "AuthConfig" {
+                "the function could not load its API keys; its log says why"
+            } else {
+                message
+            };
             let res: ApiResponse = ApiError::new(ErrorKind::Unavailable, message)
                 .with_code(error_type)
                 .into();

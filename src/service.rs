@@ -23,10 +23,12 @@ use crate::engine::{
     GenerateParams, Generator, SamplingParams,
 };
 use crate::error::{ApiError, ErrorKind};
-use crate::jobs::{self, JobPorts};
+use crate::jobs::{self, JobPorts, Owner};
 
 mod cost;
+mod keys;
 pub use cost::CostModel;
+pub use keys::{check_key, ApiKeys, MAX_KEY_LEN, MIN_KEY_LEN};
 
 /// Every route the service answers, as (method, path template): the one list that routing, the
 /// OpenAPI document (`docs/openapi.json`, checked against it by a test) and `serve` agree on.
@@ -152,6 +154,9 @@ pub struct Service {
     jobs: JobPorts,
     /// What work costs here, measured on the requests served so far.
     cost: CostModel,
+    /// The API keys HTTP API / REST API requests must carry (ApiAuth=KEY); checked by the events
+    /// layer (`events::auth`), held here so that every caller of it has them (see keys.rs).
+    api_keys: Option<ApiKeys>,
 }
 
 /// What an embeddings request asks for besides its inputs.
@@ -291,7 +296,19 @@ impl Service {
             served: AtomicBool::new(false),
             jobs: JobPorts::default(),
             cost: CostModel::default(),
+            api_keys: None,
         }
+    }
+
+    /// Requires one of `keys` on API Gateway requests (see `events::auth`).
+    pub fn with_api_keys(mut self, keys: ApiKeys) -> Self {
+        self.api_keys = Some(keys);
+        self
+    }
+
+    /// The keys API Gateway requests must carry; `None`: not checked here (IAM, JWT, none).
+    pub fn api_keys(&self) -> Option<&ApiKeys> {
+        self.api_keys.as_ref()
     }
 
     /// What work has cost here so far (for the SQS worker's planning, and `/health`).
@@ -334,7 +351,18 @@ impl Service {
 
     /// Routes and answers one request with what the entry point allows (deadline, streaming).
     pub async fn handle_call(&self, req: ApiRequest, opts: &CallOptions) -> Reply {
-        let res = self.route(req, opts).await;
+        self.handle_for(req, opts, None).await
+    }
+
+    /// As [`Service::handle_call`], for a caller the events layer authenticated with an API key:
+    /// `owner` scopes its jobs (`/v1/jobs` stores and reads results under it).
+    pub async fn handle_for(
+        &self,
+        req: ApiRequest,
+        opts: &CallOptions,
+        owner: Option<&Owner>,
+    ) -> Reply {
+        let res = self.route(req, opts, owner).await;
         self.served.store(true, Ordering::Relaxed);
         match res {
             Ok(r) => r,
@@ -342,7 +370,12 @@ impl Service {
         }
     }
 
-    async fn route(&self, req: ApiRequest, opts: &CallOptions) -> Result<Reply, ApiError> {
+    async fn route(
+        &self,
+        req: ApiRequest,
+        opts: &CallOptions,
+        owner: Option<&Owner>,
+    ) -> Result<Reply, ApiError> {
         let path = req.path.trim_end_matches('/');
         let path = if path.is_empty() { "/" } else { path };
         let allowed = match path {
@@ -382,7 +415,7 @@ impl Service {
         let full = |r: ApiResponse| Reply::Full(r);
         match path {
             "/v1/embeddings" => self
-                .embeddings(&req.body)
+                .embeddings(&req.body, opts.deadline)
                 .await
                 .map(|b| full(ApiResponse::ok(b))),
             "/v1/chat/completions" => self.generate(Route::Chat, &req.body, opts).await,
@@ -390,11 +423,13 @@ impl Service {
             "/v1/models" => Ok(full(ApiResponse::ok(self.models()))),
             "/health" => Ok(full(ApiResponse::ok(self.health()))),
             "/openapi.json" => Ok(full(ApiResponse::ok(openapi()))),
-            "/v1/jobs" => jobs::submit(&self.jobs, &self.limits, &req.body)
+            "/v1/jobs" => jobs::submit(&self.jobs, &self.limits, &req.body, owner)
                 .await
                 .map(full),
             p if p.starts_with("/v1/models/") => {
-                let id = &p["/v1/models/".len()..];
+                // API Gateway and HTTP clients pass the segment percent-encoded ("a%20b").
+                let id = percent_decode(&p["/v1/models/".len()..]);
+                let id = id.as_str();
                 if id == self.meta.id {
                     Ok(full(ApiResponse::ok(self.model_object())))
                 } else {
@@ -408,7 +443,7 @@ impl Service {
                     .with_param("model"))
                 }
             }
-            p => jobs::status(&self.jobs, &p["/v1/jobs/".len()..])
+            p => jobs::status(&self.jobs, &p["/v1/jobs/".len()..], owner)
                 .await
                 .map(full),
         }
@@ -532,10 +567,15 @@ impl Service {
         Ok(Reply::Full(ApiResponse::ok(head.full_body(&out))))
     }
 
-    /// `POST /v1/embeddings`.
-    pub async fn embeddings(&self, body: &[u8]) -> Result<Value, ApiError> {
+    /// `POST /v1/embeddings`; forward passes stop rather than run past `deadline` (a 503 beats
+    /// the invocation being cut off: API Gateway would answer an opaque 504).
+    pub async fn embeddings(
+        &self,
+        body: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<Value, ApiError> {
         let (inputs, shape) = self.prepare_embeddings(body)?;
-        let out = self.embed(inputs).await?;
+        let out = self.embed(inputs, deadline).await?;
         Ok(self.embeddings_body(shape, out.embeddings, &out.token_counts))
     }
 
@@ -573,7 +613,7 @@ impl Service {
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        for (i, r) in self.embed_group(valid).await {
+        for (i, r) in self.embed_group(valid, deadline).await {
             results[i] = Some(r);
         }
         results
@@ -587,13 +627,19 @@ impl Service {
     fn embed_group(
         &self,
         group: Vec<(usize, EmbeddingShape, Vec<String>)>,
+        deadline: Option<Instant>,
     ) -> futures_util::future::BoxFuture<'_, Vec<(usize, Result<Value, ApiError>)>> {
         Box::pin(async move {
+            // Nothing to embed (every request was refused before): no engine call, and no
+            // bisecting an empty group forever.
+            if group.is_empty() {
+                return Vec::new();
+            }
             let all: Vec<String> = group
                 .iter()
                 .flat_map(|(_, _, v)| v.iter().cloned())
                 .collect();
-            match self.embed(all).await {
+            match self.embed(all, deadline).await {
                 Ok(out) => {
                     let mut embeddings = out.embeddings.into_iter();
                     let mut counts = out.token_counts.into_iter();
@@ -608,11 +654,16 @@ impl Service {
                         .collect()
                 }
                 Err(e) if group.len() == 1 => vec![(group[0].0, Err(e))],
+                // Out of time: no request is at fault, and splitting would not make time.
+                Err(e) if e.code.as_deref() == Some(NOT_STARTED_CODE) => group
+                    .into_iter()
+                    .map(|(i, _, _)| (i, Err(e.clone())))
+                    .collect(),
                 Err(_) => {
                     let mut left = group;
                     let right = left.split_off(left.len() / 2);
-                    let mut out = self.embed_group(left).await;
-                    out.extend(self.embed_group(right).await);
+                    let mut out = self.embed_group(left, deadline).await;
+                    out.extend(self.embed_group(right, deadline).await);
                     out
                 }
             }
@@ -688,22 +739,36 @@ impl Service {
     }
 
     /// Runs the embedder on the blocking pool.
-    async fn embed(&self, inputs: Vec<String>) -> Result<EmbedOutput, ApiError> {
+    async fn embed(
+        &self,
+        inputs: Vec<String>,
+        deadline: Option<Instant>,
+    ) -> Result<EmbedOutput, ApiError> {
         let embedder = self.embedder()?.clone();
         let max_tokens = self.limits.max_input_tokens;
         let t = Instant::now();
+        let text_bytes: usize = inputs.iter().map(String::len).sum();
         // Forward passes are CPU-bound for milliseconds to seconds: run them on the blocking pool
         // so the runtime's executor (and the Lambda Runtime API client on it) stays responsive. A
         // panic in the engine comes back as a JoinError and becomes a 500, not a dead function.
         let out = tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-            embedder.embed(&refs, max_tokens)
+            embedder.embed_until(&refs, max_tokens, deadline)
         })
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("embedding task failed: {e}")))?
-        .map_err(engine_error)?;
+        .map_err(|e| {
+            if let EngineError::DeadlineReached { tokens_done } = e {
+                // What was done still tells what the rest would cost.
+                self.cost.observe_embed(t.elapsed(), tokens_done);
+            }
+            engine_error(e)
+        })?;
         self.cost
             .observe_embed(t.elapsed(), out.token_counts.iter().sum());
+        if text_bytes > TRIM_ABOVE_BYTES || out.embeddings.len() > 256 {
+            trim_heap();
+        }
         Ok(out)
     }
 
@@ -1131,9 +1196,11 @@ fn validate(route: Route, r: GenerationRequest, limits: &Limits) -> Result<Valid
     };
     let temperature = range("temperature", r.temperature, 0.0, 2.0, 1.0)?;
     let top_p = range("top_p", r.top_p, 0.0, 1.0, 1.0)?;
-    if top_p <= 0.0 {
+    if r.top_p.is_some_and(|p| p <= 0.0) {
         return Err(invalid("top_p", "top_p must be greater than 0"));
     }
+    // A positive f64 below f32's range (5e-324) still means "only the most likely token".
+    let top_p = top_p.max(f32::MIN_POSITIVE);
     let frequency_penalty = range("frequency_penalty", r.frequency_penalty, -2.0, 2.0, 0.0)?;
     let presence_penalty = range("presence_penalty", r.presence_penalty, -2.0, 2.0, 0.0)?;
     let repetition_penalty = range("repetition_penalty", r.repetition_penalty, 0.01, 10.0, 1.0)?;
@@ -1331,7 +1398,12 @@ fn prepare(gen: &dyn Generator, src: &PromptSource, limits: &Limits) -> Result<V
         )
         .with_param(param));
     }
-    let ids = gen.tokenize(&text).map_err(engine_error)?;
+    let ids = gen.tokenize(&text).map_err(engine_error);
+    if text.len() > TRIM_ABOVE_BYTES {
+        drop(text);
+        trim_heap();
+    }
+    let ids = ids?;
     if ids.len() > limit {
         return Err(ApiError::new(
             ErrorKind::PayloadTooLarge,
@@ -1500,10 +1572,57 @@ fn engine_error(e: EngineError) -> ApiError {
             format!("the model's chat template rejected the messages: {m}"),
         )
         .with_param("messages"),
+        EngineError::DeadlineReached { tokens_done } => not_started(&format!(
+            "the deadline came before the work was done ({tokens_done} tokens processed); \
+             send less per request"
+        )),
         e @ EngineError::NoChatTemplate => {
             ApiError::new(ErrorKind::InvalidValue, e.to_string()).with_param("messages")
         }
         other => ApiError::new(ErrorKind::Internal, format!("inference failed: {other}")),
+    }
+}
+
+/// `%XX` escapes decoded (invalid ones and non-UTF-8 results kept as they are).
+fn percent_decode(s: &str) -> String {
+    if !s.contains('%') {
+        return s.to_owned();
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_owned())
+}
+
+/// Requests with more text than this hand their freed memory back to the OS afterwards.
+const TRIM_ABOVE_BYTES: usize = 256 * 1024;
+
+/// Returns freed heap memory to the OS. glibc keeps what a large request freed (token records,
+/// activations) in its arenas, one per thread that allocated, so RSS would stay at the request's
+/// peak for the environment's life, and Lambda bills memory by the configured size but kills at
+/// it. Costs about a millisecond; called only after large requests.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -1602,6 +1721,15 @@ mod tests {
         let r = post(&s, json!({ "input": vec!["x"; ok] })).await;
         assert_eq!(r.status, 200);
         assert!(r.body.to_string().len() < MAX_RESPONSE_BYTES);
+    }
+
+    #[test]
+    fn model_ids_in_paths_are_percent_decoded() {
+        assert_eq!(percent_decode("Smollm2%20135M"), "Smollm2 135M");
+        assert_eq!(percent_decode("caf%C3%A9"), "café");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%ff"), "%zz%ff");
+        assert_eq!(percent_decode("plain"), "plain");
     }
 
     #[test]

@@ -11,20 +11,32 @@ use serde_json::{json, Value};
 
 use super::EventReply;
 use crate::error::{ApiError, ErrorKind};
+use crate::jobs::Owner;
 use crate::service::{ApiRequest, ApiResponse, CallOptions, Method, Reply, Service};
 
-/// Answers an HTTP API v2 or Function URL event.
-pub async fn handle_v2(service: &Service, event: &Value, opts: &CallOptions) -> EventReply {
+/// Answers an HTTP API v2 or Function URL event, for `owner` (the caller's API key, when
+/// [`super::auth`] checked one).
+pub async fn handle_v2(
+    service: &Service,
+    event: &Value,
+    opts: &CallOptions,
+    owner: Option<&Owner>,
+) -> EventReply {
     match decode_v2(event) {
-        Ok(req) => reply(service.handle_call(req, opts).await),
+        Ok(req) => reply(service.handle_for(req, opts, owner).await),
         Err(e) => EventReply::Buffered(encode(&e.into())),
     }
 }
 
-/// Answers a REST API v1 proxy event.
-pub async fn handle_v1(service: &Service, event: &Value, opts: &CallOptions) -> EventReply {
+/// Answers a REST API v1 proxy event, for `owner` (as [`handle_v2`]).
+pub async fn handle_v1(
+    service: &Service,
+    event: &Value,
+    opts: &CallOptions,
+    owner: Option<&Owner>,
+) -> EventReply {
     match decode_v1(event) {
-        Ok(req) => reply(service.handle_call(req, opts).await),
+        Ok(req) => reply(service.handle_for(req, opts, owner).await),
         Err(e) => EventReply::Buffered(encode(&e.into())),
     }
 }

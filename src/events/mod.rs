@@ -4,7 +4,8 @@
 //!
 //! One module per source: [`http`] (API Gateway HTTP API v2, Function URLs, REST API v1 proxy) and
 //! [`direct`] (`aws lambda invoke`, `sam local invoke`, the CLI) and [`sqs`] (job batches, answered
-//! with a partial batch response).
+//! with a partial batch response). [`auth`] decides API keys on API Gateway events, before their
+//! adapter runs.
 //!
 //! Adapters only convert. They must not import candle, run inference or call AWS, and every
 //! failure becomes a response in the event's own shape: never a panic and never a Rust `Err`,
@@ -17,6 +18,7 @@
 //!
 //! [`ApiRequest`]: crate::service::ApiRequest
 
+pub mod auth;
 pub mod direct;
 pub mod http;
 pub mod sqs;
@@ -134,7 +136,8 @@ const NO_STREAM_URL_BUFFERED: &str = "this function's URL has InvokeMode BUFFERE
 
 /// Answers one Lambda event of any supported shape for a caller that buffers (the CLI's
 /// `invoke`, tests): a Function URL stream comes back as one response whose body is the whole
-/// event stream. Never fails: errors are responses.
+/// event stream. Never fails: errors are responses. API Gateway events must carry one of the
+/// service's API keys when it has some ([`auth`]).
 pub async fn handle(service: &Service, event: Value) -> Value {
     match handle_call(service, event, None).await {
         EventReply::Buffered(v) => v,
@@ -166,15 +169,24 @@ pub async fn handle_call(
                 Some(i) if !i.url_streams => Streaming::Unsupported(NO_STREAM_URL_BUFFERED),
                 _ => Streaming::Supported,
             };
-            http::handle_v2(service, &event, &opts(streaming, deadline)).await
+            // IAM-authenticated by Lambda (AuthType AWS_IAM): no key to check.
+            http::handle_v2(service, &event, &opts(streaming, deadline), None).await
         }
         Source::HttpApiV2 => {
+            let owner = match auth::authorize(service.api_keys(), &event) {
+                Ok(owner) => owner,
+                Err(refused) => return EventReply::Buffered(refused),
+            };
             let o = opts(Streaming::Unsupported(NO_STREAM_APIGW), gateway(&event));
-            http::handle_v2(service, &event, &o).await
+            http::handle_v2(service, &event, &o, owner.as_ref()).await
         }
         Source::RestApiV1 => {
+            let owner = match auth::authorize(service.api_keys(), &event) {
+                Ok(owner) => owner,
+                Err(refused) => return EventReply::Buffered(refused),
+            };
             let o = opts(Streaming::Unsupported(NO_STREAM_APIGW), gateway(&event));
-            http::handle_v1(service, &event, &o).await
+            http::handle_v1(service, &event, &o, owner.as_ref()).await
         }
         Source::Sqs => {
             let plan = invocation.map(|i| worker::Plan {

@@ -5,6 +5,12 @@
 //! through the same [`Service`](crate::service::Service), its answer written once to
 //! `RESULTS_URI/<id>.json` as `{id, status, result | error, model, digest, timings}`.
 //!
+//! Results belong to whoever submitted the job: a job submitted with an API key (ApiAuth=KEY)
+//! carries its [`Owner`] (a digest of the key, never the key) in the queued message, its result
+//! goes to `RESULTS_URI/<owner>/<id>.json`, and `GET /v1/jobs/{id}` reads under the caller's own
+//! owner only, so knowing another caller's job id reads nothing. Jobs without an owner (IAM, JWT or
+//! no auth, direct invokes, messages sent to the queue by other producers) keep `<id>.json`.
+//!
 //! What is permanent and what is transient decides whether SQS retries: a malformed or invalid job,
 //! and a job whose engine call panicked, get a `failed` result and are acknowledged; a result that
 //! could not be written, a throttled dependency or a model not yet loaded are reported back so SQS
@@ -60,37 +66,28 @@ impl JobId {
         }
     }
 
-    /// A fresh id for a job submitted without one: time + process + counter, hashed. Unique within a
-    /// function's lifetime and, with the process id and nanoseconds, across environments in practice.
-    pub fn generate() -> JobId {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        JobId::hashed(
-            "job",
-            &[
-                &nanos.to_le_bytes(),
-                &std::process::id().to_le_bytes(),
-                &n.to_le_bytes(),
-            ],
-        )
+    /// A fresh id for a job submitted without one: `job-` and 128 bits from the operating system's
+    /// random source (getrandom(2)), so that an id cannot be guessed from another (a time or a
+    /// counter could be, and without keys the id is all that protects a result).
+    pub fn generate() -> Result<JobId, ApiError> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes).map_err(|e| {
+            ApiError::new(
+                ErrorKind::Internal,
+                format!("no random job id: the OS random source failed: {e}"),
+            )
+        })?;
+        Ok(JobId(format!("job-{}", crate::artifacts::hex(&bytes))))
     }
 
-    /// `<prefix>-<24 hex digits of SHA-256(parts)>`: always a valid id, whatever the parts hold.
-    fn hashed(prefix: &str, parts: &[&[u8]]) -> JobId {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        for p in parts {
-            h.update(p);
+    /// The key the result store sees for this job: the id itself, or `<owner>/<id>` for a job
+    /// that belongs to an API key. Safe as an object key for the same reason the id is: an owner
+    /// is hex digits only.
+    pub fn stored_as(&self, owner: Option<&Owner>) -> JobId {
+        match owner {
+            Some(o) => JobId(format!("{}/{}", o.0, self.0)),
+            None => self.clone(),
         }
-        JobId(format!(
-            "{prefix}-{}",
-            crate::artifacts::hex(&h.finalize()[..12])
-        ))
     }
 
     pub fn as_str(&self) -> &str {
@@ -104,6 +101,46 @@ impl std::fmt::Display for JobId {
     }
 }
 
+/// Whose job it is: 32 lowercase hex digits derived from the SHA-256 of the caller's API key (see
+/// [`Owner::of_key_digest`]). It names the caller's result prefix; it is not a secret, and the key
+/// cannot be recovered from it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner(String);
+
+impl Owner {
+    /// The owner of the key whose SHA-256 is `key_digest`: a second, labelled hash of it, cut to
+    /// 128 bits, so that the owner written into queue messages and object keys is never the
+    /// digest the keys are checked against.
+    pub fn of_key_digest(key_digest: &[u8; 32]) -> Owner {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"lambda-inference job owner v1\0");
+        h.update(key_digest);
+        Owner(crate::artifacts::hex(&h.finalize()[..16]))
+    }
+
+    /// Reads an owner from a queued message: exactly 32 lowercase hex digits, nothing that could
+    /// name another prefix.
+    pub fn parse(s: &str) -> Result<Owner, ApiError> {
+        if s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(Owner(s.to_owned()))
+        } else {
+            Err(ApiError::new(
+                ErrorKind::InvalidValue,
+                format!(
+                    "job owner {:?} is not valid: 32 lowercase hex digits",
+                    truncate(s, 80)
+                ),
+            )
+            .with_param("owner"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 fn truncate(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
         Some((i, _)) => &s[..i],
@@ -111,24 +148,27 @@ fn truncate(s: &str, n: usize) -> &str {
     }
 }
 
-/// A job as submitted: which route, which body, under which id.
+/// A job as submitted: which route, which body, under which id, for whom.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
     pub id: JobId,
     pub endpoint: &'static str,
     /// The request body, serialized (what the service parses).
     pub request: Vec<u8>,
+    /// The API key's owner that submitted it (set by `POST /v1/jobs`, never by the client).
+    pub owner: Option<Owner>,
 }
 
 impl JobSpec {
-    /// Reads `{id?, endpoint, request}`. `default_id` is used when the body has no id (the SQS
-    /// messageId); `None` generates one (submit). The error says what is wrong, for the job's result.
+    /// Reads `{id?, endpoint, request, owner?}`. `default_id` is used when the body has no id (the
+    /// SQS messageId); `None` generates one (submit). The error says what is wrong, for the job's
+    /// result.
     pub fn parse(body: &[u8], default_id: Option<&str>) -> Result<JobSpec, ApiError> {
         let v: Value = crate::service::parse_body(body)?;
         let id = match v.get("id") {
             None | Some(Value::Null) => match default_id {
                 Some(d) => JobId::parse(d)?,
-                None => JobId::generate(),
+                None => JobId::generate()?,
             },
             Some(Value::String(s)) => JobId::parse(s)?,
             Some(_) => {
@@ -184,11 +224,27 @@ impl JobSpec {
                 .with_param("request"))
             }
         };
+        let owner = match v.get("owner") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(Owner::parse(s)?),
+            Some(_) => {
+                return Err(
+                    ApiError::new(ErrorKind::InvalidType, "job owner must be a string")
+                        .with_param("owner"),
+                )
+            }
+        };
         Ok(JobSpec {
             id,
             endpoint,
             request,
+            owner,
         })
+    }
+
+    /// The key its result is stored under (see [`JobId::stored_as`]).
+    pub fn result_key(&self) -> JobId {
+        self.id.stored_as(self.owner.as_ref())
     }
 
     /// The SQS message body for this job (id always explicit, so `GET /v1/jobs/{id}` finds it).
@@ -199,8 +255,12 @@ impl JobSpec {
     /// any JSON a client sends travels unchanged.
     pub fn to_message(&self) -> String {
         let request: Value = serde_json::from_slice(&self.request).expect("parsed from JSON");
-        let text = json!({"id": self.id.as_str(), "endpoint": self.endpoint, "request": request})
-            .to_string();
+        let mut message =
+            json!({"id": self.id.as_str(), "endpoint": self.endpoint, "request": request});
+        if let Some(owner) = &self.owner {
+            message["owner"] = json!(owner.as_str());
+        }
+        let text = message.to_string();
         if text.contains(['\u{FFFE}', '\u{FFFF}']) {
             // Both can only occur inside JSON strings, where an escape means the same character.
             text.replace('\u{FFFE}', "\\ufffe")
@@ -230,7 +290,9 @@ pub enum PutOutcome {
     AlreadyExists,
 }
 
-/// Where job results live (`RESULTS_URI`).
+/// Where job results live (`RESULTS_URI`). Its `id`s are the keys results are stored under
+/// ([`JobId::stored_as`]: `<id>`, or `<owner>/<id>` for a job that belongs to an API key): who may
+/// read what is decided before a store is asked.
 pub trait ResultStore: Send + Sync {
     /// The stored result of `id`, if any.
     fn get<'a>(&'a self, id: &'a JobId) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>>;
@@ -265,10 +327,13 @@ fn store_error(e: StoreError) -> ApiError {
 }
 
 /// `POST /v1/jobs`: validates the job, refuses what SQS could not carry, sends it, answers 202.
+/// `owner`: the caller's API key owner (events decide it), written into the message so that the
+/// worker stores the result under it.
 pub async fn submit(
     ports: &JobPorts,
     limits: &Limits,
     body: &[u8],
+    owner: Option<&Owner>,
 ) -> Result<ApiResponse, ApiError> {
     let Some(queue) = &ports.queue else {
         return Err(ApiError::new(
@@ -276,7 +341,17 @@ pub async fn submit(
             "asynchronous jobs are not enabled on this function (JOBS_QUEUE_URL is unset)",
         ));
     };
-    let spec = JobSpec::parse(body, None)?;
+    let mut spec = JobSpec::parse(body, None)?;
+    // The owner comes from the caller's key, never from the body: a client naming one could
+    // write results into another caller's prefix.
+    if spec.owner.is_some() {
+        return Err(ApiError::new(
+            ErrorKind::InvalidValue,
+            "\"owner\" is set by the function from your API key; drop it from the job",
+        )
+        .with_param("owner"));
+    }
+    spec.owner = owner.cloned();
     let message = spec.to_message();
     if message.len() > MAX_JOB_BYTES.min(limits.max_request_bytes) {
         return Err(ApiError::new(
@@ -295,7 +370,7 @@ pub async fn submit(
     if let Some(store) = &ports.results {
         // A look-up that fails does not stop the submission: the worker's create-only write
         // still keeps an existing result from being overwritten.
-        let existing = store.get(&spec.id).await.unwrap_or_else(|e| {
+        let existing = store.get(&spec.result_key()).await.unwrap_or_else(|e| {
             tracing::warn!(job = %spec.id, error = %e, "could not check for an earlier result");
             None
         });
@@ -318,8 +393,14 @@ pub async fn submit(
     })
 }
 
-/// `GET /v1/jobs/{id}`: the stored result, or pending while there is none.
-pub async fn status(ports: &JobPorts, id: &str) -> Result<ApiResponse, ApiError> {
+/// `GET /v1/jobs/{id}`: the stored result, or pending while there is none. Only the caller's own
+/// results are read (`owner`, from its API key): another caller's job reads as pending, exactly as
+/// an unknown id does, so ids cannot even be probed.
+pub async fn status(
+    ports: &JobPorts,
+    id: &str,
+    owner: Option<&Owner>,
+) -> Result<ApiResponse, ApiError> {
     let Some(store) = &ports.results else {
         return Err(ApiError::new(
             ErrorKind::NotFound,
@@ -327,7 +408,7 @@ pub async fn status(ports: &JobPorts, id: &str) -> Result<ApiResponse, ApiError>
         ));
     };
     let id = JobId::parse(id)?;
-    match store.get(&id).await.map_err(store_error)? {
+    match store.get(&id.stored_as(owner)).await.map_err(store_error)? {
         Some(bytes) => {
             let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
                 ApiError::new(
@@ -367,10 +448,57 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some("id"), "{bad}");
             assert_eq!(e.status(), 400);
         }
-        let a = JobId::generate();
-        let b = JobId::generate();
+        let a = JobId::generate().unwrap();
+        let b = JobId::generate().unwrap();
         assert_ne!(a, b);
         assert!(JobId::parse(a.as_str()).is_ok());
+        // job- and 32 hex digits: 128 random bits.
+        assert_eq!(a.as_str().len(), 4 + 32, "{a}");
+        assert!(a.as_str()[4..].bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn owners_are_hex_and_scope_the_result_key() {
+        let o = Owner::of_key_digest(&[7; 32]);
+        assert_eq!(o.as_str().len(), 32);
+        assert_eq!(Owner::parse(o.as_str()).unwrap(), o);
+        assert_ne!(o, Owner::of_key_digest(&[8; 32]));
+        let id = JobId::parse("j-1").unwrap();
+        assert_eq!(id.stored_as(None).as_str(), "j-1");
+        assert_eq!(
+            id.stored_as(Some(&o)).as_str(),
+            format!("{o}/j-1", o = o.as_str())
+        );
+        for bad in [
+            "",
+            "../x",
+            &"A".repeat(32),
+            &"0".repeat(31),
+            &"0".repeat(33),
+            "0/0",
+        ] {
+            assert_eq!(
+                Owner::parse(bad).unwrap_err().param.as_deref(),
+                Some("owner")
+            );
+        }
+        // The owner travels in the message and comes back; a bad one fails the job.
+        let mut s = JobSpec::parse(
+            br#"{"endpoint": "/v1/embeddings", "request": {"input": "hi"}}"#,
+            Some("m-1"),
+        )
+        .unwrap();
+        assert_eq!(s.owner, None);
+        s.owner = Some(o.clone());
+        let back = JobSpec::parse(s.to_message().as_bytes(), None).unwrap();
+        assert_eq!(back.owner.as_ref(), Some(&o));
+        assert_eq!(back.result_key().as_str(), format!("{}/m-1", o.as_str()));
+        let e = JobSpec::parse(
+            br#"{"endpoint": "/v1/embeddings", "request": {}, "owner": "../../x"}"#,
+            Some("m"),
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("owner"));
     }
 
     #[test]

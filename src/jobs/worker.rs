@@ -157,17 +157,23 @@ pub async fn run_batch(
         batch_size: n,
     };
 
-    // 1. Parse. Malformed jobs get their failed result right away.
+    // 1. Parse. Malformed jobs get their failed result right away. `ids` name the jobs (in
+    // results and logs), `keys` are where their results are stored (`<owner>/<id>` for a job
+    // submitted with an API key).
     let mut ids = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
     let mut specs: Vec<Option<JobSpec>> = Vec::with_capacity(n);
     for (i, m) in messages.iter().enumerate() {
         match JobSpec::parse(m.body.as_bytes(), Some(&m.message_id)) {
             Ok(spec) => {
                 ids.push(spec.id.clone());
+                keys.push(spec.result_key());
                 specs.push(Some(spec));
             }
             Err(e) => {
+                // Its owner, if any, is unreadable too: the failure goes under the bare id.
                 ids.push(fallback_id(m));
+                keys.push(ids[i].clone());
                 specs.push(None);
                 let answer = Answer::from_api_error(&e);
                 settle(
@@ -176,6 +182,7 @@ pub async fn run_batch(
                     &mut outcomes,
                     i,
                     &ids[i],
+                    &keys[i],
                     m,
                     None,
                     answer,
@@ -189,7 +196,7 @@ pub async fn run_batch(
     // A failed look-up is not a reason to hand the job back: the create-only write below keeps a
     // redelivered job from overwriting a result all the same.
     let todo: Vec<usize> = (0..n).filter(|&i| specs[i].is_some()).collect();
-    let existing = join_all(todo.iter().map(|&i| store.get(&ids[i]))).await;
+    let existing = join_all(todo.iter().map(|&i| store.get(&keys[i]))).await;
     for (&i, found) in todo.iter().zip(existing) {
         match found {
             Ok(Some(_)) => outcomes[i] = Some(Outcome::AlreadyDone(ids[i].clone())),
@@ -218,7 +225,11 @@ pub async fn run_batch(
         let measured = plan.is_none() || service.cost().embeddings(1).is_some();
         let mut take = 0;
         let mut inputs = 0;
-        let cap = if plan.is_some() { EMBED_GROUP_INPUTS } else { usize::MAX };
+        let cap = if plan.is_some() {
+            EMBED_GROUP_INPUTS
+        } else {
+            usize::MAX
+        };
         while take < rest.len() && (take == 0 || (measured && inputs < cap)) {
             inputs += input_count(&specs[rest[take]].as_ref().expect("parsed").request);
             take += 1;
@@ -249,6 +260,7 @@ pub async fn run_batch(
                 &mut outcomes,
                 i,
                 &ids[i],
+                &keys[i],
                 &messages[i],
                 endpoint,
                 answer,
@@ -296,6 +308,7 @@ pub async fn run_batch(
             &mut outcomes,
             i,
             &ids[i],
+            &keys[i],
             &messages[i],
             Some(spec.endpoint),
             answer,
@@ -318,7 +331,7 @@ pub async fn run_batch(
             Ok(PutOutcome::Written) => Outcome::Failed(id),
             Ok(PutOutcome::AlreadyExists) => Outcome::AlreadyDone(id),
             Err(StoreError::Transient(e)) | Err(StoreError::Permanent(e)) => {
-                Outcome::Retry(format!("writing {}: {e}", store.location(&ids[i])))
+                Outcome::Retry(format!("writing {}: {e}", store.location(&keys[i])))
             }
         });
     }
@@ -372,6 +385,7 @@ fn settle(
     outcomes: &mut [Option<Outcome>],
     i: usize,
     id: &JobId,
+    key: &JobId,
     m: &Message,
     endpoint: Option<&'static str>,
     answer: Answer,
@@ -412,9 +426,9 @@ fn settle(
     // Until the write answers, the job counts as not done (and is not run again in this batch).
     outcomes[i] = Some(Outcome::Retry("the result write did not finish".into()));
     let store = w.store.clone();
-    let id = id.clone();
+    let key = key.clone();
     writes.push(tokio::spawn(async move {
-        let r = store.put_new(&id, bytes).await;
+        let r = store.put_new(&key, bytes).await;
         (i, status, r)
     }));
 }
