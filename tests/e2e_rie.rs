@@ -128,6 +128,19 @@ fn every_sample_event_through_the_real_runtime_api() {
     // Bad input answers a clear error through the same path; the function keeps serving.
     let bad = emu.invoke(br#"{"input": []}"#);
     assert_eq!(bad["error"]["code"], "invalid_value", "{bad}");
+    // JSON that Lambda delivers but serde_json cannot hold as a value (a lone surrogate escape,
+    // nesting deeper than 128): a 400 body, never a Lambda error named after a Rust type.
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    for payload in [r#"{"input": "x\ud800y"}"#.to_owned(), deep] {
+        let (head, body) = emu.invoke_http(payload.as_bytes());
+        assert!(
+            !head.contains("X-Amz-Function-Error"),
+            "a function error: {head}\n{body}"
+        );
+        let out: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(out["error"]["code"], "invalid_json", "{out}");
+        assert!(!body.contains("lambda_runtime"), "{body}");
+    }
     let again = emu.invoke(br#"{"input": "still serving"}"#);
     assert_eq!(again["data"][0]["embedding"].as_array().unwrap().len(), 384);
     let health = emu.invoke(br#"{"path": "/health"}"#);
@@ -148,8 +161,19 @@ fn chat_and_response_streaming_through_the_real_runtime_api() {
     ) else {
         return;
     };
-    // 3538 MB = two vCPUs' share: two compute threads.
+    // 3538 MB = two vCPUs' share: two compute threads. A Function URL of InvokeMode BUFFERED
+    // (FUNCTION_URL_INVOKE_MODE's default) cannot stream: stream=true is a 400 there.
     let emu = start(&rie, &model, "3538", &[]);
+    let stream = std::fs::read(root().join("events/function-url-chat-stream.json")).unwrap();
+    let out = emu.invoke(&stream);
+    assert_eq!(out["statusCode"], 400, "{out}");
+    assert!(
+        out["body"].as_str().unwrap().contains("stream_unsupported"),
+        "{out}"
+    );
+    drop(emu);
+    let env = [("FUNCTION_URL_INVOKE_MODE", "RESPONSE_STREAM".to_string())];
+    let emu = start(&rie, &model, "3538", &env);
     let chat = std::fs::read(root().join("events/direct-chat.json")).unwrap();
     let out = emu.invoke(&chat);
     assert_eq!(out["object"], "chat.completion", "{out}");
@@ -159,7 +183,6 @@ fn chat_and_response_streaming_through_the_real_runtime_api() {
     );
     assert_eq!(out["choices"][0]["finish_reason"], "stop");
 
-    let stream = std::fs::read(root().join("events/function-url-chat-stream.json")).unwrap();
     let raw = emu.invoke_raw(&stream);
     let (prelude, events) = raw
         .split_once("\0\0\0\0\0\0\0\0")

@@ -162,11 +162,27 @@ fn failed_loads_report_their_stable_error_type() {
         out["errorMessage"].as_str().unwrap().contains(&wrong),
         "{out}"
     );
-    // The next invoke retries the load (it may have been fixed); it fails the same way, and an
-    // HTTP event gets the failure as a 503 in its own shape, not an opaque 502.
+    // A wrong digest cannot heal in this environment: the failure is kept, so the next invokes
+    // answer it at once without fetching the model again, and an HTTP event gets it as a 503 in
+    // its own shape, not an opaque 502.
+    let gets = slow.gets.load(std::sync::atomic::Ordering::SeqCst);
     let event = std::fs::read(common::events_dir().join("apigw-v2-embeddings.json")).unwrap();
     let out = emu.invoke(&event);
     assert_eq!(out["statusCode"], 503, "{out}");
     let body: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
     assert_eq!(body["error"]["code"], "DigestMismatch", "{body}");
+    assert!(
+        !body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("DigestMismatch: "),
+        "the type is said once: {body}"
+    );
+    let out = emu.invoke(EMBED);
+    assert_eq!(out["errorType"], "DigestMismatch", "{out}");
+    assert_eq!(
+        slow.gets.load(std::sync::atomic::Ordering::SeqCst),
+        gets,
+        "a permanent failure fetched the model again"
+    );
 }

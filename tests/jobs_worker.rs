@@ -97,7 +97,7 @@ async fn mixed_batch_reports_only_the_transient_failure_and_redelivery_completes
 
     // The shared forward pass gives each job exactly what a synchronous call gives.
     let sync = service
-        .embeddings(br#"{"input": ["sentence number 3", "shared batch"]}"#)
+        .embeddings(br#"{"input": ["sentence number 3", "shared batch"]}"#, None)
         .await
         .unwrap();
     assert_eq!(stored(&store.inner, "job-ok-3")["result"], sync);
@@ -282,4 +282,31 @@ async fn jobs_routes_say_when_jobs_are_disabled() {
         .as_str()
         .unwrap()
         .contains("JOBS_QUEUE_URL"));
+}
+
+/// Found by tests/fuzz_events.rs: an embedding job sent to a function serving a chat model used
+/// to bisect an empty group forever (a stack overflow that killed the environment). It is a
+/// failed result naming the model kind, and the batch goes on.
+#[tokio::test]
+async fn an_embedding_job_on_a_chat_model_fails_alone() {
+    let store = Arc::new(FakeResultStore::default());
+    let service = common::fake_generator_service(Limits::default(), std::time::Duration::ZERO)
+        .with_jobs(JobPorts {
+            results: Some(store.clone()),
+            queue: None,
+        });
+    let records: Vec<Value> = ["a", "b"]
+        .iter()
+        .map(|m| {
+            json!({"messageId": m, "eventSource": "aws:sqs",
+                   "body": json!({"endpoint": "/v1/embeddings", "request": {"input": "hi"}}).to_string()})
+        })
+        .collect();
+    let out = events::handle(&service, json!({ "Records": records })).await;
+    assert_eq!(failures(&out), Vec::<String>::new(), "{out}");
+    for id in ["a", "b"] {
+        let r = stored(&store, id);
+        assert_eq!(r["status"], "failed", "{r}");
+        assert_eq!(r["error"]["code"], "unsupported_for_model", "{r}");
+    }
 }

@@ -417,3 +417,65 @@ async fn each_kind_of_model_refuses_the_other_kinds_routes() {
         .unwrap()
         .contains("chat/generation model"));
 }
+
+/// Fields that would change what the answer means are refused with 400 naming the field (a
+/// client that asked for a tool call or JSON mode must not get plain text and a 200); their "off"
+/// values and harmless fields pass; any integral seed is a seed.
+#[tokio::test]
+async fn unsupported_openai_fields_are_refused_and_harmless_ones_pass() {
+    let s = service();
+    let base = || json!({"messages": user("hi"), "max_tokens": 4});
+    let refused = [
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("tool_choice", json!("required")),
+        ("functions", json!([{"name": "f"}])),
+        ("response_format", json!({"type": "json_object"})),
+        ("logprobs", json!(true)),
+        ("top_logprobs", json!(3)),
+        ("logit_bias", json!({"42": 5})),
+    ];
+    for (field, value) in refused {
+        let mut b = base();
+        b[field] = value;
+        let r = chat(&s, b).await;
+        assert_eq!(r.status, 400, "{field}: {}", r.body);
+        assert_eq!(r.body["error"]["param"], field, "{}", r.body);
+        assert_eq!(r.body["error"]["code"], "unsupported_parameter");
+    }
+    let passing = [
+        ("tools", json!([])),
+        ("tool_choice", json!("none")),
+        ("response_format", json!({"type": "text"})),
+        ("logprobs", json!(false)),
+        ("user", json!("u-1")),
+        ("metadata", json!({"k": "v"})),
+        ("store", json!(false)),
+        ("seed", json!(-0.0)),
+        ("seed", json!(7.0)),
+        ("seed", json!(-1)),
+        ("top_p", json!(5e-324)),
+    ];
+    for (field, value) in passing {
+        let mut b = base();
+        b[field] = value.clone();
+        let r = chat(&s, b).await;
+        assert_eq!(r.status, 200, "{field}={value}: {}", r.body);
+    }
+    let mut b = base();
+    b["seed"] = json!(1.5);
+    assert_eq!(chat(&s, b).await.body["error"]["param"], "seed");
+}
+
+/// A prompt that cannot fit is refused from its byte length, before it is tokenized.
+#[tokio::test]
+async fn a_prompt_that_cannot_fit_is_refused_before_tokenizing() {
+    let s = service();
+    let t = Instant::now();
+    let r = chat(&s, json!({"messages": user(&"1".repeat(5_000_000))})).await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.body["error"]["param"], "messages");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}

@@ -737,7 +737,16 @@ impl Embedder for BertEmbedder {
         // layer norm) then forks from a worker, instead of each one handing its work from the
         // caller's thread to the pool and sleeping until it is done (a wake-up per op, hundreds
         // per forward pass).
-        rayon::scope(|_| self.embed_on_pool(inputs, max_input_tokens))
+        rayon::scope(|_| self.embed_on_pool(inputs, max_input_tokens, None))
+    }
+
+    fn embed_until(
+        &self,
+        inputs: &[&str],
+        max_input_tokens: usize,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<EmbedOutput, EngineError> {
+        rayon::scope(|_| self.embed_on_pool(inputs, max_input_tokens, deadline))
     }
 }
 
@@ -746,14 +755,26 @@ impl BertEmbedder {
         &self,
         inputs: &[&str],
         max_input_tokens: usize,
+        deadline: Option<std::time::Instant>,
     ) -> Result<EmbedOutput, EngineError> {
         let (encs, _) = self.tokenize_bounded(inputs, max_input_tokens)?;
         // Sort by length so each batch pads to a similar length: padding is pure waste.
         let mut order: Vec<usize> = (0..encs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encs[i].len()));
         let mut embeddings = vec![Vec::new(); encs.len()];
+        let t0 = std::time::Instant::now();
+        let mut tokens_done = 0usize;
         for chunk in order.chunks(MAX_BATCH) {
             let batch: Vec<&Encoding> = chunk.iter().map(|&i| &encs[i]).collect();
+            // Batches go longest first, so the rate so far over-estimates what is left.
+            let tokens: usize = batch.iter().map(|e| e.len()).sum();
+            if let Some(d) = deadline.filter(|_| tokens_done > 0) {
+                let per_token = t0.elapsed() / tokens_done as u32;
+                if std::time::Instant::now() + per_token * tokens as u32 >= d {
+                    return Err(EngineError::DeadlineReached { tokens_done });
+                }
+            }
+            tokens_done += tokens;
             let out = self
                 .forward_batch(&batch)?
                 .to_dtype(DType::F32)?

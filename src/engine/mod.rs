@@ -76,6 +76,9 @@ pub enum EngineError {
     /// request's fault.
     #[error("chat template: {0}")]
     Template(String),
+    /// The deadline came before the work was done; `tokens_done` tokens were processed.
+    #[error("stopped at the deadline after {tokens_done} tokens")]
+    DeadlineReached { tokens_done: usize },
     /// The model has no `tokenizer.chat_template`: chat needs one, completions do not.
     #[error("this model has no chat template (tokenizer.chat_template); use /v1/completions with a prompt")]
     NoChatTemplate,
@@ -90,6 +93,19 @@ pub trait Embedder: Send + Sync {
     /// Tokenizes, checks every input against `max_input_tokens` (untruncated count), then embeds
     /// all inputs, batching them internally to share forward passes.
     fn embed(&self, inputs: &[&str], max_input_tokens: usize) -> Result<EmbedOutput, EngineError>;
+
+    /// [`Embedder::embed`], giving up with [`EngineError::DeadlineReached`] rather than start a
+    /// forward pass that would end past `deadline` (the first one always runs: it is what
+    /// measures the rest). The default ignores the deadline.
+    fn embed_until(
+        &self,
+        inputs: &[&str],
+        max_input_tokens: usize,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<EmbedOutput, EngineError> {
+        let _ = deadline;
+        self.embed(inputs, max_input_tokens)
+    }
 }
 
 /// A text generator (chat and completions). Implemented by [`llama::LlamaGenerator`]; service

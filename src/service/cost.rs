@@ -45,7 +45,7 @@ pub struct CostModel {
 
 /// Estimates are inflated by this factor before deciding that work fits: a job that would end a
 /// little past the deadline is lost work, one started a little later is not.
-pub const SAFETY: f64 = 1.5;
+pub const SAFETY: f64 = 1.25;
 
 impl CostModel {
     pub fn observe_prefill(&self, took: Duration, tokens: usize) {
@@ -94,9 +94,9 @@ mod tests {
         c.observe_decode(Duration::from_millis(200), 20); // 10 ms / token
         c.observe_embed(Duration::from_millis(50), 100); // 0.5 ms / token
         assert_eq!(c.prefill_per_token(), Some(Duration::from_millis(1)));
-        // (100 x 1 ms + 10 x 10 ms) x 1.5
-        assert_eq!(c.generation(100, 10), Some(Duration::from_millis(300)));
-        assert_eq!(c.embeddings(200), Some(Duration::from_millis(150)));
+        // (100 x 1 ms + 10 x 10 ms) x 1.25
+        assert_eq!(c.generation(100, 10), Some(Duration::from_millis(250)));
+        assert_eq!(c.embeddings(200), Some(Duration::from_millis(125)));
         // A slower run moves the figure halfway.
         c.observe_prefill(Duration::from_millis(300), 100);
         assert_eq!(c.prefill_per_token(), Some(Duration::from_millis(2)));

@@ -67,6 +67,19 @@ impl Emulator {
         }
     }
 
+    /// The process id of the function under the emulator (`bootstrap`, its child), once started.
+    pub fn function_pid(&self) -> Option<u32> {
+        let parent = self.child.id().to_string();
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": the comm may hold spaces, so split after the ')'.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+            let exe = std::fs::read_link(e.path().join("exe")).ok()?;
+            (ppid == parent && exe.ends_with("bootstrap")).then_some(pid)
+        })
+    }
+
     /// One synchronous invoke, as `aws lambda invoke` makes it: the HTTP head and the (de-chunked)
     /// body the emulator answers.
     pub fn invoke_http(&self, payload: &[u8]) -> (String, String) {

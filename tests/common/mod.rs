@@ -360,6 +360,9 @@ impl Generator for FakeGenerator {
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         Ok(text.bytes().map(u32::from).collect())
     }
+    fn max_token_bytes(&self) -> usize {
+        1
+    }
     fn generate(
         &self,
         prompt: &[u32],
