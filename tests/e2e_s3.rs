@@ -185,4 +185,29 @@ fn failed_loads_report_their_stable_error_type() {
         gets,
         "a permanent failure fetched the model again"
     );
+    drop(emu);
+
+    // Through a streaming Function URL the failure keeps its status: 503 in the metadata
+    // prelude, the error as the body, not the buffered envelope inside a 200.
+    let emu = Emulator::start(
+        &rie,
+        &[
+            s3_env(&moto.endpoint()),
+            vec![
+                ("MODEL_URI", "s3://models/absent.gguf".into()),
+                ("INIT_BUDGET_MS", "0".into()),
+                ("FUNCTION_URL_INVOKE_MODE", "RESPONSE_STREAM".into()),
+            ],
+        ]
+        .concat(),
+    );
+    let url = std::fs::read(common::events_dir().join("function-url-embeddings.json")).unwrap();
+    let raw = emu.invoke_raw(&url);
+    let (prelude, body) = raw
+        .split_once("\0\0\0\0\0\0\0\0")
+        .unwrap_or_else(|| panic!("prelude + 8 NULs expected: {raw:?}"));
+    let prelude: Value = serde_json::from_str(prelude).unwrap();
+    assert_eq!(prelude["statusCode"], 503, "{prelude}");
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["error"]["code"], "ModelNotFound", "{body}");
 }
