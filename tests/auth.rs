@@ -3,62 +3,31 @@
 //! get OpenAI's 401 before any work, Function URL and direct invokes are not asked for one, and a
 //! job's result can be read with the key that submitted it only.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use lambda_inference::engine::{EmbedOutput, Embedder, Engine, EngineError, ModelInfo};
+use lambda_inference::engine::Engine;
 use lambda_inference::events;
-use lambda_inference::jobs::{BoxFuture, JobPorts, JobQueue, StoreError};
+use lambda_inference::jobs::JobPorts;
 use lambda_inference::service::{ApiKeys, Limits, Service};
 use serde_json::{json, Value};
 
 mod common;
-use common::{failures, FakeEmbedder, FakeResultStore};
+use common::{failures, CountingEmbedder, FakeQueue, FakeResultStore};
 
 const KEY_A: &str = "AaAaAaAaAaAaAaAaAaAaAaAaAaAaAaAaAaAaAaAaAaAaAaAa";
 const KEY_B: &str = "BbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBb";
 /// A well-formed key that belongs to another deployment.
 const FOREIGN: &str = "ZzZzZzZzZzZzZzZzZzZzZzZzZzZzZzZzZzZzZzZzZzZzZzZz";
 
-/// A FAKE embedder that counts engine calls: zero calls proves a refusal came before any work.
-struct Counting {
-    inner: FakeEmbedder,
-    calls: AtomicUsize,
-}
-
-impl Embedder for Counting {
-    fn info(&self) -> &ModelInfo {
-        self.inner.info()
-    }
-    fn embed(&self, inputs: &[&str], max: usize) -> Result<EmbedOutput, EngineError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.embed(inputs, max)
-    }
-}
-
-/// A FAKE queue: keeps what is sent.
-#[derive(Default)]
-struct FakeQueue(Mutex<Vec<String>>);
-
-impl JobQueue for FakeQueue {
-    fn send<'a>(&'a self, body: String) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.0.lock().unwrap().push(body);
-        Box::pin(async { Ok(()) })
-    }
-}
-
 struct Setup {
     service: Service,
-    engine: Arc<Counting>,
+    engine: Arc<CountingEmbedder>,
     store: Arc<FakeResultStore>,
     queue: Arc<FakeQueue>,
 }
 
 fn setup(keys: Option<ApiKeys>) -> Setup {
-    let engine = Arc::new(Counting {
-        inner: FakeEmbedder::new(),
-        calls: AtomicUsize::new(0),
-    });
+    let engine = Arc::new(CountingEmbedder::new());
     let store = Arc::new(FakeResultStore::default());
     let queue = Arc::new(FakeQueue::default());
     let service = Service::new(
@@ -158,7 +127,7 @@ async fn api_gateway_requests_without_an_accepted_key_get_401_before_any_work() 
         assert_eq!(b["error"]["param"], Value::Null);
         assert!(b["error"]["message"].as_str().unwrap().contains("API key"));
     }
-    assert_eq!(s.engine.calls.load(Ordering::SeqCst), 0, "no engine call");
+    assert_eq!(s.engine.calls(), 0, "no engine call");
     assert!(s.queue.0.lock().unwrap().is_empty(), "nothing queued");
 
     // With an accepted key, the same requests are served (both keys, both payload formats).
@@ -170,7 +139,7 @@ async fn api_gateway_requests_without_an_accepted_key_get_401_before_any_work() 
         let out = events::handle(&s.service, event.clone()).await;
         assert_eq!(out["statusCode"], 200, "{event}\n{out}");
     }
-    assert_eq!(s.engine.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(s.engine.calls(), 2);
 }
 
 #[tokio::test]
@@ -186,7 +155,7 @@ async fn function_url_and_direct_invokes_are_not_asked_for_a_key() {
     assert_eq!(out["statusCode"], 200, "{out}");
     let out = events::handle(&s.service, json!({"input": "direct"})).await;
     assert_eq!(out["object"], "list", "{out}");
-    assert_eq!(s.engine.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(s.engine.calls(), 2);
 }
 
 #[tokio::test]

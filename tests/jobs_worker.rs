@@ -5,17 +5,17 @@
 //! once, 6 ordinary. Only the transient one may be redelivered; after the redelivery every job has
 //! exactly one result, none lost, none written twice.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use lambda_inference::engine::{EmbedOutput, Embedder, Engine, EngineError, ModelInfo};
+use lambda_inference::engine::Engine;
 use lambda_inference::events;
 use lambda_inference::jobs::JobPorts;
 use lambda_inference::service::{Limits, Service};
 use serde_json::{json, Value};
 
 mod common;
-use common::{failures, FailFirstWrite, FakeEmbedder, FakeResultStore};
+use common::{failures, CountingEmbedder, FailFirstWrite, FakeQueue, FakeResultStore};
 
 fn stored(store: &FakeResultStore, id: &str) -> Value {
     let objects = store.objects.lock().unwrap();
@@ -103,28 +103,9 @@ async fn mixed_batch_reports_only_the_transient_failure_and_redelivery_completes
     assert_eq!(stored(&store.inner, "job-ok-3")["result"], sync);
 }
 
-/// A FAKE embedder that counts engine calls, to prove embedding jobs share forward passes.
-struct Counting {
-    inner: FakeEmbedder,
-    calls: AtomicUsize,
-}
-
-impl Embedder for Counting {
-    fn info(&self) -> &ModelInfo {
-        self.inner.info()
-    }
-    fn embed(&self, inputs: &[&str], max: usize) -> Result<EmbedOutput, EngineError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.embed(inputs, max)
-    }
-}
-
 #[tokio::test]
 async fn embedding_jobs_of_one_batch_share_one_engine_call() {
-    let engine = Arc::new(Counting {
-        inner: FakeEmbedder::new(),
-        calls: AtomicUsize::new(0),
-    });
+    let engine = Arc::new(CountingEmbedder::new());
     let store = Arc::new(FakeResultStore::default());
     let service = Service::new(
         Engine::Embedder(engine.clone()),
@@ -144,7 +125,7 @@ async fn embedding_jobs_of_one_batch_share_one_engine_call() {
         .collect();
     let out = events::handle(&service, json!({ "Records": records })).await;
     assert_eq!(failures(&out), Vec::<String>::new());
-    assert_eq!(engine.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(engine.calls(), 1);
     assert_eq!(store.objects.lock().unwrap().len(), 8);
     // Ids default to the messageId.
     assert!(store.objects.lock().unwrap().contains_key("m5"));
@@ -156,20 +137,6 @@ async fn without_results_uri_nothing_is_acknowledged() {
     let (event, _) = common::mixed_sqs_batch();
     let out = events::handle(&service, event).await;
     assert_eq!(failures(&out).len(), 10);
-}
-
-/// A FAKE queue (the SQS one is tested against moto): keeps what is sent.
-#[derive(Default)]
-struct FakeQueue(std::sync::Mutex<Vec<String>>);
-
-impl lambda_inference::jobs::JobQueue for FakeQueue {
-    fn send<'a>(
-        &'a self,
-        body: String,
-    ) -> lambda_inference::jobs::BoxFuture<'a, Result<(), lambda_inference::jobs::StoreError>> {
-        self.0.lock().unwrap().push(body);
-        Box::pin(async { Ok(()) })
-    }
 }
 
 #[tokio::test]

@@ -15,12 +15,13 @@
 //! (scripts/schemathesis) checks the document against the real server with a full validator.
 
 mod common;
+use common::FakeQueue;
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use lambda_inference::jobs::{BoxFuture, JobId, JobPorts, JobQueue, ResultStore, StoreError};
+use lambda_inference::jobs::{JobId, JobPorts, JobQueue, ResultStore};
 use lambda_inference::service::{
     ApiRequest, CallOptions, Limits, Method, Reply, Service, Streaming, ROUTES,
 };
@@ -646,17 +647,6 @@ async fn generator_answers_match_the_document() {
     )
     .await;
     assert_eq!(s, 400);
-}
-
-/// A FAKE job queue (for these checks without SQS): keeps what it is sent.
-#[derive(Default)]
-struct FakeQueue(Mutex<Vec<String>>);
-
-impl JobQueue for FakeQueue {
-    fn send<'a>(&'a self, body: String) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.0.lock().unwrap().push(body);
-        Box::pin(async { Ok(()) })
-    }
 }
 
 #[tokio::test]

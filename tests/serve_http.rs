@@ -8,10 +8,10 @@
 //! under CI=true.
 
 mod common;
+use common::serve::Serve;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -20,49 +20,22 @@ const MODEL: &str = "models/all-MiniLM-L6-v2.q8_0.gguf";
 /// MAX_REQUEST_BYTES of the servers here: small, so the 413 cases stay small.
 const LIMIT: usize = 4096;
 
-/// The server process; killed (by PID) when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The server under test.
+struct Server(Serve);
 
 impl Server {
     /// `serve` on MiniLM with `args` added, or `None` (skip) without the model.
     fn start(args: &[&str]) -> Option<Server> {
         let model = common::needed_file(MODEL, "scripts/fetch-models")?;
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_lambda-inference"))
-            .args(["serve", "--addr", &format!("127.0.0.1:{port}")])
-            .args(args)
-            .env("MODEL_URI", model)
-            .env("THREADS", "1")
-            .env("MAX_REQUEST_BYTES", LIMIT.to_string())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting lambda-inference serve");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "serve did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Server { child, port })
+        let env = [
+            ("THREADS", "1".to_string()),
+            ("MAX_REQUEST_BYTES", LIMIT.to_string()),
+        ];
+        Some(Server(Serve::start(&model, &env, args)))
     }
 
     fn connect(&self) -> TcpStream {
-        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let s = TcpStream::connect(("127.0.0.1", self.0.port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s
     }
@@ -480,13 +453,13 @@ fn idle_connections_cannot_pile_up() {
     let (res, _) = server.exchange(b"GET /health HTTP/1.1\r\n\r\n", false);
     assert_eq!(res.status_line, "HTTP/1.1 200 OK");
     #[cfg(target_os = "linux")]
-    let before = open_fds(server.child.id());
+    let before = open_fds(server.0.child.id());
 
     let idle: Vec<TcpStream> = (0..20).map(|_| server.connect()).collect();
     std::thread::sleep(Duration::from_millis(300));
     #[cfg(target_os = "linux")]
     {
-        let during = open_fds(server.child.id());
+        let during = open_fds(server.0.child.id());
         assert!(
             during <= before + 4,
             "20 idle clients: {during} descriptors, {before} before (at most 4 connections)"

@@ -6,54 +6,25 @@
 //! except under CI=true.
 
 mod common;
+use common::serve::Serve;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::TcpStream;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
-/// The server process; killed (by PID) when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The server under test.
+struct Server(Serve);
 
 impl Server {
     fn start(model: &std::path::Path) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_lambda-inference"))
-            .args(["serve", "--addr", &format!("127.0.0.1:{port}")])
-            .env("MODEL_URI", model)
-            .env("THREADS", "2")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting lambda-inference serve");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "serve did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server { child, port }
+        Server(Serve::start(model, &[("THREADS", "2".to_string())], &[]))
     }
 
     /// One request; returns (status line, content-type, body).
     fn post(&self, path: &str, body: &Value) -> (String, String, String) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", self.0.port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         let body = body.to_string();
         write!(

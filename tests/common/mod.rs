@@ -8,13 +8,14 @@
 
 pub mod emulator;
 pub mod s3;
+pub mod serve;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lambda_inference::engine::{EmbedOutput, Embedder, Engine, EngineError, ModelInfo, ModelKind};
-use lambda_inference::jobs::{BoxFuture, JobId, PutOutcome, ResultStore, StoreError};
+use lambda_inference::jobs::{BoxFuture, JobId, JobQueue, PutOutcome, ResultStore, StoreError};
 use lambda_inference::service::{Limits, ModelMeta, Service};
 
 /// Embedding width of the fake.
@@ -100,6 +101,53 @@ impl Embedder for FakeEmbedder {
             embeddings: inputs.iter().map(|t| Self::vector(t)).collect(),
             token_counts,
         })
+    }
+}
+
+/// A FAKE embedder that counts engine calls: one call proves jobs shared a forward pass, zero
+/// calls that a refusal came before any work.
+pub struct CountingEmbedder {
+    pub inner: FakeEmbedder,
+    pub calls: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingEmbedder {
+    pub fn new() -> Self {
+        Self {
+            inner: FakeEmbedder::new(),
+            calls: Default::default(),
+        }
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Default for CountingEmbedder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Embedder for CountingEmbedder {
+    fn info(&self) -> &ModelInfo {
+        self.inner.info()
+    }
+    fn embed(&self, inputs: &[&str], max: usize) -> Result<EmbedOutput, EngineError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.embed(inputs, max)
+    }
+}
+
+/// A FAKE job queue (the SQS one is tested against moto): keeps what it is sent.
+#[derive(Default)]
+pub struct FakeQueue(pub std::sync::Mutex<Vec<String>>);
+
+impl JobQueue for FakeQueue {
+    fn send<'a>(&'a self, body: String) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.0.lock().unwrap().push(body);
+        Box::pin(async { Ok(()) })
     }
 }
 
