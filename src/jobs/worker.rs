@@ -149,12 +149,12 @@ pub async fn run_batch(
         budget: plan.map(|p| p.budget.saturating_sub(WRITE_MARGIN)),
     };
     let n = messages.len();
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
-    let mut writes: Vec<Write> = Vec::new();
-    let writer = Writer {
+    let mut results = Results {
         store: store.clone(),
         meta: service.meta(),
         batch_size: n,
+        outcomes: vec![None; n],
+        writes: Vec::new(),
     };
 
     // 1. Parse. Malformed jobs get their failed result right away. `ids` name the jobs (in
@@ -176,18 +176,7 @@ pub async fn run_batch(
                 keys.push(ids[i].clone());
                 specs.push(None);
                 let answer = Answer::from_api_error(&e);
-                settle(
-                    &writer,
-                    &mut writes,
-                    &mut outcomes,
-                    i,
-                    &ids[i],
-                    &keys[i],
-                    m,
-                    None,
-                    answer,
-                    0.0,
-                );
+                results.settle(i, (&ids[i], &keys[i], m), None, answer, 0.0);
             }
         }
     }
@@ -199,7 +188,7 @@ pub async fn run_batch(
     let existing = join_all(todo.iter().map(|&i| store.get(&keys[i]))).await;
     for (&i, found) in todo.iter().zip(existing) {
         match found {
-            Ok(Some(_)) => outcomes[i] = Some(Outcome::AlreadyDone(ids[i].clone())),
+            Ok(Some(_)) => results.outcomes[i] = Some(Outcome::AlreadyDone(ids[i].clone())),
             Ok(None) => {}
             Err(e) => tracing::warn!(job = %ids[i], error = %e,
                 "could not check for an earlier result; running the job (the write is create-only)"),
@@ -212,7 +201,7 @@ pub async fn run_batch(
     // soon as it is done. The first group of a fresh environment (nothing measured yet) is one
     // job: it measures what the rest will cost.
     let embed_idx: Vec<usize> = (0..n)
-        .filter(|&i| runnable(i, &outcomes))
+        .filter(|&i| runnable(i, &results.outcomes))
         .filter(|&i| {
             specs[i]
                 .as_ref()
@@ -241,12 +230,12 @@ pub async fn run_batch(
             .map(|&i| specs[i].as_ref().expect("parsed").request.as_slice())
             .collect();
         let t = Instant::now();
-        let results = AssertUnwindSafe(service.embeddings_many(&bodies, &opts))
+        let answers = AssertUnwindSafe(service.embeddings_many(&bodies, &opts))
             .catch_unwind()
             .await;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         for (k, &i) in group.iter().enumerate() {
-            let answer = match &results {
+            let answer = match &answers {
                 Ok(r) => match &r[k] {
                     Ok(v) => Answer::Ok(v.clone()),
                     Err(e) => Answer::from_api_error(e),
@@ -254,30 +243,19 @@ pub async fn run_batch(
                 Err(_) => panicked(),
             };
             let endpoint = specs[i].as_ref().map(|s| s.endpoint);
-            settle(
-                &writer,
-                &mut writes,
-                &mut outcomes,
-                i,
-                &ids[i],
-                &keys[i],
-                &messages[i],
-                endpoint,
-                answer,
-                ms,
-            );
+            results.settle(i, (&ids[i], &keys[i], &messages[i]), endpoint, answer, ms);
         }
     }
 
     // 4. The other jobs one by one, each guarded so that a panic outside the engine (the
     // engine's own are caught by the service) fails that job only.
     for i in 0..n {
-        if !runnable(i, &outcomes) {
+        if !runnable(i, &results.outcomes) {
             continue;
         }
         let spec = specs[i].as_ref().expect("runnable jobs parsed");
         if opts.deadline.is_some_and(|d| Instant::now() >= d) {
-            outcomes[i] = Some(Outcome::Retry(
+            results.outcomes[i] = Some(Outcome::Retry(
                 "not started: the invocation's deadline is near".into(),
             ));
             continue;
@@ -302,14 +280,9 @@ pub async fn run_batch(
             Err(_) => panicked(),
         };
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        settle(
-            &writer,
-            &mut writes,
-            &mut outcomes,
+        results.settle(
             i,
-            &ids[i],
-            &keys[i],
-            &messages[i],
+            (&ids[i], &keys[i], &messages[i]),
             Some(spec.endpoint),
             answer,
             ms,
@@ -317,6 +290,11 @@ pub async fn run_batch(
     }
 
     // 5. Wait for the writes (most finished while later jobs computed).
+    let Results {
+        mut outcomes,
+        writes,
+        ..
+    } = results;
     for w in writes {
         let (i, status, r) = match w.await {
             Ok(done) => done,
@@ -369,68 +347,68 @@ fn input_count(body: &[u8]) -> usize {
     }
 }
 
-/// What a result document is written with.
-struct Writer<'a> {
+/// The batch's answers so far: each message's outcome, and the result writes in flight.
+struct Results<'a> {
     store: std::sync::Arc<dyn super::ResultStore>,
     meta: &'a crate::service::ModelMeta,
     batch_size: usize,
+    outcomes: Vec<Option<Outcome>>,
+    writes: Vec<Write>,
 }
 
-/// Settles one job's answer: a transient error is handed back to SQS (nothing written), a final
-/// answer starts its create-only write at once.
-#[allow(clippy::too_many_arguments)]
-fn settle(
-    w: &Writer,
-    writes: &mut Vec<Write>,
-    outcomes: &mut [Option<Outcome>],
-    i: usize,
-    id: &JobId,
-    key: &JobId,
-    m: &Message,
-    endpoint: Option<&'static str>,
-    answer: Answer,
-    compute_ms: f64,
-) {
-    let (status, payload) = match answer {
-        Answer::Err {
-            transient: true,
-            error,
-        } => {
-            outcomes[i] = Some(Outcome::Retry(format!(
-                "transient: {}",
-                error["message"].as_str().unwrap_or("unavailable")
-            )));
-            return;
-        }
-        Answer::Ok(v) => ("succeeded", ("result", v)),
-        Answer::Err { error, .. } => ("failed", ("error", error)),
-    };
-    let now = unix_ms();
-    let mut doc = json!({
-        "id": id.as_str(),
-        "object": "job",
-        "status": status,
-        "endpoint": endpoint,
-        "model": w.meta.id,
-        "digest": w.meta.sha256,
-        "message_id": m.message_id,
-        "completed_at_ms": now,
-        "timings": {
-            "queue_ms": m.sent_timestamp_ms.map(|t| now.saturating_sub(t)),
-            "compute_ms": compute_ms,
-            "batch_size": w.batch_size,
-        },
-    });
-    doc[payload.0] = payload.1;
-    let bytes = serde_json::to_vec(&doc).expect("a JSON value serializes");
-    // Until the write answers, the job counts as not done (and is not run again in this batch).
-    outcomes[i] = Some(Outcome::Retry("the result write did not finish".into()));
-    let store = w.store.clone();
-    let key = key.clone();
-    writes.push(tokio::spawn(async move {
-        let r = store.put_new(&key, bytes).await;
-        (i, status, r)
-    }));
+impl Results<'_> {
+    /// Settles message `i`'s answer (`job`: its id, result key and message): a transient error
+    /// is handed back to SQS (nothing written), a final answer starts its create-only write at
+    /// once.
+    fn settle(
+        &mut self,
+        i: usize,
+        (id, key, m): (&JobId, &JobId, &Message),
+        endpoint: Option<&'static str>,
+        answer: Answer,
+        compute_ms: f64,
+    ) {
+        let (status, payload) = match answer {
+            Answer::Err {
+                transient: true,
+                error,
+            } => {
+                self.outcomes[i] = Some(Outcome::Retry(format!(
+                    "transient: {}",
+                    error["message"].as_str().unwrap_or("unavailable")
+                )));
+                return;
+            }
+            Answer::Ok(v) => ("succeeded", ("result", v)),
+            Answer::Err { error, .. } => ("failed", ("error", error)),
+        };
+        let now = unix_ms();
+        let mut doc = json!({
+            "id": id.as_str(),
+            "object": "job",
+            "status": status,
+            "endpoint": endpoint,
+            "model": self.meta.id,
+            "digest": self.meta.sha256,
+            "message_id": m.message_id,
+            "completed_at_ms": now,
+            "timings": {
+                "queue_ms": m.sent_timestamp_ms.map(|t| now.saturating_sub(t)),
+                "compute_ms": compute_ms,
+                "batch_size": self.batch_size,
+            },
+        });
+        doc[payload.0] = payload.1;
+        let bytes = serde_json::to_vec(&doc).expect("a JSON value serializes");
+        // Until the write answers, the job counts as not done (and is not run again in this batch).
+        self.outcomes[i] = Some(Outcome::Retry("the result write did not finish".into()));
+        let store = self.store.clone();
+        let key = key.clone();
+        self.writes.push(tokio::spawn(async move {
+            let r = store.put_new(&key, bytes).await;
+            (i, status, r)
+        }));
+    }
 }
 
 fn panicked() -> Answer {
