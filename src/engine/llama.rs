@@ -418,13 +418,14 @@ impl LlamaGenerator {
             Ok(src) => Some(ChatTemplate::new(src, &vocab.bos_text, &vocab.eos_text)?),
             Err(_) => None,
         };
-        // Vocabulary strings are byte-level encoded (a byte becomes a char of 1-2 UTF-8 bytes) or
-        // the text itself (added tokens): either way at least as long as the bytes they match.
+        // A token's piece is exactly the bytes it stands for; special and user-defined tokens
+        // (whose pieces may be empty) match their added-token text. No clone of the 49k-entry
+        // vocabulary on the cold-start path.
         let max_token_bytes = vocab
             .tokenizer
-            .get_vocab(true)
-            .keys()
-            .map(String::len)
+            .get_added_tokens_decoder()
+            .values()
+            .map(|t| t.content.len())
             .chain(vocab.pieces.iter().map(Vec::len))
             .max()
             .unwrap_or(1)
