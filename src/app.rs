@@ -366,12 +366,10 @@ pub struct ColdStart {
     pub total_ms: f64,
 }
 
-/// Namespace of the cold-start metrics in CloudWatch.
-pub const METRICS_NAMESPACE: &str = "lambda-inference";
-
 /// The cold-start breakdown as one JSON object that is both a structured log line and a
 /// CloudWatch Embedded Metric Format record (the `_aws` key): printed as one line on stdout,
-/// Lambda ships it to CloudWatch Logs, which extracts the metrics without any API call.
+/// Lambda ships it to CloudWatch Logs, which extracts the metrics without any API call. Its
+/// metric names, units and dimensions are [`crate::metrics::COLD_START`].
 pub fn cold_start_record(
     init: &InitReport,
     cold: &ColdStart,
@@ -379,24 +377,18 @@ pub fn cold_start_record(
     unix_ms: u128,
 ) -> Value {
     let f = &init.fetch;
-    let metrics = [
-        ("ConfigMs", "Milliseconds"),
-        ("FirstByteMs", "Milliseconds"),
-        ("FetchMs", "Milliseconds"),
-        ("FetchMBps", "None"),
-        ("FetchRetries", "Count"),
-        ("VerifyMs", "Milliseconds"),
-        ("EngineMs", "Milliseconds"),
-        ("FirstInvokeMs", "Milliseconds"),
-        ("ColdStartMs", "Milliseconds"),
-    ];
+    let metrics: Vec<Value> = crate::metrics::COLD_START[0]
+        .metrics
+        .iter()
+        .map(|(n, u)| json!({"Name": n, "Unit": u}))
+        .collect();
     json!({
         "_aws": {
             "Timestamp": unix_ms as u64,
             "CloudWatchMetrics": [{
-                "Namespace": METRICS_NAMESPACE,
-                "Dimensions": [["FunctionName"]],
-                "Metrics": metrics.iter().map(|(n, u)| json!({"Name": n, "Unit": u})).collect::<Vec<_>>(),
+                "Namespace": crate::metrics::NAMESPACE,
+                "Dimensions": crate::metrics::COLD_START[0].dimensions,
+                "Metrics": metrics,
             }],
         },
         "FunctionName": function.unwrap_or("local"),

@@ -16,6 +16,8 @@
 //!                   chat templates; no AWS/Lambda types, no I/O
 //! artifacts         model bytes from a file or S3 (ArtifactStore) + SHA-256; used at init only
 //! aws               the one place AWS SDK clients are built (default credential chain)
+//! metrics           CloudWatch EMF records (cold start, per request, init errors): the one
+//!                   table of namespace, metric names, units and dimensions; entry points only
 //! config            every environment variable, read once, typed, errors name the variable
 //! error             error kind -> HTTP status, OpenAI body, Lambda error type (one table)
 //! convert           Hugging Face folder -> GGUF (the `convert` subcommand); engine-level names
@@ -30,4 +32,5 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod metrics;
 pub mod service;

@@ -23,7 +23,8 @@ use lambda_inference::app::{self, ColdStart, LazyApp};
 use lambda_inference::config::{self, Config};
 use lambda_inference::error::{ApiError, ErrorKind};
 use lambda_inference::events::{self, EventReply, Invocation, Source};
-use lambda_inference::service::ApiResponse;
+use lambda_inference::metrics;
+use lambda_inference::service::{meter, ApiResponse};
 use lambda_runtime::{
     service_fn, Diagnostic, Error, FunctionResponse, LambdaEvent, MetadataPrelude, StreamResponse,
 };
@@ -83,6 +84,7 @@ fn main() -> Result<(), Error> {
             move |event: LambdaEvent<Box<RawValue>>| async move {
                 let t = Instant::now();
                 let deadline = deadline_instant(event.context.deadline());
+                let request_id = event.context.request_id.clone();
                 // Requests this large leave freed memory in glibc's arenas: trimmed afterwards.
                 let large = event.payload.get().len() > 256 * 1024;
                 let payload = match serde_json::from_str::<Value>(event.payload.get()) {
@@ -94,21 +96,26 @@ fn main() -> Result<(), Error> {
                             format!("the payload is not JSON this function can read: {e}"),
                         )
                         .to_body();
+                        unmetered(lazy.config(), &request_id, Source::Direct, 400, t);
                         return Ok(FunctionResponse::BufferedResponse(body));
                     }
                 };
-                let url_streams = lazy.config().function_url_streaming
-                    && events::detect(&payload) == Source::FunctionUrl;
+                let source = events::detect(&payload);
+                let url_streams =
+                    lazy.config().function_url_streaming && source == Source::FunctionUrl;
                 let app = match lazy.get().await {
                     Ok(app) => app,
                     Err(e) => {
+                        let function = function_name(lazy.config());
+                        emit_init_error(&function, e.error_type(), &e.to_string());
+                        unmetered(lazy.config(), &request_id, source, 503, t);
                         return load_failed(&payload, e.error_type(), &e.to_string()).map(|v| {
                             if url_streams {
                                 stream_whole(&v)
                             } else {
                                 FunctionResponse::BufferedResponse(v)
                             }
-                        })
+                        });
                     }
                 };
                 let invocation = Invocation {
@@ -116,7 +123,23 @@ fn main() -> Result<(), Error> {
                     received: t,
                     url_streams: lazy.config().function_url_streaming,
                 };
-                let reply = events::handle_call(&app.service, payload, Some(invocation)).await;
+                // The invoke's `request` metrics record is written when `meter` and every copy
+                // of it are dropped: below for a buffered answer, after a stream's last event.
+                let meter = metrics::request_meter(
+                    metrics::Invoke {
+                        function: function_name(lazy.config()),
+                        request_id,
+                        source: source.name(),
+                        model: app.service.meta().id.clone(),
+                        received: t,
+                    },
+                    |line| println!("{line}"),
+                );
+                let reply = meter::scope(
+                    meter.clone(),
+                    events::handle_call(&app.service, payload, Some(invocation)),
+                )
+                .await;
                 if large {
                     // The request's buffers are free now; its answer is freed once sent, so the
                     // heap is trimmed again then (the task runs while the runtime sends).
@@ -134,6 +157,7 @@ fn main() -> Result<(), Error> {
                     };
                     emit_cold_start(&app.report, &cold, lazy.config().function_name.as_deref());
                 }
+                drop(meter);
                 Ok::<FunctionResponse<Value, SseBody>, Diagnostic>(match reply {
                     EventReply::Buffered(v) if url_streams => stream_whole(&v),
                     EventReply::Buffered(v) => FunctionResponse::BufferedResponse(v),
@@ -169,6 +193,38 @@ fn emit_cold_start(report: &app::InitReport, cold: &ColdStart, function: Option<
     let record = app::cold_start_record(report, cold, function, now);
     println!("{record}");
     tracing::info!(target: "cold_start", breakdown = %record, "cold start");
+}
+
+/// AWS_LAMBDA_FUNCTION_NAME, the metrics' `FunctionName` (`local` outside Lambda).
+fn function_name(config: &Config) -> String {
+    config
+        .function_name
+        .clone()
+        .unwrap_or_else(|| "local".to_owned())
+}
+
+/// The `request` record of an invoke answered before the service saw it (a payload that is not
+/// JSON, a failed model load).
+fn unmetered(config: &Config, request_id: &str, source: Source, status: u16, t: Instant) {
+    let stats = meter::CallStats {
+        status: Some(status),
+        ..Default::default()
+    };
+    let inv = metrics::Invoke {
+        function: function_name(config),
+        request_id: request_id.to_owned(),
+        source: source.name(),
+        model: String::new(),
+        received: t,
+    };
+    let record = metrics::request_record(&stats, &inv, t.elapsed(), metrics::unix_ms());
+    println!("{record}");
+}
+
+/// The `init_error` record (InitErrors by ErrorType), on stdout like every EMF record.
+fn emit_init_error(function: &str, error_type: &str, message: &str) {
+    let record = metrics::init_error_record(function, error_type, message, metrics::unix_ms());
+    println!("{record}");
 }
 
 /// The model could not be loaded after init: HTTP events get a 503 in their own shape (a
@@ -210,6 +266,9 @@ fn init_failed(error_type: &str, message: &str) -> Error {
         .and_then(|m| m.strip_prefix(": "))
         .unwrap_or(message);
     tracing::error!(error_type, error = %message, "init failed");
+    // Config may be what failed: the function's name straight from Lambda's variable.
+    let function = std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".to_owned());
+    emit_init_error(&function, error_type, message);
     if let Some(api) = config::runtime_api_address() {
         if let Err(e) = post_init_error(&api, error_type, message) {
             tracing::error!(error = %e, "could not report the init error to the Runtime API");

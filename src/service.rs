@@ -27,6 +27,7 @@ use crate::jobs::{self, JobPorts, Owner};
 
 mod cost;
 mod keys;
+pub mod meter;
 pub use cost::CostModel;
 pub use keys::{check_key, ApiKeys, MAX_KEY_LEN, MIN_KEY_LEN};
 
@@ -362,12 +363,23 @@ impl Service {
         opts: &CallOptions,
         owner: Option<&Owner>,
     ) -> Reply {
+        let template = route_template(&req.path);
         let res = self.route(req, opts, owner).await;
         self.served.store(true, Ordering::Relaxed);
-        match res {
+        let reply = match res {
             Ok(r) => r,
             Err(e) => Reply::Full(e.into()),
-        }
+        };
+        let status = match &reply {
+            Reply::Full(r) => r.status,
+            Reply::Stream(_) => 200,
+        };
+        // The first call of an invoke names it (an SQS batch runs several).
+        meter::record(|s| {
+            s.route = s.route.or(template);
+            s.status = s.status.or(Some(status));
+        });
+        reply
     }
 
     async fn route(
@@ -557,6 +569,8 @@ impl Service {
         self.cost.observe_prefill(out.prefill, out.prompt_tokens);
         self.cost
             .observe_decode(out.decode, out.token_ids.len().saturating_sub(1));
+        // With a budget (a job) a deadline stop is counted by `not_started` below.
+        meter::record(|s| count_generation(s, &out, opts.budget.is_none()));
         if opts.budget.is_some() && out.hit_deadline {
             // A job must finish: a partial answer is not its result. Handed back, it runs again
             // in a fresh invocation, planned with the rates this run has just measured.
@@ -766,6 +780,10 @@ impl Service {
         })?;
         self.cost
             .observe_embed(t.elapsed(), out.token_counts.iter().sum());
+        meter::record(|s| {
+            s.input_tokens += out.token_counts.iter().sum::<usize>() as u64;
+            s.engine += t.elapsed();
+        });
         if text_bytes > TRIM_ABOVE_BYTES || out.embeddings.len() > 256 {
             trim_heap();
         }
@@ -931,6 +949,7 @@ pub const NOT_STARTED_CODE: &str = "deadline_not_started";
 
 /// An error for work not done for lack of time in this invocation (see [`CallOptions::budget`]).
 pub fn not_started(message: &str) -> ApiError {
+    meter::record(|s| s.deadline_stops += 1);
     ApiError::new(ErrorKind::Unavailable, message).with_code(NOT_STARTED_CODE)
 }
 
@@ -1500,6 +1519,9 @@ fn stream_generation(
     include_usage: bool,
 ) -> SseStream {
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
+    // The call returns before the generation ends: the meter goes along, and the entry point's
+    // record is written when this task lets go of it, after the last event.
+    let meter = meter::current();
     tokio::task::spawn_blocking(move || {
         if head.route == Route::Chat {
             let _ = tx.blocking_send(sse(&head.chunk(Some(""), true, None)));
@@ -1518,6 +1540,9 @@ fn stream_generation(
         });
         match res {
             Ok(out) => {
+                if let Some(m) = &meter {
+                    m.update(|s| count_generation(s, &out, true));
+                }
                 let _ = tx.blocking_send(sse(&head.chunk(None, false, Some(out.finish_reason))));
                 if include_usage {
                     let mut u = head.chunk(None, false, None);
@@ -1534,6 +1559,30 @@ fn stream_generation(
         let _ = tx.blocking_send("data: [DONE]\n\n".to_owned());
     });
     SseStream { rx }
+}
+
+/// A finished generation's counts; `deadline_stop`: whether a deadline stop counts here (not for
+/// jobs, where [`not_started`] counts it).
+fn count_generation(s: &mut meter::CallStats, out: &GenerateOutput, deadline_stop: bool) {
+    s.input_tokens += out.prompt_tokens as u64;
+    s.output_tokens += out.token_ids.len() as u64;
+    s.engine += out.prefill + out.decode;
+    if deadline_stop && out.hit_deadline {
+        s.deadline_stops += 1;
+    }
+}
+
+/// The [`ROUTES`] template a path answers to (`/v1/models/abc` -> `/v1/models/{model}`): a
+/// bounded set of names for metrics, whatever paths clients send. `None`: no route.
+pub fn route_template(path: &str) -> Option<&'static str> {
+    let path = path.trim_end_matches('/');
+    ROUTES
+        .iter()
+        .map(|(_, t)| *t)
+        .find(|t| match t.split_once('{') {
+            Some((prefix, _)) => path.len() > prefix.len() && path.starts_with(prefix),
+            None => *t == path,
+        })
 }
 
 fn unix_now() -> u64 {
@@ -1653,6 +1702,21 @@ fn l2_normalize(v: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::engine::{ModelInfo, ModelKind};
+
+    #[test]
+    fn route_templates_are_a_bounded_set() {
+        assert_eq!(route_template("/v1/embeddings"), Some("/v1/embeddings"));
+        assert_eq!(route_template("/v1/embeddings/"), Some("/v1/embeddings"));
+        assert_eq!(
+            route_template("/v1/models/a%20b"),
+            Some("/v1/models/{model}")
+        );
+        assert_eq!(route_template("/v1/jobs/x"), Some("/v1/jobs/{id}"));
+        assert_eq!(route_template("/v1/models"), Some("/v1/models"));
+        assert_eq!(route_template("/v1/models/"), Some("/v1/models"));
+        assert_eq!(route_template("/nope"), None);
+        assert_eq!(route_template("/v1/embeddingsX"), None);
+    }
 
     /// A fake embedder (unit test of the service layer): zero-cost vectors of a real model's width.
     struct Wide(ModelInfo);

@@ -45,6 +45,19 @@ pub enum Source {
     Direct,
 }
 
+impl Source {
+    /// A short stable name, for logs and metrics records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::HttpApiV2 => "http-api",
+            Source::FunctionUrl => "function-url",
+            Source::RestApiV1 => "rest-api",
+            Source::Sqs => "sqs",
+            Source::Direct => "direct",
+        }
+    }
+}
+
 /// Tells the event source from the event's fields. Anything not recognised as an AWS event is a
 /// direct invoke; that adapter answers shapes it does not understand with a 400.
 pub fn detect(event: &Value) -> Source {

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::{JobId, JobPorts, JobSpec, PutOutcome, StoreError};
 use crate::error::{ApiError, ErrorKind};
-use crate::service::{ApiRequest, CallOptions, Method, Reply, Service, Streaming};
+use crate::service::{meter, ApiRequest, CallOptions, Method, Reply, Service, Streaming};
 
 /// One SQS message, as the event adapter hands it over.
 #[derive(Debug, Clone)]
@@ -129,6 +129,7 @@ pub async fn run_batch(
     plan: Option<Plan>,
 ) -> BatchReport {
     let started = Instant::now();
+    count_queue_wait(&messages);
     let Some(store) = ports.results.clone() else {
         // Misconfiguration: nothing can be stored, so nothing may be acknowledged. SQS redelivers
         // and the DLQ keeps the messages until RESULTS_URI is set.
@@ -140,7 +141,8 @@ pub async fn run_batch(
             .into_iter()
             .map(|m| (m.message_id, Outcome::Retry("RESULTS_URI is unset".into())))
             .collect();
-        let failures = outcomes.iter().map(|(id, _)| id.clone()).collect();
+        let failures: Vec<String> = outcomes.iter().map(|(id, _)| id.clone()).collect();
+        meter::record(|s| s.jobs_retried += failures.len() as u64);
         return BatchReport { outcomes, failures };
     };
     let opts = CallOptions {
@@ -255,6 +257,7 @@ pub async fn run_batch(
         }
         let spec = specs[i].as_ref().expect("runnable jobs parsed");
         if opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            meter::record(|s| s.deadline_stops += 1);
             results.outcomes[i] = Some(Outcome::Retry(
                 "not started: the invocation's deadline is near".into(),
             ));
@@ -323,6 +326,15 @@ pub async fn run_batch(
         }
         report.outcomes.push((m.message_id, o));
     }
+    let failed = report
+        .outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Failed(_)))
+        .count();
+    meter::record(|s| {
+        s.jobs_failed += failed as u64;
+        s.jobs_retried += report.failures.len() as u64;
+    });
     tracing::info!(
         messages = report.outcomes.len(),
         redeliver = report.failures.len(),
@@ -330,6 +342,21 @@ pub async fn run_batch(
         "sqs batch done"
     );
     report
+}
+
+/// Counts the batch's messages and how long each waited in the queue: from `SentTimestamp` to
+/// now, the batch's start (clocks of SQS and of this host: a negative wait counts as none).
+fn count_queue_wait(messages: &[Message]) {
+    let now = unix_ms();
+    meter::record(|s| {
+        s.jobs += messages.len() as u64;
+        s.queue_wait.extend(
+            messages
+                .iter()
+                .filter_map(|m| m.sent_timestamp_ms)
+                .map(|t| Duration::from_millis(now.saturating_sub(t))),
+        );
+    });
 }
 
 /// How many inputs an embeddings body carries (for grouping; a body that does not parse counts
