@@ -430,6 +430,8 @@ pub fn init_tracing() {
         .json()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_current_span(false)
+        // The span an invoke runs in (`invoke`, with the Lambda request id), not the whole list.
+        .with_current_span(true)
+        .with_span_list(false)
         .try_init();
 }

@@ -32,6 +32,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
+use tracing::Instrument;
 
 /// The body stream Lambda sends after the prelude: SSE frames as they are produced.
 type SseBody =
@@ -80,8 +81,11 @@ fn main() -> Result<(), Error> {
         // that Lambda delivers but serde_json refuses as a Value (a lone surrogate escape such as
         // "\ud800", nesting deeper than 128) must get a 400 in the client's shape, not a
         // Lambda-level error named after a Rust type. Capturing raw text checks neither.
-        lambda_runtime::run(service_fn(
-            move |event: LambdaEvent<Box<RawValue>>| async move {
+        lambda_runtime::run(service_fn(move |event: LambdaEvent<Box<RawValue>>| {
+            // Every log line of the invoke carries its request id (`span.requestId` in the JSON
+            // log), as its metrics record does (`requestId`).
+            let span = tracing::info_span!("invoke", requestId = %event.context.request_id);
+            async move {
                 let t = Instant::now();
                 let deadline = deadline_instant(event.context.deadline());
                 let request_id = event.context.request_id.clone();
@@ -178,8 +182,9 @@ fn main() -> Result<(), Error> {
                         })
                     }
                 })
-            },
-        ))
+            }
+            .instrument(span)
+        }))
         .await
     })
 }
