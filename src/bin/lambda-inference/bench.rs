@@ -2,7 +2,8 @@
 //!
 //! - cold start: spawn of this binary's `invoke` on an API Gateway event -> the response on
 //!   stdout, in fresh processes (page cache warm after the first), with each child's peak RSS;
-//! - warm latency: one short sentence through the full handler (event decode -> engine -> JSON);
+//! - warm latency: one short sentence through the full handler (event decode -> engine -> JSON),
+//!   and interleaved with it the same request with bootstrap's per-invoke EMF record (its cost);
 //! - throughput: 256 sentences as 8 requests of 32 inputs through the same handler;
 //! - weight modes: dense f32 vs candle's quantized matmul on the same file, same inputs;
 //! - idle CPU: CPU time burnt while the function waits between requests (must be ~0: no spinning).
