@@ -19,7 +19,7 @@
 //! (`2xx`, `4xx`, `5xx`) and only on `Requests`. The exact status, the model, the request id and
 //! the event source are plain members of the record: searchable with Logs Insights, never
 //! metrics. Worst case per function: 10 metrics x 11 routes + 3 status classes + 9 cold-start
-//! metrics; a deployment that serves one model on two or three routes has about 30.
+//! metrics; a function that serves two or three routes has 20 to 30.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
