@@ -58,7 +58,7 @@ fn apigw_v2(body: &Value) -> Value {
 }
 
 /// Deterministic English-like sentences of `min..=max` words.
-fn sentences(n: usize, min: usize, max: usize) -> Vec<String> {
+pub(crate) fn sentences(n: usize, min: usize, max: usize) -> Vec<String> {
     const WORDS: &[&str] = &[
         "the",
         "function",

@@ -4,6 +4,7 @@
 
 mod bench;
 mod cold_start;
+mod cost;
 mod serve;
 
 use std::path::PathBuf;
@@ -101,6 +102,46 @@ enum BenchWhat {
         /// Prefill + 128-token decode runs (median reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+    },
+    /// Cost per Lambda memory size: each size's memory limit and CPU share (cgroup v1, needs
+    /// root), cold start, warm latency, sentences/s, tokens/s, then $ per 1M embeddings, per 1M
+    /// tokens, per provisioned month and the break-even against an always-on instance.
+    Cost {
+        #[arg(long, default_value = "models/all-MiniLM-L6-v2.q8_0.gguf")]
+        model: PathBuf,
+        /// The chat model for tokens/s ("none" skips it).
+        #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        chat_model: String,
+        /// Lambda memory sizes in MB.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "512,1024,1769,2048,3008,4096,6144,8192,10240"
+        )]
+        sizes: Vec<u32>,
+        /// Fresh processes per size for the cold-start figure (median).
+        #[arg(long, default_value_t = 3)]
+        cold_runs: usize,
+        /// Warm one-sentence requests per size (median).
+        #[arg(long, default_value_t = 100)]
+        warm_iters: usize,
+        /// Hourly price of the always-on instance to compare with (pass yours; the default is an
+        /// example, not a quote).
+        #[arg(long, default_value_t = 0.10)]
+        instance_hourly: f64,
+        /// Where cost.md and cost.svg go.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// One measurement process of `bench cost` (run inside the size's cgroups).
+    #[command(hide = true)]
+    CostProbe {
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        warm_iters: usize,
     },
 }
 
@@ -208,6 +249,34 @@ fn main() -> anyhow::Result<()> {
             cold_runs,
             runs,
         })?,
+        Cmd::Bench {
+            what:
+                BenchWhat::Cost {
+                    model,
+                    chat_model,
+                    sizes,
+                    cold_runs,
+                    warm_iters,
+                    instance_hourly,
+                    out_dir,
+                },
+        } => cost::run(&cost::Options {
+            embed_model: model,
+            chat_model: (chat_model != "none").then(|| PathBuf::from(chat_model)),
+            sizes,
+            cold_runs,
+            warm_iters,
+            instance_hourly,
+            out_dir,
+        })?,
+        Cmd::Bench {
+            what:
+                BenchWhat::CostProbe {
+                    kind,
+                    model,
+                    warm_iters,
+                },
+        } => cost::probe(&kind, &model, warm_iters)?,
     }
     Ok(())
 }
