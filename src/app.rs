@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use serde_json::{json, Value};
 
+use crate::api::ApiKeys;
 use crate::artifacts::{self, Artifact, ArtifactError, FetchStats, ModelDigest};
 use crate::config::Config;
 use crate::engine::{self, EngineError, SharedBytes};
-use crate::service::{ApiKeys, ModelMeta, Service};
+use crate::service::{ModelMeta, Service};
 
 /// Why init failed; `error_type` is the stable name reported to Lambda and in logs.
 #[derive(Debug, thiserror::Error)]

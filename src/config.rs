@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::service::{ApiKeys, Limits};
+use crate::api::{ApiKeys, Limits};
 
 /// Where the model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,7 +339,7 @@ impl Config {
                 let keys: Vec<&str> = v.split(',').map(str::trim).collect();
                 for (i, k) in keys.iter().enumerate() {
                     // The message names the position, never the key.
-                    crate::service::check_key(k)
+                    crate::api::check_key(k)
                         .map_err(|e| err("API_KEYS", format!("key {}: {e}", i + 1)))?;
                 }
                 Some(ApiKeys::new(keys))

@@ -18,18 +18,20 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::api::Owner;
 use crate::engine::{
     ChatMessage, EmbedOutput, Embedder, Engine, EngineError, FinishReason, GenerateOutput,
     GenerateParams, Generator, SamplingParams,
 };
 use crate::error::{ApiError, ErrorKind};
-use crate::jobs::{self, JobPorts, Owner};
+use crate::jobs::{self, JobPorts};
 
 mod cost;
-mod keys;
 pub mod meter;
+// The shared types of the service's signature, defined in the leaf `api` module (so that `config`
+// and `jobs`, below the service, can use them too); re-exported here for the service's callers.
+pub use crate::api::{parse_body, ApiKeys, ApiResponse, Limits};
 pub use cost::CostModel;
-pub use keys::{check_key, ApiKeys, MAX_KEY_LEN, MIN_KEY_LEN};
 
 /// Every route the service answers, as (method, path template): the one list that routing, the
 /// OpenAPI document (`docs/openapi.json`, checked against it by a test) and `serve` agree on.
@@ -47,32 +49,6 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// The OpenAPI 3.1 document of this API, served at `GET /openapi.json`.
 pub const OPENAPI_JSON: &str = include_str!("../docs/openapi.json");
-
-/// Request limits, checked before any work proportional to the input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Inputs per embeddings request (OpenAI allows 2048).
-    pub max_inputs: usize,
-    /// Tokens per input before truncation; longer inputs are refused with 413.
-    pub max_input_tokens: usize,
-    /// Generated tokens per request (chat/completions).
-    pub max_new_tokens: usize,
-    /// Request body size in bytes.
-    pub max_request_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_inputs: 2048,
-            max_input_tokens: 8192,
-            max_new_tokens: 512,
-            // Lambda's synchronous invoke payload limit is 6 MB; a bigger body cannot arrive
-            // through API Gateway anyway, this catches local and direct invokes.
-            max_request_bytes: 6 * 1024 * 1024,
-        }
-    }
-}
 
 /// Lambda's limit on a synchronous invocation's response payload (6 MB).
 pub const MAX_RESPONSE_BYTES: usize = 6_000_000;
@@ -107,28 +83,6 @@ pub struct ApiRequest {
     pub body: Vec<u8>,
 }
 
-/// A protocol-neutral response: status and JSON body.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApiResponse {
-    pub status: u16,
-    pub body: Value,
-}
-
-impl ApiResponse {
-    pub fn ok(body: Value) -> Self {
-        Self { status: 200, body }
-    }
-}
-
-impl From<ApiError> for ApiResponse {
-    fn from(e: ApiError) -> Self {
-        Self {
-            status: e.status(),
-            body: e.to_body(),
-        }
-    }
-}
-
 /// Facts about the loaded artifact, reported on `/health` and in responses.
 #[derive(Debug, Clone, Default)]
 pub struct ModelMeta {
@@ -156,7 +110,7 @@ pub struct Service {
     /// What work costs here, measured on the requests served so far.
     cost: CostModel,
     /// The API keys HTTP API / REST API requests must carry (ApiAuth=KEY); checked by the events
-    /// layer (`events::auth`), held here so that every caller of it has them (see keys.rs).
+    /// layer (`events::auth`), held here so that every caller of it has them (see api/keys.rs).
     api_keys: Option<ApiKeys>,
 }
 
@@ -242,50 +196,6 @@ struct EmbeddingsRequest {
     #[serde(default)]
     #[allow(dead_code)] // accepted for OpenAI compatibility
     user: Option<String>,
-}
-
-/// Parses a JSON body into `T`: a syntax error is 400, a shape/type error 422.
-///
-/// Every request body is a JSON object. serde's derived struct deserializers also accept a JSON
-/// array, filling fields by position (`["hi"]` would read as `{"input": "hi"}`), so anything that
-/// is not an object is refused here, before or after parsing.
-pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ApiError::new(
-            ErrorKind::InvalidJson,
-            "request body is empty",
-        ));
-    }
-    let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    let not_object = || ApiError::new(ErrorKind::InvalidType, "request body must be a JSON object");
-    let parsed = serde_json::from_slice(body).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data if !is_object => not_object(),
-            Category::Data => {
-                ApiError::new(ErrorKind::InvalidType, format!("invalid request body: {e}"))
-            }
-            // serde_json reports a wrongly typed enum value (`"encoding_format": 3`) as a syntax
-            // error; valid JSON of the wrong shape is a 422 whatever the category says.
-            Category::Syntax | Category::Eof | Category::Io
-                if serde_json::from_slice::<de::IgnoredAny>(body).is_ok() =>
-            {
-                ApiError::new(
-                    ErrorKind::InvalidType,
-                    format!("invalid request body: a field has the wrong type ({e})"),
-                )
-            }
-            Category::Syntax | Category::Eof | Category::Io => ApiError::new(
-                ErrorKind::InvalidJson,
-                format!("request body is not valid JSON: {e}"),
-            ),
-        }
-    })?;
-    if is_object {
-        Ok(parsed)
-    } else {
-        Err(not_object())
-    }
 }
 
 impl Service {

@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use super::hex;
+use crate::hex::hex;
 
 /// The buffer and what is known to have landed in it.
 pub struct Landing {

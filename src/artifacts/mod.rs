@@ -240,7 +240,7 @@ fn read_file(path: &Path) -> Result<Artifact, ArtifactError> {
 
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
+    crate::hex::hex(&Sha256::digest(bytes))
 }
 
 /// Fails with both digests named when `expected` is set and differs.
@@ -253,17 +253,6 @@ pub fn verify(source: &str, actual: &str, expected: Option<&str>) -> Result<(), 
         }),
         _ => Ok(()),
     }
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 #[cfg(test)]

@@ -18,9 +18,8 @@
 use serde_json::{json, Value};
 
 use super::http;
+use crate::api::{ApiKeys, Owner, MAX_KEY_LEN};
 use crate::error::{ApiError, ErrorKind};
-use crate::jobs::Owner;
-use crate::service::{ApiKeys, MAX_KEY_LEN};
 
 /// The longest `Authorization` value looked at: a scheme, a few spaces and the longest key. A
 /// longer one (a 1 MB header) is refused as it is, without being copied or hashed.

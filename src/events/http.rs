@@ -10,9 +10,9 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use super::EventReply;
+use crate::api::{ApiResponse, Owner};
 use crate::error::{ApiError, ErrorKind};
-use crate::jobs::Owner;
-use crate::service::{ApiRequest, ApiResponse, CallOptions, Method, Reply, Service};
+use crate::service::{ApiRequest, CallOptions, Method, Reply, Service};
 
 /// Answers an HTTP API v2 or Function URL event, for `owner` (the caller's API key, when
 /// [`super::auth`] checked one).

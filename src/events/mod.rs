@@ -27,8 +27,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::jobs::worker;
 use crate::service::{CallOptions, Service, SseStream, Streaming};
+use crate::worker;
 
 /// The event sources [`handle`] tells apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,8 +7,8 @@
 
 use serde_json::{json, Value};
 
-use crate::jobs::worker::{self, Message, Plan};
 use crate::service::Service;
+use crate::worker::{self, Message, Plan};
 
 /// Reads the records of an SQS event. A record without a messageId cannot be reported back; it is
 /// still run (its result goes under a digest id) and logged.

@@ -1,8 +1,10 @@
-//! Asynchronous jobs: the SQS worker, `POST /v1/jobs` / `GET /v1/jobs/{id}`, and the two ports they
-//! need (a result store and a job queue).
+//! Asynchronous jobs: what a job is ([`JobSpec`], [`JobId`]), `POST /v1/jobs` / `GET /v1/jobs/{id}`
+//! (called by the service's router), and the two ports they need (a result store and a job queue).
+//! The SQS worker that runs jobs through the service sits above it, in `crate::worker`; this module
+//! is below the service and must not use it.
 //!
 //! A job is `{id?, endpoint, request}`: the same OpenAI body a synchronous call would send, run
-//! through the same [`Service`](crate::service::Service), its answer written once to
+//! through the same service by the worker, its answer written once to
 //! `RESULTS_URI/<id>.json` as `{id, status, result | error, model, digest, timings}`.
 //!
 //! Results belong to whoever submitted the job: a job submitted with an API key (ApiAuth=KEY)
@@ -22,14 +24,13 @@
 //! candle: inference goes through the service.
 
 pub mod aws;
-pub mod worker;
 
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use crate::api::{parse_body, truncate, ApiResponse, Limits, Owner};
 use crate::error::{ApiError, ErrorKind};
-use crate::service::{ApiResponse, Limits};
 
 /// A boxed future, so the ports can be trait objects.
 pub use futures_util::future::BoxFuture;
@@ -77,7 +78,15 @@ impl JobId {
                 format!("no random job id: the OS random source failed: {e}"),
             )
         })?;
-        Ok(JobId(format!("job-{}", crate::artifacts::hex(&bytes))))
+        Ok(JobId(format!("job-{}", crate::hex::hex(&bytes))))
+    }
+
+    /// The id of a message whose own id and messageId are both unusable (a hand-made event):
+    /// `msg-` and 96 bits of the SHA-256 of the messageId, so a redelivery maps to the same id.
+    pub fn of_message_id(message_id: &str) -> JobId {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(message_id.as_bytes());
+        JobId(format!("msg-{}", crate::hex::hex(&d[..12])))
     }
 
     /// The key the result store sees for this job: the id itself, or `<owner>/<id>` for a job
@@ -85,7 +94,7 @@ impl JobId {
     /// is hex digits only.
     pub fn stored_as(&self, owner: Option<&Owner>) -> JobId {
         match owner {
-            Some(o) => JobId(format!("{}/{}", o.0, self.0)),
+            Some(o) => JobId(format!("{}/{}", o.as_str(), self.0)),
             None => self.clone(),
         }
     }
@@ -98,53 +107,6 @@ impl JobId {
 impl std::fmt::Display for JobId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-/// Whose job it is: 32 lowercase hex digits derived from the SHA-256 of the caller's API key (see
-/// [`Owner::of_key_digest`]). It names the caller's result prefix; it is not a secret, and the key
-/// cannot be recovered from it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Owner(String);
-
-impl Owner {
-    /// The owner of the key whose SHA-256 is `key_digest`: a second, labelled hash of it, cut to
-    /// 128 bits, so that the owner written into queue messages and object keys is never the
-    /// digest the keys are checked against.
-    pub fn of_key_digest(key_digest: &[u8; 32]) -> Owner {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        h.update(b"lambda-inference job owner v1\0");
-        h.update(key_digest);
-        Owner(crate::artifacts::hex(&h.finalize()[..16]))
-    }
-
-    /// Reads an owner from a queued message: exactly 32 lowercase hex digits, nothing that could
-    /// name another prefix.
-    pub fn parse(s: &str) -> Result<Owner, ApiError> {
-        if s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            Ok(Owner(s.to_owned()))
-        } else {
-            Err(ApiError::new(
-                ErrorKind::InvalidValue,
-                format!(
-                    "job owner {:?} is not valid: 32 lowercase hex digits",
-                    truncate(s, 80)
-                ),
-            )
-            .with_param("owner"))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-fn truncate(s: &str, n: usize) -> &str {
-    match s.char_indices().nth(n) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 
@@ -164,7 +126,7 @@ impl JobSpec {
     /// SQS messageId); `None` generates one (submit). The error says what is wrong, for the job's
     /// result.
     pub fn parse(body: &[u8], default_id: Option<&str>) -> Result<JobSpec, ApiError> {
-        let v: Value = crate::service::parse_body(body)?;
+        let v: Value = parse_body(body)?;
         let id = match v.get("id") {
             None | Some(Value::Null) => match default_id {
                 Some(d) => JobId::parse(d)?,

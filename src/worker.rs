@@ -6,7 +6,8 @@
 //! the returned failures, i.e. `batchItemFailures`. A panic anywhere in one job fails that job only.
 //! Valid embedding jobs of the batch share forward passes (one engine call for all their inputs).
 //!
-//! Must not know the SQS event shape (events/sqs.rs decodes it) nor AWS types (the ports hide them).
+//! An adapter above the service, like `events`: job types and ports are `crate::jobs`'s, below the
+//! service. Must not know the SQS event shape (events/sqs.rs decodes it) nor AWS types (the ports hide them).
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -15,8 +16,8 @@ use futures_util::future::join_all;
 use futures_util::FutureExt;
 use serde_json::{json, Value};
 
-use super::{JobId, JobPorts, JobSpec, PutOutcome, StoreError};
 use crate::error::{ApiError, ErrorKind};
+use crate::jobs::{JobId, JobPorts, JobSpec, PutOutcome, ResultStore, StoreError};
 use crate::service::{meter, ApiRequest, CallOptions, Method, Reply, Service, Streaming};
 
 /// One SQS message, as the event adapter hands it over.
@@ -76,17 +77,7 @@ fn fallback_id(m: &Message) -> JobId {
         .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned))
         .and_then(|s| JobId::parse(&s).ok())
         .or_else(|| JobId::parse(&m.message_id).ok())
-        .unwrap_or_else(|| {
-            use sha2::Digest;
-            let d = sha2::Sha256::digest(m.message_id.as_bytes());
-            JobId(format!(
-                "msg-{}",
-                d[..12]
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>()
-            ))
-        })
+        .unwrap_or_else(|| JobId::of_message_id(&m.message_id))
 }
 
 fn unix_ms() -> u64 {
@@ -376,7 +367,7 @@ fn input_count(body: &[u8]) -> usize {
 
 /// The batch's answers so far: each message's outcome, and the result writes in flight.
 struct Results<'a> {
-    store: std::sync::Arc<dyn super::ResultStore>,
+    store: std::sync::Arc<dyn ResultStore>,
     meta: &'a crate::service::ModelMeta,
     batch_size: usize,
     outcomes: Vec<Option<Outcome>>,

@@ -1,8 +1,9 @@
-//! The API keys a deployment accepts (ApiAuth=KEY), held as SHA-256 digests only.
+//! The API keys a deployment accepts (ApiAuth=KEY), held as SHA-256 digests only, and the
+//! [`Owner`] a key makes a caller (whose job results it may read).
 //!
-//! Why here, below the events layer that checks them: the keys are state built once at init, like
-//! the job ports, and the [`Service`](super::Service) is the one object every entry point already
-//! receives. Holding them there means `events::handle` and `events::handle_call` (the bootstrap,
+//! Why here, below the events layer that checks them: the keys are state built once at init (read
+//! by `config`), like the job ports, and held by the [`Service`](crate::service::Service), the one
+//! object every entry point already receives. Holding them there means `events::handle` and `events::handle_call` (the bootstrap,
 //! the CLI, the tests) cannot be called without the keys the deployment was configured with, so a
 //! forgotten argument can never switch authentication off. The check itself (which events carry a
 //! key, the `Authorization` header, the 401) is decided in `events::auth`; this module only knows
@@ -15,7 +16,8 @@
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::jobs::Owner;
+use crate::api::truncate;
+use crate::error::{ApiError, ErrorKind};
 
 /// Shortest key accepted: anything shorter could be guessed (the template generates 48).
 pub const MIN_KEY_LEN: usize = 16;
@@ -140,6 +142,46 @@ fn json_error_kind(e: &serde_json::Error) -> &'static str {
         serde_json::error::Category::Syntax => "syntax error",
         serde_json::error::Category::Data => "wrong shape",
         serde_json::error::Category::Eof => "cut short",
+    }
+}
+
+/// Whose job it is: 32 lowercase hex digits derived from the SHA-256 of the caller's API key (see
+/// [`Owner::of_key_digest`]). It names the caller's result prefix; it is not a secret, and the key
+/// cannot be recovered from it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner(String);
+
+impl Owner {
+    /// The owner of the key whose SHA-256 is `key_digest`: a second, labelled hash of it, cut to
+    /// 128 bits, so that the owner written into queue messages and object keys is never the
+    /// digest the keys are checked against.
+    pub fn of_key_digest(key_digest: &[u8; 32]) -> Owner {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"lambda-inference job owner v1\0");
+        h.update(key_digest);
+        Owner(crate::hex::hex(&h.finalize()[..16]))
+    }
+
+    /// Reads an owner from a queued message: exactly 32 lowercase hex digits, nothing that could
+    /// name another prefix.
+    pub fn parse(s: &str) -> Result<Owner, ApiError> {
+        if s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(Owner(s.to_owned()))
+        } else {
+            Err(ApiError::new(
+                ErrorKind::InvalidValue,
+                format!(
+                    "job owner {:?} is not valid: 32 lowercase hex digits",
+                    truncate(s, 80)
+                ),
+            )
+            .with_param("owner"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
