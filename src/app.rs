@@ -18,19 +18,20 @@ use crate::config::Config;
 use crate::engine::{self, EngineError, SharedBytes};
 use crate::service::{ModelMeta, Service};
 
-/// Why init failed; `error_type` is the stable name reported to Lambda and in logs.
+/// Why init failed; [`InitError::error_type`] is the stable name reported to Lambda and in logs,
+/// written only there: the message (`Display`) does not repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
-    #[error("InvalidModel: {0}")]
+    #[error("{0}")]
     Engine(#[from] EngineError),
     /// The load task panicked or was cancelled: a bug, never the model's fault.
-    #[error("InitPanic: {0}")]
+    #[error("{0}")]
     Panicked(String),
     /// The API keys (API_KEYS_SECRET_ARN) could not be read or are not usable: nothing is served
     /// rather than serving without the authentication the deployment asked for.
-    #[error("AuthConfig: {message}")]
+    #[error("{message}")]
     AuthConfig { message: String, permanent: bool },
 }
 
@@ -435,4 +436,41 @@ pub fn init_tracing() {
         .with_current_span(true)
         .with_span_list(false)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stable name is said once: `error_type()` is its one home, the message never repeats it
+    /// (entry points print `"{type}: {message}"`; "ModelNotFound: ModelNotFound: ..." was the bug).
+    #[test]
+    fn an_init_error_names_its_type_once() {
+        let errors = [
+            InitError::Artifact(ArtifactError::NotFound("/m.gguf: no such file".into())),
+            InitError::Artifact(ArtifactError::AccessDenied("s3://b/k: 403".into())),
+            InitError::Artifact(ArtifactError::DigestMismatch {
+                uri: "/m.gguf".into(),
+                expected: "00".into(),
+                actual: "11".into(),
+            }),
+            InitError::Artifact(ArtifactError::Timeout("after 60 s".into())),
+            InitError::Artifact(ArtifactError::Io("connection reset".into())),
+            InitError::Artifact(ArtifactError::Unsupported("http://x".into())),
+            InitError::Engine(EngineError::InvalidModel(
+                "no tensor token_embd.weight".into(),
+            )),
+            InitError::Panicked("engine build: boom".into()),
+            InitError::AuthConfig {
+                message: "the secret has no key".into(),
+                permanent: true,
+            },
+        ];
+        for e in errors {
+            let t = e.error_type();
+            let printed = format!("{t}: {e}");
+            assert_eq!(printed.matches(t).count(), 1, "{printed}");
+            assert!(!e.to_string().starts_with(t), "{e}");
+        }
+    }
 }

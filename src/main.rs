@@ -236,11 +236,6 @@ fn emit_init_error(function: &str, error_type: &str, message: &str) {
 /// Lambda-level error would reach an API Gateway client as an opaque 502); direct invokes and SQS
 /// batches fail with the stable error type (SQS then redelivers the batch).
 fn load_failed(event: &Value, error_type: &str, message: &str) -> Result<Value, Diagnostic> {
-    // The error's Display already starts with its type ("ModelNotFound: ..."): not twice.
-    let message = message
-        .strip_prefix(error_type)
-        .and_then(|m| m.strip_prefix(": "))
-        .unwrap_or(message);
     tracing::error!(error_type, error = %message, "model load failed");
     match events::detect(event) {
         Source::HttpApiV2 | Source::FunctionUrl | Source::RestApiV1 => {
@@ -266,10 +261,6 @@ fn load_failed(event: &Value, error_type: &str, message: &str) -> Result<Value, 
 /// Logs an init failure and reports it on the Runtime API's init error path, so that Lambda (and
 /// the emulator) show the stable `errorType` instead of a bare "Runtime.ExitError".
 fn init_failed(error_type: &str, message: &str) -> Error {
-    let message = message
-        .strip_prefix(error_type)
-        .and_then(|m| m.strip_prefix(": "))
-        .unwrap_or(message);
     tracing::error!(error_type, error = %message, "init failed");
     // Config may be what failed: the function's name straight from Lambda's variable.
     let function = std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".to_owned());

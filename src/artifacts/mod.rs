@@ -16,27 +16,29 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ModelUri};
 
-/// Why the model could not be had. The names are the stable `errorType`s of init failures.
+/// Why the model could not be had. [`ArtifactError::error_type`] is the stable `errorType` of the
+/// init failure, the one place its name is written; the message (`Display`) does not repeat it,
+/// so an entry point that prints `"{type}: {message}"` says it once.
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    #[error("ModelNotFound: {0}")]
+    #[error("{0}")]
     NotFound(String),
-    #[error("AccessDenied: {0}")]
+    #[error("{0}")]
     AccessDenied(String),
-    #[error("DigestMismatch: model {uri} has sha256 {actual}, MODEL_SHA256 expects {expected}")]
+    #[error("model {uri} has sha256 {actual}, MODEL_SHA256 expects {expected}")]
     DigestMismatch {
         uri: String,
         expected: String,
         actual: String,
     },
     /// The fetch did not finish within its deadline (MODEL_FETCH_TIMEOUT_S).
-    #[error("Timeout: {0}")]
+    #[error("{0}")]
     Timeout(String),
     /// Transport or server failures that outlived their retries, or an object that changed
     /// during the download.
-    #[error("FetchFailed: {0}")]
+    #[error("{0}")]
     Io(String),
-    #[error("InvalidConfig: {0}")]
+    #[error("{0}")]
     Unsupported(String),
 }
 

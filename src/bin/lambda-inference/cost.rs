@@ -79,7 +79,7 @@ pub fn probe(kind: &str, model: &Path, warm_iters: usize) -> anyhow::Result<()> 
         _ => std::env::var(k).ok(),
     })?;
     app::configure(&config);
-    let app = app::App::init(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let app = app::App::init(&config).map_err(|e| anyhow::anyhow!("{}: {e}", e.error_type()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
