@@ -9,9 +9,67 @@
 //! the one list of what the code does with them, which the functions' IAM roles in template.yaml
 //! must grant and nothing more (tests/template_iam.rs checks both ways). The one call made here is
 //! [`secret_string`], a plain read of a secret at init (what it holds is the caller's business).
+//! [`classify_sdk_error`] is the one reading of an SDK error as retry-or-not, for every caller.
 
 use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+
+/// What an AWS SDK error means for a retry. The one classification of SDK errors: the model fetch
+/// (artifacts/s3.rs) and the job ports (jobs/aws.rs) both use it, so they cannot disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SdkFailure {
+    /// HTTP 404, `NoSuchKey`, `NoSuchBucket`.
+    NotFound,
+    /// HTTP 401 or 403: the role, the resource's policy or the region must change first.
+    Denied,
+    /// HTTP 412: a condition of the request (`If-Match`, `If-None-Match`) did not hold.
+    PreconditionFailed,
+    /// Throttling, a timeout, a 5xx (with or without an error code), the network: worth another
+    /// try.
+    Transient,
+    /// Anything else (a bad request, a request the SDK could not build): retrying the same call
+    /// will not help.
+    Permanent,
+}
+
+/// Error codes that mean "try again" whatever the status they come with (S3, SQS, STS spellings).
+const TRANSIENT_CODES: &[&str] = &[
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "ConditionalRequestConflict",
+];
+
+/// Classifies a service's answer by its HTTP status and error code (`""` when it has none).
+pub fn classify_service_error(status: u16, code: &str) -> SdkFailure {
+    match (status, code) {
+        (404, _) | (_, "NoSuchKey" | "NoSuchBucket") => SdkFailure::NotFound,
+        (401 | 403, _) => SdkFailure::Denied,
+        (412, _) => SdkFailure::PreconditionFailed,
+        (408 | 429 | 500..=599, _) => SdkFailure::Transient,
+        (_, code) if TRANSIENT_CODES.contains(&code) => SdkFailure::Transient,
+        _ => SdkFailure::Permanent,
+    }
+}
+
+/// Classifies any SDK call's error (S3, SQS, ...): a service's answer by its status and code, a
+/// request that could not be built as permanent, and the rest (connection refused or reset,
+/// timeouts, unparseable responses: the network's fault) as transient.
+pub fn classify_sdk_error<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> SdkFailure {
+    match e {
+        SdkError::ServiceError(se) => {
+            classify_service_error(se.raw().status().as_u16(), se.err().code().unwrap_or(""))
+        }
+        SdkError::ConstructionFailure(_) => SdkFailure::Permanent,
+        _ => SdkFailure::Transient,
+    }
+}
 
 /// Loads the shared SDK configuration through the default chain, with our HTTPS client.
 ///
@@ -189,3 +247,49 @@ pub const AWS_CALLS: &[AwsCall] = &[
               (ApiAuth=KEY)",
     },
 ];
+
+#[cfg(test)]
+mod sdk_error_tests {
+    use super::*;
+    use aws_sdk_s3::operation::get_object::GetObjectError;
+
+    #[test]
+    fn sdk_errors_are_classified_once_for_every_caller() {
+        use SdkFailure::*;
+        for (status, code, want) in [
+            // A 5xx without a code: transient (jobs/aws.rs called it permanent).
+            (500, "", Transient),
+            (502, "", Transient),
+            (503, "", Transient),
+            (503, "SlowDown", Transient),
+            (500, "InternalError", Transient),
+            (408, "", Transient),
+            (429, "", Transient),
+            (400, "RequestTimeout", Transient),
+            (400, "ThrottlingException", Transient),
+            (400, "RequestThrottled", Transient),
+            (409, "ConditionalRequestConflict", Transient),
+            (404, "", NotFound),
+            (404, "NoSuchKey", NotFound),
+            (400, "NoSuchBucket", NotFound),
+            (403, "AccessDenied", Denied),
+            (401, "", Denied),
+            (412, "PreconditionFailed", PreconditionFailed),
+            (400, "InvalidArgument", Permanent),
+            (400, "", Permanent),
+            (409, "BucketAlreadyExists", Permanent),
+        ] {
+            assert_eq!(
+                classify_service_error(status, code),
+                want,
+                "{status} {code:?}"
+            );
+        }
+        let timeout: SdkError<GetObjectError, HttpResponse> =
+            SdkError::timeout_error("read timed out");
+        assert_eq!(classify_sdk_error(&timeout), Transient);
+        let unbuildable: SdkError<GetObjectError, HttpResponse> =
+            SdkError::construction_failure("no region");
+        assert_eq!(classify_sdk_error(&unbuildable), Permanent);
+    }
+}

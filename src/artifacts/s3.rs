@@ -37,6 +37,7 @@ use futures_util::TryStreamExt;
 
 use super::landing::{Claim, Landed, Landing};
 use super::{Artifact, ArtifactError, ArtifactStore, FetchStats, ModelBytes, ModelDigest};
+use crate::aws::SdkFailure;
 use crate::config::{FetchSettings, ModelUri};
 
 /// Downloads models from S3 (or any S3-compatible server the SDK is pointed at).
@@ -464,33 +465,32 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
 ) -> Failure {
     let detail = DisplayErrorContext(e);
+    let class = crate::aws::classify_sdk_error(e);
     match e {
         SdkError::ServiceError(se) => {
             let status = se.raw().status().as_u16();
             let code = e.code().unwrap_or("");
             let msg = format!("{uri}: {op} answered HTTP {status} {code}");
-            match (status, code) {
-                (404, _) | (_, "NoSuchKey") | (_, "NoSuchBucket") => Failure::Fatal(
-                    ArtifactError::NotFound(format!("{msg} (no such bucket or key)")),
-                ),
-                (401 | 403, _) => Failure::Fatal(ArtifactError::AccessDenied(format!(
+            match class {
+                SdkFailure::NotFound => Failure::Fatal(ArtifactError::NotFound(format!(
+                    "{msg} (no such bucket or key)"
+                ))),
+                SdkFailure::Denied => Failure::Fatal(ArtifactError::AccessDenied(format!(
                     "{msg} (check the function role's s3:GetObject on this object, and the \
                      bucket's region)"
                 ))),
-                (412, _) => Failure::Fatal(ArtifactError::Io(format!(
+                SdkFailure::PreconditionFailed => Failure::Fatal(ArtifactError::Io(format!(
                     "{msg}: the object changed during the download (ETag no longer matches)"
                 ))),
-                (408 | 429 | 500..=599, _) | (_, "SlowDown") | (_, "RequestTimeout") => {
-                    Failure::Transient(msg)
+                SdkFailure::Transient => Failure::Transient(msg),
+                SdkFailure::Permanent => {
+                    Failure::Fatal(ArtifactError::Io(format!("{msg}: {detail}")))
                 }
-                _ => Failure::Fatal(ArtifactError::Io(format!("{msg}: {detail}"))),
             }
         }
-        SdkError::ConstructionFailure(_) => {
-            Failure::Fatal(ArtifactError::Io(format!("{uri}: {op}: {detail}")))
+        _ if class == SdkFailure::Transient => {
+            Failure::Transient(format!("{uri}: {op} failed: {detail}"))
         }
-        // Connection refused or reset, timeouts, unparseable responses: the network's fault,
-        // worth another try.
-        _ => Failure::Transient(format!("{uri}: {op} failed: {detail}")),
+        _ => Failure::Fatal(ArtifactError::Io(format!("{uri}: {op}: {detail}"))),
     }
 }

@@ -4,10 +4,12 @@
 //! credential chain; `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL_SQS` point them at moto or MinIO).
 //! Must not decide what is retried: it only sorts each failure into transient or permanent.
 
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 
 use super::{BoxFuture, JobId, JobPorts, JobQueue, PutOutcome, ResultStore, StoreError};
+use crate::aws::SdkFailure;
 use crate::config::{Config, S3Location};
 
 /// Results as `s3://bucket/prefix<id>.json`, written create-only.
@@ -26,33 +28,20 @@ impl S3ResultStore {
     }
 }
 
-/// Sorts an SDK error: throttling, 5xx, timeouts and network failures are transient; the rest
-/// (access denied, no such bucket, a bad request) will not get better by retrying.
-fn classify<E, R>(what: &str, e: &SdkError<E, R>) -> StoreError
+/// Sorts an SDK error by [`crate::aws::classify_sdk_error`]: throttling, 5xx, timeouts and network
+/// failures are transient; the rest (access denied, no such bucket, a bad request) will not get
+/// better by retrying.
+fn classify<E>(what: &str, e: &SdkError<E, HttpResponse>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     let detail = DisplayErrorContext(e);
-    match e {
-        SdkError::ServiceError(_) => {
-            let code = e.code().unwrap_or("");
-            match code {
-                "SlowDown"
-                | "Throttling"
-                | "ThrottlingException"
-                | "RequestTimeout"
-                | "InternalError"
-                | "ServiceUnavailable"
-                | "RequestThrottled"
-                | "ConditionalRequestConflict" => {
-                    StoreError::Transient(format!("{what}: {code}: {detail}"))
-                }
-                _ => StoreError::Permanent(format!("{what}: {detail}")),
-            }
+    match (crate::aws::classify_sdk_error(e), e.code()) {
+        (SdkFailure::Transient, Some(code)) => {
+            StoreError::Transient(format!("{what}: {code}: {detail}"))
         }
-        SdkError::ConstructionFailure(_) => StoreError::Permanent(format!("{what}: {detail}")),
-        _ => StoreError::Transient(format!("{what}: {detail}")),
+        (SdkFailure::Transient, None) => StoreError::Transient(format!("{what}: {detail}")),
+        _ => StoreError::Permanent(format!("{what}: {detail}")),
     }
 }
 
