@@ -281,11 +281,23 @@ pub struct JobPorts {
     pub queue: Option<Arc<dyn JobQueue>>,
 }
 
+/// A store failure as the client sees it. The detail names the bucket, the key (with the caller's
+/// owner digest) and the SDK's error: it goes to the log; the answer says only what failed.
 fn store_error(e: StoreError) -> ApiError {
-    match e {
-        StoreError::Transient(m) => ApiError::new(ErrorKind::Unavailable, m),
-        StoreError::Permanent(m) => ApiError::new(ErrorKind::Internal, m),
-    }
+    let (kind, detail, said) = match e {
+        StoreError::Transient(m) => (
+            ErrorKind::Unavailable,
+            m,
+            "the job store did not answer; retry later",
+        ),
+        StoreError::Permanent(m) => (
+            ErrorKind::Internal,
+            m,
+            "the job store refused the request (the function's log has the cause)",
+        ),
+    };
+    tracing::error!(error = %detail, "job store failure");
+    ApiError::new(kind, said)
 }
 
 /// `POST /v1/jobs`: validates the job, refuses what SQS could not carry, sends it, answers 202.
@@ -391,6 +403,51 @@ pub async fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake store (unit test of this layer) that fails every call with `err`.
+    struct FailingStore(StoreError);
+
+    impl ResultStore for FailingStore {
+        fn get<'a>(&'a self, _: &'a JobId) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+            Box::pin(async move { Err(self.0.clone()) })
+        }
+        fn put_new<'a>(
+            &'a self,
+            _: &'a JobId,
+            _: Vec<u8>,
+        ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
+            Box::pin(async move { Err(self.0.clone()) })
+        }
+        fn location(&self, id: &JobId) -> String {
+            format!("s3://secret-bucket/results/{id}.json")
+        }
+    }
+
+    #[test]
+    fn store_failures_do_not_show_the_store_layout_to_clients() {
+        let detail = "GET s3://secret-bucket/results/0123456789abcdef0123456789abcdef/j-1.json: \
+                      AccessDenied";
+        for (err, code) in [
+            (StoreError::Permanent(detail.into()), 500),
+            (StoreError::Transient(detail.into()), 503),
+        ] {
+            let ports = JobPorts {
+                results: Some(Arc::new(FailingStore(err))),
+                queue: None,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let e = rt.block_on(status(&ports, "j-1", None)).unwrap_err();
+            assert_eq!(e.status(), code);
+            let said = e.to_string();
+            assert!(
+                !said.contains("secret-bucket") && !said.contains("0123456789abcdef"),
+                "{said}"
+            );
+            assert!(said.contains("job store"), "{said}");
+        }
+    }
 
     #[test]
     fn ids_cannot_escape_the_results_prefix() {
