@@ -40,21 +40,26 @@ pub struct Options {
     pub warm_iters: usize,
 }
 
-fn apigw_v2(body: &Value) -> Value {
+/// An HTTP API (v2) POST of `body` to `path`, as API Gateway delivers it.
+pub(crate) fn http_event(path: &str, body: &Value) -> Value {
     json!({
         "version": "2.0",
-        "routeKey": "POST /v1/embeddings",
-        "rawPath": "/v1/embeddings",
+        "routeKey": format!("POST {path}"),
+        "rawPath": path,
         "rawQueryString": "",
         "headers": {"content-type": "application/json"},
         "requestContext": {
-            "http": {"method": "POST", "path": "/v1/embeddings", "protocol": "HTTP/1.1",
+            "http": {"method": "POST", "path": path, "protocol": "HTTP/1.1",
                      "sourceIp": "127.0.0.1", "userAgent": "bench"},
-            "stage": "$default", "requestId": "bench", "routeKey": "POST /v1/embeddings"
+            "stage": "$default", "requestId": "bench", "routeKey": format!("POST {path}")
         },
         "body": body.to_string(),
         "isBase64Encoded": false
     })
+}
+
+fn apigw_v2(body: &Value) -> Value {
+    http_event("/v1/embeddings", body)
 }
 
 /// Deterministic English-like sentences of `min..=max` words.
@@ -190,7 +195,9 @@ fn cold_once(exe: &Path, model: &Path, event_file: &Path) -> anyhow::Result<(f64
 
 /// The model's absolute path and the configuration with it as MODEL_URI (the rest from the
 /// environment), applied to this process; prints the model and thread lines every bench starts with.
-fn setup(model: &Path) -> anyhow::Result<(PathBuf, Config)> {
+/// The model's absolute path and the configuration with it as MODEL_URI (the rest from the
+/// environment), applied to this process.
+pub(crate) fn configure(model: &Path) -> anyhow::Result<(PathBuf, Config)> {
     let model = model
         .canonicalize()
         .with_context(|| format!("model {}", model.display()))?;
@@ -199,6 +206,12 @@ fn setup(model: &Path) -> anyhow::Result<(PathBuf, Config)> {
         _ => std::env::var(k).ok(),
     })?;
     app::configure(&config);
+    Ok((model, config))
+}
+
+/// [`configure`], then prints the model and thread lines every bench starts with.
+fn setup(model: &Path) -> anyhow::Result<(PathBuf, Config)> {
+    let (model, config) = configure(model)?;
     let size_mb = std::fs::metadata(&model)?.len() as f64 / 1e6;
     println!("model        {} ({size_mb:.1} MB)", model.display());
     println!(

@@ -23,7 +23,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use lambda_inference::{app, config::Config, events};
+use lambda_inference::{app, events};
 use serde_json::{json, Value};
 
 const PRICES: &str = include_str!("prices.json");
@@ -43,23 +43,6 @@ pub struct Options {
     pub out_dir: Option<PathBuf>,
 }
 
-fn http_event(path: &str, body: &Value) -> Value {
-    json!({
-        "version": "2.0",
-        "routeKey": format!("POST {path}"),
-        "rawPath": path,
-        "rawQueryString": "",
-        "headers": {"content-type": "application/json"},
-        "requestContext": {
-            "http": {"method": "POST", "path": path, "protocol": "HTTP/1.1",
-                     "sourceIp": "127.0.0.1", "userAgent": "bench-cost"},
-            "stage": "$default", "requestId": "bench-cost", "routeKey": format!("POST {path}")
-        },
-        "body": body.to_string(),
-        "isBase64Encoded": false
-    })
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
     if v.is_empty() {
@@ -71,20 +54,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The child side (`bench cost-probe`): loads the model, answers one request, prints
 /// `{"ready":...}`, then measures the warm figures and prints them as one JSON line.
 pub fn probe(kind: &str, model: &Path, warm_iters: usize) -> anyhow::Result<()> {
-    let model = model
-        .canonicalize()
-        .with_context(|| format!("model {}", model.display()))?;
-    let config = Config::from_lookup(|k| match k {
-        "MODEL_URI" => Some(model.display().to_string()),
-        _ => std::env::var(k).ok(),
-    })?;
-    app::configure(&config);
+    let (_, config) = crate::bench::configure(model)?;
     let app = app::App::init(&config).map_err(|e| anyhow::anyhow!("{}: {e}", e.error_type()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let call = |path: &str, body: Value| -> anyhow::Result<Value> {
-        let r = rt.block_on(events::handle(&app.service, http_event(path, &body)));
+        let r = rt.block_on(events::handle(
+            &app.service,
+            crate::bench::http_event(path, &body),
+        ));
         if r["statusCode"] != 200 {
             bail!("{path} answered {r}");
         }
