@@ -10,42 +10,19 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::sync::OnceLock;
+
+#[path = "common/template.rs"]
+mod template;
+use template::{translate, REGION};
 
 use lambda_inference::aws::{AwsResource, Caller, AWS_CALLS};
 use serde_json::Value;
 
 /// translate-template's made-up account and region (`--resolve`).
 const ACCOUNT: &str = "123456789012";
-const REGION: &str = "us-east-1";
 const MODEL_URI: &str = "s3://models-bucket/path/model.gguf";
 const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-fn translate(args: &[&str]) -> Value {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let script = Path::new(root).join("scripts/translate-template");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(args)
-        .env("AWS_DEFAULT_REGION", REGION)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `python3 {}` ({e}): this test needs Python 3 with samtranslator \
-                 (`python3 -m pip install aws-sam-cli`; scripts/lint-infra installs it)",
-                script.display()
-            )
-        });
-    assert!(
-        out.status.success(),
-        "`scripts/translate-template {}` failed: {}\n(it needs samtranslator: \
-         `python3 -m pip install aws-sam-cli`; scripts/lint-infra installs it)",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("translate-template prints JSON")
-}
 
 /// The deployed shape: defaults, a model from S3.
 fn main_template() -> &'static Value {

@@ -8,35 +8,16 @@
 //! Runs `scripts/translate-template --resolve` (Python 3 with samtranslator, as tests/template_iam.rs).
 
 use std::collections::BTreeSet;
-use std::path::Path;
-use std::process::Command;
+
+#[path = "common/template.rs"]
+mod template;
 
 use lambda_inference::metrics::{self, RECORDS};
 use serde_json::{Map, Value};
 
+/// The template translated and resolved with these parameters (the rest default).
 fn translate(args: &[&str]) -> Value {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let script = Path::new(root).join("scripts/translate-template");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg("--resolve")
-        .args(args)
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `python3 {}` ({e}): this test needs Python 3 with samtranslator \
-                 (`python3 -m pip install aws-sam-cli`; scripts/lint-infra installs it)",
-                script.display()
-            )
-        });
-    assert!(
-        out.status.success(),
-        "`scripts/translate-template --resolve {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("translate-template prints JSON")
+    template::translate(&[&["--resolve"], args].concat())
 }
 
 fn resources(t: &Value) -> &Map<String, Value> {
