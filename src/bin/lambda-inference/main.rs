@@ -71,9 +71,13 @@ enum BenchWhat {
         /// Fresh processes spawned for the cold-start figure.
         #[arg(long, default_value_t = 7)]
         cold_runs: usize,
-        /// Warm requests timed for p50/p95.
-        #[arg(long, default_value_t = 200)]
-        warm_iters: usize,
+        /// Warm requests timed for p50/p95 [default: the workload's timed_calls].
+        #[arg(long)]
+        warm_iters: Option<usize>,
+        /// The workload: sentences, batch size, passes and call counts, in the JSON format of the
+        /// anchors kit's workload.json [default: built in, the same as that file].
+        #[arg(long, value_name = "FILE")]
+        workload: Option<PathBuf>,
     },
     /// Cold start with the model in S3: a moto server on loopback, the real bootstrap under the
     /// Lambda Runtime Interface Emulator, spawn -> first embedding; and fetch throughput against
@@ -92,16 +96,20 @@ enum BenchWhat {
         fetch_only: bool,
     },
     /// Chat generation on a llama GGUF (default: SmolLM2-135M-Instruct Q4_1): load, spawn ->
-    /// first token, prefill and decode tok/s, peak RSS, against llama.cpp's figures.
+    /// first token, prefill and decode tok/s, CPU per token, peak RSS.
     Generate {
         #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
         model: PathBuf,
         /// Fresh processes spawned for the first-token figure.
         #[arg(long, default_value_t = 5)]
         cold_runs: usize,
-        /// Prefill + 128-token decode runs (median reported).
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
+        /// Prefill + decode runs, median reported [default: the workload's runs].
+        #[arg(long)]
+        runs: Option<usize>,
+        /// The workload: first-token chat, prefill chat, decode steps and runs, in the JSON format
+        /// of the anchors kit's workload.json [default: built in, the same as that file].
+        #[arg(long, value_name = "FILE")]
+        workload: Option<PathBuf>,
     },
     /// Cost per Lambda memory size: each size's memory limit and CPU share (cgroup v1, needs
     /// root), cold start, warm latency, sentences/s, tokens/s, then $ per 1M embeddings, per 1M
@@ -217,11 +225,13 @@ fn main() -> anyhow::Result<()> {
                     model,
                     cold_runs,
                     warm_iters,
+                    workload,
                 },
         } => bench::embeddings(&bench::Options {
             model,
             cold_runs,
             warm_iters,
+            workload,
         })?,
         Cmd::Bench {
             what:
@@ -243,11 +253,13 @@ fn main() -> anyhow::Result<()> {
                     model,
                     cold_runs,
                     runs,
+                    workload,
                 },
         } => bench::generate(&bench::GenerateOptions {
             model,
             cold_runs,
             runs,
+            workload,
         })?,
         Cmd::Bench {
             what:
