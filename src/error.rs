@@ -162,6 +162,23 @@ impl ApiError {
     }
 }
 
+/// The answer to an HTTP request that arrived after init but found no model: the load failed (or
+/// failed after INIT_BUDGET_MS, in the first invoke). One row of the table, kept here rather than
+/// at the entry point: it is [`ErrorKind::Unavailable`] (503, retrying may help: a transient
+/// failure is retried with backoff by the next invoke), and its `code` is the init error's stable
+/// type (`ModelNotFound`, `DigestMismatch`, ...), the same name Lambda and the `init_error` metric
+/// carry. The message is the failure's, except for `AuthConfig`: without its keys the function
+/// cannot tell who is asking, and the details (the secret's ARN, the account) are for the log,
+/// not for an unauthenticated caller.
+pub fn load_failure(init_error_type: &str, message: &str) -> ApiError {
+    let message = if init_error_type == "AuthConfig" {
+        "the function could not load its API keys; its log says why"
+    } else {
+        message
+    };
+    ApiError::new(ErrorKind::Unavailable, message).with_code(init_error_type)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,5 +234,22 @@ mod tests {
         assert_eq!(b["error"]["code"], "invalid_api_key");
         assert_eq!(b["error"]["param"], serde_json::Value::Null);
         assert_eq!(ErrorKind::Unauthorized.lambda_error_type(), "Unauthorized");
+    }
+
+    #[test]
+    fn a_failed_load_is_a_503_named_after_the_init_error() {
+        let e = load_failure("DigestMismatch", "expected aa, got bb");
+        assert_eq!(e.status(), 503);
+        let b = e.to_body();
+        assert_eq!(b["error"]["type"], "service_unavailable");
+        assert_eq!(b["error"]["code"], "DigestMismatch");
+        assert_eq!(b["error"]["message"], "expected aa, got bb");
+        let keys = load_failure(
+            "AuthConfig",
+            "secret arn:aws:secretsmanager:1234: AccessDenied",
+        );
+        assert_eq!(keys.status(), 503);
+        assert!(!keys.message.contains("arn:"), "{}", keys.message);
+        assert_eq!(keys.to_body()["error"]["code"], "AuthConfig");
     }
 }

@@ -10,9 +10,12 @@
 //! 4. the runtime loop starts; the first invoke awaits the rest of the load if there is any, and a
 //!    failure then answers that invoke with the same error type.
 //!
-//! Responses are buffered JSON, except a Function URL request with `stream: true`, which is
-//! answered through Lambda response streaming (the Function URL must use InvokeMode
-//! RESPONSE_STREAM): the HTTP metadata prelude, then the server-sent events as they are made.
+//! Responses are buffered JSON, except through the doors that invoke the function with response
+//! streaming: a Function URL of InvokeMode RESPONSE_STREAM (FUNCTION_URL_INVOKE_MODE) and a REST
+//! API integration of responseTransferMode STREAM (REST_API_TRANSFER_MODE). Every answer through
+//! those goes out in Lambda response streaming's wire format: the HTTP metadata prelude (status,
+//! headers), eight NUL bytes, then the body: a `stream: true` generation's server-sent events as
+//! they are made, any other answer as one chunk.
 
 use std::convert::Infallible;
 use std::io::{Read, Write};
@@ -21,10 +24,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use lambda_inference::app::{self, ColdStart, LazyApp};
 use lambda_inference::config::{self, Config};
-use lambda_inference::error::{ApiError, ErrorKind};
+use lambda_inference::error::{self, ApiError, ErrorKind};
+use lambda_inference::events::http::{HttpReply, SSE_HEADERS, SSE_STATUS};
 use lambda_inference::events::{self, EventReply, Invocation, Source};
 use lambda_inference::metrics;
-use lambda_inference::service::{meter, ApiResponse};
+use lambda_inference::service::meter;
 use lambda_runtime::{
     service_fn, Diagnostic, Error, FunctionResponse, LambdaEvent, MetadataPrelude, StreamResponse,
 };
@@ -105,27 +109,29 @@ fn main() -> Result<(), Error> {
                     }
                 };
                 let source = events::detect(&payload);
-                let url_streams =
-                    lazy.config().function_url_streaming && source == Source::FunctionUrl;
+                let config = lazy.config();
+                // Invoked through a door that streams: every answer must go out streamed (a
+                // buffered envelope would reach the client as text, or fail the gateway).
+                let streams = match source {
+                    Source::FunctionUrl => config.function_url_streaming,
+                    Source::RestApiV1 => false,
+                    _ => false,
+                };
                 let app = match lazy.get().await {
                     Ok(app) => app,
                     Err(e) => {
-                        let function = function_name(lazy.config());
+                        let function = function_name(config);
                         emit_init_error(&function, e.error_type(), &e.to_string());
-                        unmetered(lazy.config(), &request_id, source, 503, t);
-                        return load_failed(&payload, e.error_type(), &e.to_string()).map(|v| {
-                            if url_streams {
-                                stream_whole(&v)
-                            } else {
-                                FunctionResponse::BufferedResponse(v)
-                            }
-                        });
+                        unmetered(config, &request_id, source, 503, t);
+                        return load_failed(source, e.error_type(), &e.to_string())
+                            .map(|reply| respond(reply, streams));
                     }
                 };
                 let invocation = Invocation {
                     deadline,
                     received: t,
-                    url_streams: lazy.config().function_url_streaming,
+                    url_streams: config.function_url_streaming,
+                    rest_streams: false,
                 };
                 // The invoke's `request` metrics record is written when `meter` and every copy
                 // of it are dropped: below for a buffered answer, after a stream's last event.
@@ -162,26 +168,7 @@ fn main() -> Result<(), Error> {
                     emit_cold_start(&app.report, &cold, lazy.config().function_name.as_deref());
                 }
                 drop(meter);
-                Ok::<FunctionResponse<Value, SseBody>, Diagnostic>(match reply {
-                    EventReply::Buffered(v) if url_streams => stream_whole(&v),
-                    EventReply::Buffered(v) => FunctionResponse::BufferedResponse(v),
-                    EventReply::Stream(s) => {
-                        let mut prelude = MetadataPrelude::default();
-                        prelude.headers.insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static(events::http::SSE_CONTENT_TYPE),
-                        );
-                        prelude.headers.insert(
-                            http::header::CACHE_CONTROL,
-                            http::HeaderValue::from_static("no-cache"),
-                        );
-                        let ok: fn(String) -> Result<String, Infallible> = Ok;
-                        FunctionResponse::StreamingResponse(StreamResponse {
-                            metadata_prelude: prelude,
-                            stream: ReceiverStream::new(s.rx).map(ok),
-                        })
-                    }
-                })
+                Ok::<FunctionResponse<Value, SseBody>, Diagnostic>(respond(reply, streams))
             }
             .instrument(span)
         }))
@@ -232,25 +219,16 @@ fn emit_init_error(function: &str, error_type: &str, message: &str) {
     println!("{record}");
 }
 
-/// The model could not be loaded after init: HTTP events get a 503 in their own shape (a
-/// Lambda-level error would reach an API Gateway client as an opaque 502); direct invokes and SQS
-/// batches fail with the stable error type (SQS then redelivers the batch).
-fn load_failed(event: &Value, error_type: &str, message: &str) -> Result<Value, Diagnostic> {
+/// The model could not be loaded after init: HTTP events get the error table's load-failure
+/// answer in their own shape (a Lambda-level error would reach an API Gateway client as an opaque
+/// 502); direct invokes and SQS batches fail with the stable error type (SQS then redelivers the
+/// batch).
+fn load_failed(source: Source, error_type: &str, message: &str) -> Result<EventReply, Diagnostic> {
     tracing::error!(error_type, error = %message, "model load failed");
-    match events::detect(event) {
-        Source::HttpApiV2 | Source::FunctionUrl | Source::RestApiV1 => {
-            // Without its keys the function cannot tell who is asking: the details (the secret's
-            // ARN, the account) are for the log, not for an unauthenticated caller.
-            let message = if error_type == "AuthConfig" {
-                "the function could not load its API keys; its log says why"
-            } else {
-                message
-            };
-            let res: ApiResponse = ApiError::new(ErrorKind::Unavailable, message)
-                .with_code(error_type)
-                .into();
-            Ok(events::http::encode(&res))
-        }
+    match source {
+        Source::HttpApiV2 | Source::FunctionUrl | Source::RestApiV1 => Ok(EventReply::Http(
+            HttpReply::json(&error::load_failure(error_type, message).into()),
+        )),
         Source::Sqs | Source::Direct => Err(Diagnostic {
             error_type: error_type.to_owned(),
             error_message: message.to_owned(),
@@ -296,35 +274,45 @@ fn post_init_error(api: &str, error_type: &str, message: &str) -> std::io::Resul
     Ok(())
 }
 
-/// A buffered HTTP answer (`{statusCode, headers, body}`) sent through response streaming: its
-/// status and headers as the metadata prelude, its body as the one chunk (FUNCTION_URL_INVOKE_MODE).
-fn stream_whole(envelope: &Value) -> FunctionResponse<Value, SseBody> {
-    let mut prelude = MetadataPrelude {
-        status_code: http::StatusCode::from_u16(
-            envelope["statusCode"].as_u64().unwrap_or(500) as u16
-        )
-        .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
-        ..MetadataPrelude::default()
-    };
-    if let Some(headers) = envelope["headers"].as_object() {
-        for (k, v) in headers {
-            if let (Ok(name), Some(Ok(value))) = (
-                http::header::HeaderName::from_bytes(k.as_bytes()),
-                v.as_str().map(http::HeaderValue::from_str),
-            ) {
-                prelude.headers.insert(name, value);
-            }
-        }
-    }
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let body = envelope["body"].as_str().unwrap_or_default().to_owned();
-    // Capacity 1 and a fresh channel: this send cannot fail or wait.
-    let _ = tx.try_send(body);
+/// The event's answer as Lambda takes it. `streams`: the invocation came through a door that
+/// streams, so an HTTP answer goes out as response streaming too (its status and headers as the
+/// metadata prelude, its body as the one chunk); otherwise as the buffered envelope.
+fn respond(reply: EventReply, streams: bool) -> FunctionResponse<Value, SseBody> {
     let ok: fn(String) -> Result<String, Infallible> = Ok;
+    let (prelude, rx) = match reply {
+        EventReply::Buffered(v) => return FunctionResponse::BufferedResponse(v),
+        EventReply::Http(r) if !streams => {
+            return FunctionResponse::BufferedResponse(r.to_envelope())
+        }
+        EventReply::Http(r) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            // Capacity 1 and a fresh channel: this send cannot fail or wait.
+            let _ = tx.try_send(r.body);
+            (prelude(r.status, &r.headers), rx)
+        }
+        EventReply::Stream(s) => (prelude(SSE_STATUS, &SSE_HEADERS), s.rx),
+    };
     FunctionResponse::StreamingResponse(StreamResponse {
         metadata_prelude: prelude,
         stream: ReceiverStream::new(rx).map(ok),
     })
+}
+
+/// Response streaming's metadata prelude for `status` and `headers` (static names and values
+/// written by the events layer: none can be invalid, so none is dropped).
+fn prelude(status: u16, headers: &[(&'static str, &'static str)]) -> MetadataPrelude {
+    let mut prelude = MetadataPrelude {
+        status_code: http::StatusCode::from_u16(status)
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+        ..MetadataPrelude::default()
+    };
+    for &(name, value) in headers {
+        prelude.headers.insert(
+            http::header::HeaderName::from_static(name),
+            http::HeaderValue::from_static(value),
+        );
+    }
+    prelude
 }
 
 /// The Lambda context's deadline (wall clock) as a monotonic instant: what the layers below

@@ -167,6 +167,7 @@ async fn invoke(service: &Service, mut event: Value) -> Value {
         deadline: received + Duration::from_secs(60),
         received,
         url_streams: true,
+        rest_streams: false,
     };
     let reply = meter::scope(m.clone(), events::handle_call(service, event, Some(inv))).await;
     drop(m);
@@ -281,6 +282,7 @@ async fn api_gateway_deadline_stop_is_counted() {
         deadline: received + Duration::from_secs(60),
         received,
         url_streams: false,
+        rest_streams: false,
     };
     meter::scope(m.clone(), events::handle_call(&service, event, Some(inv))).await;
     drop(m);

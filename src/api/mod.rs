@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::error::{ApiError, ErrorKind};
 
 pub mod keys;
+pub mod routes;
 pub use keys::{check_key, ApiKeys, Owner, MAX_KEY_LEN, MIN_KEY_LEN};
 
 /// Request limits, checked before any work proportional to the input.

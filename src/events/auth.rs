@@ -15,9 +15,9 @@
 //! `www-authenticate: Bearer`; the message says what to send, never what was sent. An accepted key
 //! yields the caller's [`Owner`], which scopes its `/v1/jobs` results.
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::http;
+use super::http::HttpReply;
 use crate::api::{ApiKeys, Owner, MAX_KEY_LEN};
 use crate::error::{ApiError, ErrorKind};
 
@@ -33,7 +33,7 @@ const INCORRECT: &str = "Incorrect API key provided.";
 
 /// Decides an API Gateway (v2 or v1) event: `Ok(None)` when no keys are configured, `Ok(owner)`
 /// for an accepted key, `Err(response)` (the 401 in the HTTP shape) otherwise.
-pub fn authorize(keys: Option<&ApiKeys>, event: &Value) -> Result<Option<Owner>, Value> {
+pub fn authorize(keys: Option<&ApiKeys>, event: &Value) -> Result<Option<Owner>, HttpReply> {
     let Some(keys) = keys else {
         return Ok(None);
     };
@@ -59,9 +59,9 @@ pub fn authorize(keys: Option<&ApiKeys>, event: &Value) -> Result<Option<Owner>,
 }
 
 /// The 401 in the HTTP response shape: the OpenAI error body and `www-authenticate: Bearer`.
-pub fn unauthorized(message: &str) -> Value {
-    let mut out = http::encode(&ApiError::new(ErrorKind::Unauthorized, message).into());
-    out["headers"]["www-authenticate"] = json!("Bearer");
+pub fn unauthorized(message: &str) -> HttpReply {
+    let mut out = HttpReply::json(&ApiError::new(ErrorKind::Unauthorized, message).into());
+    out.headers.push(("www-authenticate", "Bearer"));
     out
 }
 
@@ -118,6 +118,7 @@ fn bearer(value: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::time::{Duration, Instant};
 
     const KEY: &str = "k3yK3yk3yK3yk3yK3yk3yK3yk3yK3yk3yK3yk3yK3yk3yK3y";
@@ -132,8 +133,8 @@ mod tests {
                "requestContext": {"http": {"method": "GET"}, "domainName": "x.execute-api.us-east-1.amazonaws.com"}})
     }
 
-    fn refused(r: Result<Option<Owner>, Value>) -> Value {
-        let out = r.expect_err("must be refused");
+    fn refused(r: Result<Option<Owner>, HttpReply>) -> Value {
+        let out = r.expect_err("must be refused").to_envelope();
         assert_eq!(out["statusCode"], 401);
         assert_eq!(out["headers"]["www-authenticate"], "Bearer");
         let body: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
@@ -152,7 +153,7 @@ mod tests {
             format!("BEARER  {KEY} "),
         ] {
             let owner = authorize(Some(&k), &v2(json!({"authorization": auth})))
-                .unwrap_or_else(|e| panic!("{auth}: {e}"));
+                .unwrap_or_else(|e| panic!("{auth}: {e:?}"));
             assert_eq!(owner, k.identify(KEY.as_bytes()));
             assert!(owner.is_some());
         }

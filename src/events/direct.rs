@@ -8,14 +8,23 @@
 
 use serde_json::{json, Value};
 
+use crate::api::routes;
 use crate::error::{ApiError, ErrorKind};
 use crate::service::{ApiRequest, CallOptions, Method, Reply, Service};
 
 /// What the 400 for an unrecognised payload lists, so a caller can fix it without the docs.
-const ACCEPTED: &str = "a direct invoke takes an OpenAI request body as a JSON object \
-    ({\"input\": ...} for /v1/embeddings, {\"messages\": ...} for /v1/chat/completions, \
-    {\"prompt\": ...} for /v1/completions) or {\"path\": \"/v1/...\", \"method\"?: \"GET\"|\"POST\", \
-    \"body\"?: {...}}";
+fn accepted() -> String {
+    let (e, c, p) = (
+        routes::EMBEDDINGS,
+        routes::CHAT_COMPLETIONS,
+        routes::COMPLETIONS,
+    );
+    format!(
+        "a direct invoke takes an OpenAI request body as a JSON object ({{\"input\": ...}} for \
+         {e}, {{\"messages\": ...}} for {c}, {{\"prompt\": ...}} for {p}) or {{\"path\": \
+         \"/v1/...\", \"method\"?: \"GET\"|\"POST\", \"body\"?: {{...}}}}"
+    )
+}
 
 /// Answers a direct invoke with the response body itself. `opts` never allows streaming here
 /// (the answer is one JSON document).
@@ -36,11 +45,13 @@ pub async fn handle(service: &Service, payload: Value, opts: &CallOptions) -> Va
 pub fn decode(payload: Value) -> Result<ApiRequest, ApiError> {
     let Value::Object(mut obj) = payload else {
         let what = json_type(&payload);
-        return Err(refuse(format!("the payload is {what}; {ACCEPTED}")));
+        return Err(refuse(format!("the payload is {what}; {}", accepted())));
     };
     if let Some(path) = obj.remove("path") {
         let Value::String(path) = path else {
-            return Err(refuse(format!("\"path\" must be a string; {ACCEPTED}")).with_param("path"));
+            return Err(
+                refuse(format!("\"path\" must be a string; {}", accepted())).with_param("path")
+            );
         };
         let body = match obj.remove("body") {
             None | Some(Value::Null) => None,
@@ -54,7 +65,8 @@ pub fn decode(payload: Value) -> Result<ApiRequest, ApiError> {
             Some(Value::String(m)) => Method::parse(&m),
             Some(_) => {
                 return Err(
-                    refuse(format!("\"method\" must be a string; {ACCEPTED}")).with_param("method")
+                    refuse(format!("\"method\" must be a string; {}", accepted()))
+                        .with_param("method"),
                 )
             }
         };
@@ -65,14 +77,15 @@ pub fn decode(payload: Value) -> Result<ApiRequest, ApiError> {
         });
     }
     let path = if obj.contains_key("input") {
-        "/v1/embeddings"
+        routes::EMBEDDINGS
     } else if obj.contains_key("messages") {
-        "/v1/chat/completions"
+        routes::CHAT_COMPLETIONS
     } else if obj.contains_key("prompt") {
-        "/v1/completions"
+        routes::COMPLETIONS
     } else {
         return Err(refuse(format!(
-            "the payload has none of the fields input, messages, prompt or path; {ACCEPTED}"
+            "the payload has none of the fields input, messages, prompt or path; {}",
+            accepted()
         )));
     };
     Ok(ApiRequest {

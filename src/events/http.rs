@@ -14,6 +14,67 @@ use crate::api::{ApiResponse, Owner};
 use crate::error::{ApiError, ErrorKind};
 use crate::service::{ApiRequest, CallOptions, Method, Reply, Service};
 
+/// An HTTP answer before it is written in an event's shape: what [`encode`] turns into the
+/// `{statusCode, headers, body}` envelope of a buffered reply, and what the entry point sends as
+/// the metadata prelude + body of a streamed one (Function URLs, REST API STREAM), without reading
+/// an envelope back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpReply {
+    pub status: u16,
+    /// Lowercase names, as every HTTP door writes them.
+    pub headers: Vec<(&'static str, &'static str)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// A JSON answer (every non-streamed response, errors included).
+    pub fn json(res: &ApiResponse) -> HttpReply {
+        HttpReply {
+            status: res.status,
+            headers: vec![("content-type", "application/json")],
+            body: res.body.to_string(),
+        }
+    }
+
+    /// A whole event stream as one answer (for callers that cannot stream: the CLI's `invoke`,
+    /// tests); the body is exactly what a streaming client would have received.
+    pub fn sse(body: String) -> HttpReply {
+        HttpReply {
+            status: SSE_STATUS,
+            headers: SSE_HEADERS.to_vec(),
+            body,
+        }
+    }
+
+    /// The response shape every API Gateway flavour and Function URLs accept. The body is always
+    /// text, never base64: API Gateway would otherwise need binary media types configured.
+    pub fn to_envelope(&self) -> Value {
+        let headers: serde_json::Map<String, Value> = self
+            .headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+            .collect();
+        json!({
+            "statusCode": self.status,
+            "headers": headers,
+            "body": self.body,
+            "isBase64Encoded": false,
+        })
+    }
+}
+
+/// The head of a streamed generation, the one definition for every door that streams: Lambda
+/// response streaming's metadata prelude (Function URLs, REST API STREAM), the CLI's whole-stream
+/// answer ([`HttpReply::sse`]) and `serve`. `no-cache`: a proxy must pass events on as they come.
+pub const SSE_STATUS: u16 = 200;
+/// See [`SSE_STATUS`].
+pub const SSE_HEADERS: [(&str, &str); 2] = [
+    ("content-type", SSE_CONTENT_TYPE),
+    ("cache-control", "no-cache"),
+];
+/// The content type of a streamed generation.
+pub const SSE_CONTENT_TYPE: &str = "text/event-stream";
+
 /// Answers an HTTP API v2 or Function URL event, for `owner` (the caller's API key, when
 /// [`super::auth`] checked one).
 pub async fn handle_v2(
@@ -24,7 +85,7 @@ pub async fn handle_v2(
 ) -> EventReply {
     match decode_v2(event) {
         Ok(req) => reply(service.handle_for(req, opts, owner).await),
-        Err(e) => EventReply::Buffered(encode(&e.into())),
+        Err(e) => EventReply::Http(HttpReply::json(&e.into())),
     }
 }
 
@@ -37,30 +98,16 @@ pub async fn handle_v1(
 ) -> EventReply {
     match decode_v1(event) {
         Ok(req) => reply(service.handle_for(req, opts, owner).await),
-        Err(e) => EventReply::Buffered(encode(&e.into())),
+        Err(e) => EventReply::Http(HttpReply::json(&e.into())),
     }
 }
 
 fn reply(r: Reply) -> EventReply {
     match r {
-        Reply::Full(r) => EventReply::Buffered(encode(&r)),
+        Reply::Full(r) => EventReply::Http(HttpReply::json(&r)),
         Reply::Stream(s) => EventReply::Stream(s),
     }
 }
-
-/// A whole event stream as one buffered HTTP response (for callers that cannot stream: the
-/// CLI's `invoke`, tests); the body is exactly what a streaming client would have received.
-pub fn encode_sse(body: String) -> Value {
-    json!({
-        "statusCode": 200,
-        "headers": {"content-type": SSE_CONTENT_TYPE, "cache-control": "no-cache"},
-        "body": body,
-        "isBase64Encoded": false,
-    })
-}
-
-/// The content type of a streamed generation.
-pub const SSE_CONTENT_TYPE: &str = "text/event-stream";
 
 /// Payload format 2.0 into a request.
 pub fn decode_v2(event: &Value) -> Result<ApiRequest, ApiError> {
@@ -97,15 +144,9 @@ pub fn decode_v1(event: &Value) -> Result<ApiRequest, ApiError> {
     })
 }
 
-/// The HTTP response every API Gateway flavour and Function URLs accept. The body is always JSON
-/// text, never base64: API Gateway would otherwise need binary media types configured.
+/// A JSON answer as the buffered envelope ([`HttpReply::to_envelope`]).
 pub fn encode(res: &ApiResponse) -> Value {
-    json!({
-        "statusCode": res.status,
-        "headers": {"content-type": "application/json"},
-        "body": res.body.to_string(),
-        "isBase64Encoded": false,
-    })
+    HttpReply::json(res).to_envelope()
 }
 
 /// API Gateway never puts the query string in the path, but test events and proxies sometimes

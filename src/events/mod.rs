@@ -94,12 +94,26 @@ pub fn detect(event: &Value) -> Source {
     Source::Direct
 }
 
-/// An event's answer: one JSON document, or (Function URLs only) server-sent events for Lambda
-/// response streaming, to be sent after an HTTP metadata prelude (status 200,
-/// `content-type: text/event-stream`).
+/// An event's answer: one JSON document (direct invokes, SQS batches), an HTTP answer (the HTTP
+/// sources: its envelope when buffered, its prelude and body when the door streams), or (Function
+/// URLs and REST API STREAM only) server-sent events for Lambda response streaming, to be sent
+/// after the metadata prelude [`http::SSE_STATUS`] + [`http::SSE_HEADERS`].
 pub enum EventReply {
     Buffered(Value),
+    Http(http::HttpReply),
     Stream(SseStream),
+}
+
+impl EventReply {
+    /// The JSON a caller that buffers gets: an HTTP answer as its envelope, a stream collected
+    /// into one answer whose body is the whole event stream.
+    pub async fn into_buffered(self) -> Value {
+        match self {
+            EventReply::Buffered(v) => v,
+            EventReply::Http(r) => r.to_envelope(),
+            EventReply::Stream(s) => http::HttpReply::sse(s.collect().await).to_envelope(),
+        }
+    }
 }
 
 /// What the entry point knows about the invocation an event arrived with.
@@ -113,11 +127,17 @@ pub struct Invocation {
     /// Whether this function's URL has InvokeMode RESPONSE_STREAM (FUNCTION_URL_INVOKE_MODE):
     /// only then can a Function URL request stream.
     pub url_streams: bool,
+    /// Whether the REST API in front of this function invokes it with response streaming
+    /// (REST_API_TRANSFER_MODE=STREAM: integration responseTransferMode STREAM): only then can a
+    /// REST API request stream, and API Gateway's 29 s no longer bounds it.
+    pub rest_streams: bool,
 }
 
-/// API Gateway closes an integration after 30 s (HTTP API's maximum, REST API's default) and
-/// answers 503/504 itself: generation for its events stops this long after the request arrived,
-/// so the partial answer (finish_reason "length") reaches the client instead of a gateway error.
+/// API Gateway closes an integration after 30 s (HTTP API's maximum, REST API's default for a
+/// buffered integration) and answers 503/504 itself: generation for its events stops this long
+/// after the request arrived, so the partial answer (finish_reason "length") reaches the client
+/// instead of a gateway error. A streamed REST API integration is bounded by the invocation
+/// instead (up to 15 minutes, the function's timeout).
 pub const API_GATEWAY_TIMEOUT: Duration = Duration::from_secs(29);
 
 /// The deadline of an API Gateway request: the gateway's own (request time + 29 s) or the
@@ -140,27 +160,33 @@ fn gateway_deadline(event: &Value, inv: &Invocation) -> Instant {
 }
 
 /// Why each source cannot stream, for the 400 a `stream: true` request gets there.
-const NO_STREAM_APIGW: &str = "API Gateway buffers Lambda responses; stream through a Lambda \
-    Function URL with InvokeMode RESPONSE_STREAM, or `lambda-inference serve`";
+const NO_STREAM_HTTP_API: &str = "an API Gateway HTTP API buffers Lambda responses; stream \
+    through the REST API with response streaming (template parameter RestApiStreaming=true), \
+    a Lambda Function URL with InvokeMode RESPONSE_STREAM, or `lambda-inference serve`";
+const NO_STREAM_REST_BUFFERED: &str = "this REST API integration buffers Lambda responses \
+    (REST_API_TRANSFER_MODE is BUFFERED); deploy with the template parameter \
+    RestApiStreaming=true (integration responseTransferMode STREAM) to stream, or use a Lambda \
+    Function URL with InvokeMode RESPONSE_STREAM";
 const NO_STREAM_DIRECT: &str = "a direct invoke returns one JSON document; stream through a \
     Lambda Function URL with InvokeMode RESPONSE_STREAM, or `lambda-inference serve`";
 const NO_STREAM_URL_BUFFERED: &str = "this function's URL has InvokeMode BUFFERED \
     (FUNCTION_URL_INVOKE_MODE); deploy it with RESPONSE_STREAM to stream";
 
 /// Answers one Lambda event of any supported shape for a caller that buffers (the CLI's
-/// `invoke`, tests): a Function URL stream comes back as one response whose body is the whole
-/// event stream. Never fails: errors are responses. API Gateway events must carry one of the
-/// service's API keys when it has some ([`auth`]).
+/// `invoke`, tests): a Function URL or REST API stream comes back as one response whose body is
+/// the whole event stream. Never fails: errors are responses. API Gateway events must carry one
+/// of the service's API keys when it has some ([`auth`]).
 pub async fn handle(service: &Service, event: Value) -> Value {
-    match handle_call(service, event, None).await {
-        EventReply::Buffered(v) => v,
-        EventReply::Stream(s) => http::encode_sse(s.collect().await),
-    }
+    handle_call(service, event, None)
+        .await
+        .into_buffered()
+        .await
 }
 
 /// Answers one Lambda event within `invocation` (from the Lambda context: `None` for callers
 /// without one, the CLI), so that generation stops in time and SQS jobs are planned. Function
-/// URL events may answer with a stream.
+/// URL and REST API events may answer with a stream where their door streams (always without an
+/// invocation: the caller collects it).
 pub async fn handle_call(
     service: &Service,
     event: Value,
@@ -188,17 +214,24 @@ pub async fn handle_call(
         Source::HttpApiV2 => {
             let owner = match auth::authorize(service.api_keys(), &event) {
                 Ok(owner) => owner,
-                Err(refused) => return EventReply::Buffered(refused),
+                Err(refused) => return EventReply::Http(refused),
             };
-            let o = opts(Streaming::Unsupported(NO_STREAM_APIGW), gateway(&event));
+            let o = opts(Streaming::Unsupported(NO_STREAM_HTTP_API), gateway(&event));
             http::handle_v2(service, &event, &o, owner.as_ref()).await
         }
         Source::RestApiV1 => {
             let owner = match auth::authorize(service.api_keys(), &event) {
                 Ok(owner) => owner,
-                Err(refused) => return EventReply::Buffered(refused),
+                Err(refused) => return EventReply::Http(refused),
             };
-            let o = opts(Streaming::Unsupported(NO_STREAM_APIGW), gateway(&event));
+            let o = match invocation {
+                Some(i) if !i.rest_streams => opts(
+                    Streaming::Unsupported(NO_STREAM_REST_BUFFERED),
+                    gateway(&event),
+                ),
+                // A streamed integration is not cut at 29 s: the invocation's deadline bounds it.
+                _ => opts(Streaming::Supported, deadline),
+            };
             http::handle_v1(service, &event, &o, owner.as_ref()).await
         }
         Source::Sqs => {

@@ -41,8 +41,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use lambda_inference::api::routes;
 use lambda_inference::app::App;
 use lambda_inference::error::{ApiError, ErrorKind};
+use lambda_inference::events::http::{SSE_HEADERS, SSE_STATUS};
 use lambda_inference::service::{
     ApiRequest, ApiResponse, CallOptions, Method, Reply, Streaming, ROUTES,
 };
@@ -85,10 +87,16 @@ pub async fn serve(app: Arc<App>, opts: Options) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", opts.addr))?;
     eprintln!(
-        "serving {} on http://{} (POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/jobs; \
-         GET /v1/models, /health, /openapi.json)",
+        "serving {} on http://{} (POST {}, {}, {}, {}; GET {}, {}, {})",
         app.service.meta().id,
-        listener.local_addr()?
+        listener.local_addr()?,
+        routes::CHAT_COMPLETIONS,
+        routes::COMPLETIONS,
+        routes::EMBEDDINGS,
+        routes::JOBS,
+        routes::MODELS,
+        routes::HEALTH,
+        routes::OPENAPI,
     );
     let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let timeouts = Timeouts {
@@ -229,10 +237,11 @@ async fn connection(app: Arc<App>, sock: TcpStream, t: Timeouts) -> io::Result<(
             match reply {
                 Reply::Full(res) => write_full(sock, &res, head_only, allow.as_deref()).await?,
                 Reply::Stream(mut s) => {
-                    let head = format!(
-                        "HTTP/1.1 200 {}\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n",
-                        reason(200)
-                    );
+                    let mut head = format!("HTTP/1.1 {SSE_STATUS} {}\r\n", reason(SSE_STATUS));
+                    for (name, value) in SSE_HEADERS {
+                        head.push_str(&format!("{name}: {value}\r\n"));
+                    }
+                    head.push_str("connection: close\r\n\r\n");
                     write(sock, head.as_bytes()).await?;
                     if !head_only {
                         while let Some(ev) = s.rx.recv().await {
