@@ -94,7 +94,7 @@ pub struct App {
 /// run before any model is loaded.
 pub fn configure(config: &Config) {
     engine::qgemm::allow_vnni(config.int8_vnni);
-    configure_threads(config.threads);
+    configure_threads(crate::threads::pool_size(config).threads);
 }
 
 /// Sizes the compute pool. Must run before any candle or rayon work: rayon's global pool is built
@@ -206,10 +206,11 @@ impl App {
         if config.model_sha256.is_none() {
             tracing::info!(sha256 = %sha256, "MODEL_SHA256 unset: digest computed, not enforced");
         }
+        let pool = crate::threads::pool_size(config);
         tracing::info!(
             target: "model_ready",
             model = %id, source = %art.source, sha256 = %sha256,
-            threads = config.threads, threads_reason = %config.threads_reason,
+            threads = pool.threads, threads_reason = %pool.reason,
             fetch = %json!(report.fetch), verify_ms, engine_ms, total_ms,
             "model ready"
         );
@@ -218,7 +219,7 @@ impl App {
             sha256,
             source: art.source,
             init_ms: total_ms,
-            threads: config.threads,
+            threads: pool.threads,
         };
         Ok(App {
             service: Service::new(engine, config.limits, meta),
@@ -419,15 +420,10 @@ pub fn cold_start_record(
 /// AWS_LAMBDA_LOG_LEVEL, default info.
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| {
-            EnvFilter::try_new(
-                std::env::var("AWS_LAMBDA_LOG_LEVEL")
-                    .unwrap_or_else(|_| "info".into())
-                    .to_lowercase(),
-            )
-        })
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = crate::config::log_filters()
+        .into_iter()
+        .find_map(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)

@@ -1,11 +1,328 @@
-//! Configuration: every environment variable the function reads, read once, validated into typed
-//! values. Errors name the variable. Nothing else in the crate calls `std::env::var` (the AWS SDK
-//! reads its own standard variables, AWS_ENDPOINT_URL_S3 and friends).
+//! Configuration: every environment variable the function reads, declared once in [`VARS`] (name,
+//! parser, default, one-line doc), read once and validated into typed values; errors name the
+//! variable. `tests/config_table.rs` checks the README's configuration table against [`VARS`].
+//!
+//! Must not: read anything but the lookup it is given (no /sys, no network: the compute pool's
+//! size from the cgroup is `crate::threads`). The one exception is an unset MODEL_URI: the
+//! default is the first of the two default model paths that exists.
+//!
+//! Nothing else in `src/` reads the environment, with these exceptions:
+//! - the AWS SDK reads its own standard variables ([`SDK_VARS`]);
+//! - the CLI's benches pass `std::env::var` to [`Config::from_lookup`] with MODEL_URI replaced;
+//! - the converter's ignored `real_minilm` test reads MINILM_DIR (the folder it converts).
+//!
+//! Four variables are read before [`Config`] exists, by [`runtime_api_address`],
+//! [`lambda_function_name`] and [`log_filters`]: an invalid configuration must still be logged
+//! and reported to the Runtime API. They are declared in [`VARS`] like the rest.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::api::{ApiKeys, Limits};
+
+/// One environment variable as the README's configuration table shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Var {
+    pub name: &'static str,
+    /// What an unset (or blank) variable means.
+    pub unset: Unset,
+    /// What it sets, in one line.
+    pub doc: &'static str,
+}
+
+/// What an unset or blank variable means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unset {
+    /// This value, written as one would set it and parsed like a set value (so the documented
+    /// default is the one in force).
+    Default(&'static str),
+    /// No value; what happens instead.
+    Means(&'static str),
+}
+
+/// Variables the README lists that the AWS SDK reads itself (default credential chain, endpoint
+/// and region); the crate never reads them.
+pub const SDK_VARS: &[&str] = &[
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL_SQS",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+];
+
+/// Declares the variables: `var::NAME` and [`VARS`] for each, and for those read into [`Config`]
+/// the typed field of `Values` and its parser. A parser gets the raw value (never blank) and
+/// says what is wrong without the variable's name; [`ConfigError`] adds it.
+macro_rules! declare {
+    (
+        config {
+            $( $field:ident : $ty:ty {
+                name: $name:ident,
+                parse: $parse:expr,
+                $when:ident: $text:literal,
+                doc: $doc:literal $(,)?
+            } )*
+        }
+        before_config {
+            $( $ename:ident { $ewhen:ident: $etext:literal, doc: $edoc:literal $(,)? } )*
+        }
+    ) => {
+        /// Each variable's declaration, under its own name.
+        pub mod var {
+            use super::{Unset, Var};
+            $(
+                #[doc = $doc]
+                pub const $name: Var =
+                    Var { name: stringify!($name), unset: declare!(@unset $when $text), doc: $doc };
+            )*
+            $(
+                #[doc = $edoc]
+                pub const $ename: Var =
+                    Var { name: stringify!($ename), unset: declare!(@unset $ewhen $etext), doc: $edoc };
+            )*
+        }
+
+        /// Every variable the crate reads, in the order they are read.
+        pub const VARS: &[Var] = &[$(var::$name,)* $(var::$ename,)*];
+
+        /// The declared variables, parsed (before they are combined into [`Config`]).
+        struct Values {
+            $( $field: $ty, )*
+        }
+
+        impl Values {
+            fn read(get: &dyn Fn(&str) -> Option<String>) -> Result<Values, ConfigError> {
+                Ok(Values {
+                    $( $field: declare!(@read $when, get, var::$name, $parse)?, )*
+                })
+            }
+        }
+    };
+    (@unset default $text:literal) => { Unset::Default($text) };
+    (@unset unset $text:literal) => { Unset::Means($text) };
+    (@read default, $get:expr, $var:expr, $parse:expr) => { read_or_default($get, &$var, $parse) };
+    (@read unset, $get:expr, $var:expr, $parse:expr) => { read_optional($get, &$var, $parse) };
+}
+
+declare! {
+    config {
+        model_uri: Option<ModelUri> {
+            name: MODEL_URI,
+            parse: |v| parse_model_uri(v.trim()).map_err(|e| e.message),
+            unset: "`/opt/models/default.gguf` in the image, else `./models/default.gguf`",
+            doc: "where the model comes from: `s3://bucket/key.gguf`, `file:///path` or a plain path",
+        }
+        model_sha256: Option<String> {
+            name: MODEL_SHA256,
+            parse: sha256,
+            unset: "unset: computed, logged, shown on `/health`",
+            doc: "the SHA-256 the model must have (64 hex digits); a mismatch fails init",
+        }
+        max_inputs: usize {
+            name: MAX_INPUTS,
+            parse: positive,
+            default: "2048",
+            doc: "inputs per embeddings request",
+        }
+        max_input_tokens: usize {
+            name: MAX_INPUT_TOKENS,
+            parse: positive,
+            default: "8192",
+            doc: "tokens per input or prompt; longer ones are refused",
+        }
+        max_new_tokens: usize {
+            name: MAX_NEW_TOKENS,
+            parse: positive,
+            default: "512",
+            doc: "generated tokens per request; a larger `max_tokens` is capped to it",
+        }
+        max_request_bytes: usize {
+            name: MAX_REQUEST_BYTES,
+            parse: positive,
+            default: "6291456",
+            doc: "request body size in bytes",
+        }
+        lambda_memory_mb: Option<u64> {
+            name: AWS_LAMBDA_FUNCTION_MEMORY_SIZE,
+            parse: |v| v.trim().parse::<u64>().map_err(|_| format!("not a number: {v:?}")),
+            unset: "set by Lambda",
+            doc: "the function's memory in MB: the vCPU share the compute pool is sized to",
+        }
+        threads: Option<usize> {
+            name: THREADS,
+            parse: |v| {
+                v.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=256).contains(n))
+                    .ok_or_else(|| format!("expected 1..=256, got {v:?}"))
+            },
+            unset: "the vCPU share Lambda gives: `ceil(memory / 1769 MB)`, capped by the cgroup CPU quota and the visible CPUs",
+            doc: "compute threads (1..=256)",
+        }
+        fetch_chunk_mb: u64 {
+            name: MODEL_FETCH_CHUNK_MB,
+            parse: ranged(1, 1024),
+            default: "8",
+            doc: "MiB per ranged GET of the model",
+        }
+        fetch_concurrency: u64 {
+            name: MODEL_FETCH_CONCURRENCY,
+            parse: ranged(1, 64),
+            default: "8",
+            doc: "ranged GETs in flight",
+        }
+        fetch_single_get_max_mb: u64 {
+            name: MODEL_FETCH_SINGLE_GET_MAX_MB,
+            parse: ranged(0, 1_000_000),
+            default: "8",
+            doc: "models up to this many MiB come in one plain GET",
+        }
+        fetch_split_below_mb_s: u64 {
+            name: MODEL_FETCH_SPLIT_BELOW_MBPS,
+            parse: ranged(0, 1_000_000),
+            default: "150",
+            doc: "a bigger model's plain GET slower than this (MB/s) is split into ranged GETs; 0: always ranged",
+        }
+        fetch_attempts: u64 {
+            name: MODEL_FETCH_ATTEMPTS,
+            parse: ranged(1, 20),
+            default: "4",
+            doc: "tries per request (the first GET, each chunk) on transient errors",
+        }
+        fetch_timeout_s: u64 {
+            name: MODEL_FETCH_TIMEOUT_S,
+            parse: ranged(1, 900),
+            default: "120",
+            doc: "seconds the whole fetch (every GET and retry) may take",
+        }
+        init_budget_ms: u64 {
+            name: INIT_BUDGET_MS,
+            parse: ranged(0, 900_000),
+            default: "9000",
+            doc: "how long init waits for the model before the runtime loop starts anyway",
+        }
+        s3_endpoint: Option<String> {
+            name: S3_ENDPOINT_URL,
+            parse: |v| {
+                let t = v.trim();
+                if t.starts_with("http://") || t.starts_with("https://") {
+                    Ok(t.to_owned())
+                } else {
+                    Err(format!("expected http(s)://host[:port], got {v:?}"))
+                }
+            },
+            unset: "unset",
+            doc: "an S3-compatible endpoint (MinIO, moto) for the model and the job results",
+        }
+        s3_force_path_style: Option<bool> {
+            name: S3_FORCE_PATH_STYLE,
+            parse: |v| match v.trim() {
+                t if t.eq_ignore_ascii_case("true") || t == "1" => Ok(true),
+                t if t.eq_ignore_ascii_case("false") || t == "0" => Ok(false),
+                _ => Err(format!("expected true or false, got {v:?}")),
+            },
+            unset: "true with `S3_ENDPOINT_URL`, else false (IP endpoints get it anyway)",
+            doc: "`endpoint/bucket/key` addressing",
+        }
+        results_uri: Option<S3Location> {
+            name: RESULTS_URI,
+            parse: |v| parse_results_uri(v.trim()).map_err(|e| e.message),
+            unset: "unset: SQS batches are not acknowledged, `GET /v1/jobs/{id}` 404",
+            doc: "`s3://bucket/prefix/` where SQS job results go",
+        }
+        jobs_queue_url: Option<String> {
+            name: JOBS_QUEUE_URL,
+            parse: |v| {
+                let t = v.trim();
+                if t.starts_with("https://") || t.starts_with("http://") {
+                    Ok(t.to_owned())
+                } else {
+                    Err(format!(
+                        "expected the queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME), got {v:?}"
+                    ))
+                }
+            },
+            unset: "unset: that route 404",
+            doc: "the SQS queue `POST /v1/jobs` sends to",
+        }
+        function_url_streaming: bool {
+            name: FUNCTION_URL_INVOKE_MODE,
+            parse: |v| match v.trim() {
+                "BUFFERED" => Ok(false),
+                "RESPONSE_STREAM" => Ok(true),
+                _ => Err(format!("expected BUFFERED or RESPONSE_STREAM, got {v:?}")),
+            },
+            default: "BUFFERED",
+            doc: "the invoke mode of the function's URL, which its events cannot tell",
+        }
+        int8_vnni: bool {
+            name: INT8_KERNEL,
+            parse: |v| match v.trim() {
+                "auto" => Ok(true),
+                "avx2" => Ok(false),
+                _ => Err(format!("expected auto or avx2, got {v:?}")),
+            },
+            default: "auto",
+            doc: "`auto`: the AVX-512 VNNI int8 kernel where the CPU has it; `avx2`: never",
+        }
+        api_keys_secret_arn: Option<String> {
+            name: API_KEYS_SECRET_ARN,
+            parse: |v| {
+                let t = v.trim();
+                if t.starts_with("arn:") && v.contains(":secretsmanager:") {
+                    Ok(t.to_owned())
+                } else {
+                    Err(format!(
+                        "expected a secret's ARN (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME), got {:?}",
+                        v.chars().take(200).collect::<String>()
+                    ))
+                }
+            },
+            unset: "unset: no key checked (the template sets it under `ApiAuth=KEY`)",
+            doc: "the Secrets Manager secret holding the API keys, read once at init",
+        }
+        api_keys: Option<ApiKeys> {
+            name: API_KEYS,
+            parse: api_keys,
+            unset: "unset",
+            doc: "more accepted API keys, comma-separated (local runs and tests)",
+        }
+        provisioned: Option<bool> {
+            name: AWS_LAMBDA_INITIALIZATION_TYPE,
+            parse: |v| Ok(v.trim() == "provisioned-concurrency"),
+            unset: "set by Lambda",
+            doc: "`provisioned-concurrency`: the whole model load happens at init",
+        }
+        model_id: Option<String> {
+            name: MODEL_ID,
+            parse: trimmed,
+            unset: "GGUF `general.name`",
+            doc: "the `model` reported in responses",
+        }
+        function_name: Option<String> {
+            name: AWS_LAMBDA_FUNCTION_NAME,
+            parse: trimmed,
+            unset: "set by Lambda (`local` in the metrics outside it)",
+            doc: "the function's name: the metrics' `FunctionName` dimension",
+        }
+    }
+    before_config {
+        AWS_LAMBDA_RUNTIME_API {
+            unset: "set by Lambda",
+            doc: "`host:port` of the Runtime API, where an init error is reported",
+        }
+        RUST_LOG {
+            unset: "`AWS_LAMBDA_LOG_LEVEL`",
+            doc: "the log filter (`debug`, `lambda_inference=debug,info`, ...)",
+        }
+        AWS_LAMBDA_LOG_LEVEL {
+            default: "info",
+            doc: "the log level when RUST_LOG is unset (Lambda sets it from the logging config)",
+        }
+    }
+}
 
 /// Where the model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +397,8 @@ fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Typed configuration of one execution environment.
+/// Typed configuration of one execution environment. What each variable means is in [`VARS`];
+/// the notes here are about the values.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub model_uri: ModelUri,
@@ -89,17 +407,18 @@ pub struct Config {
     /// Overrides the reported model id.
     pub model_id: Option<String>,
     pub limits: Limits,
-    /// Compute threads, and how the number was chosen (for the logs).
-    pub threads: usize,
-    pub threads_reason: String,
+    /// THREADS, if set; `crate::threads` sizes the pool from it, the memory and the cgroup.
+    pub threads: Option<usize>,
+    /// AWS_LAMBDA_FUNCTION_MEMORY_SIZE (set by Lambda).
+    pub lambda_memory_mb: Option<u64>,
     /// How the model is downloaded from S3.
     pub fetch: FetchSettings,
     /// S3_FORCE_PATH_STYLE: `endpoint/bucket/key` addressing (MinIO, moto, any server behind a
-    /// plain host name). Endpoints given as an IP address get path style without it.
+    /// plain host name); on by default with S3_ENDPOINT_URL. Endpoints given as an IP address get
+    /// path style without it.
     pub s3_force_path_style: bool,
-    /// INIT_BUDGET_MS: how long the init phase waits for the model before the runtime loop starts
-    /// anyway and the first invoke awaits the rest of the load. Lambda kills an on-demand init at
-    /// 10 s, so the default (9 s) leaves one second for the runtime to register.
+    /// INIT_BUDGET_MS. Lambda kills an on-demand init at 10 s, so the default (9 s) leaves one
+    /// second for the runtime to register.
     pub init_budget: Duration,
     /// AWS_LAMBDA_INITIALIZATION_TYPE=provisioned-concurrency: init has no 10 s cap there and is
     /// not on a caller's clock, so the whole load happens at init whatever the budget.
@@ -107,35 +426,31 @@ pub struct Config {
     /// FUNCTION_URL_INVOKE_MODE=RESPONSE_STREAM: the function's URL streams (the template's does),
     /// so every Function URL answer goes out through response streaming (metadata prelude + body),
     /// not only `stream: true` ones; a buffered answer would reach the client as the raw envelope.
-    /// The event does not say which mode its URL has, hence the variable. Default BUFFERED.
     pub function_url_streaming: bool,
-    /// INT8_KERNEL: `auto` (AVX-512 VNNI where the CPU has it, else AVX2) or `avx2` (force the
-    /// AVX2 kernel, to compare the two on one machine).
+    /// INT8_KERNEL=auto (AVX-512 VNNI where the CPU has it, else AVX2); false: force AVX2, to
+    /// compare the two on one machine.
     pub int8_vnni: bool,
-    /// AWS_LAMBDA_FUNCTION_NAME (set by Lambda): the dimension of the cold-start metrics.
+    /// AWS_LAMBDA_FUNCTION_NAME: the dimension of the metrics.
     pub function_name: Option<String>,
-    /// S3_ENDPOINT_URL: an S3-compatible endpoint (MinIO, moto) for the model and the results,
-    /// with path-style addressing unless S3_FORCE_PATH_STYLE=false. Unlike the SDK's own
-    /// AWS_ENDPOINT_URL_S3 (also honoured), an empty value means unset, so a SAM template can pass
-    /// a parameter through as is.
+    /// S3_ENDPOINT_URL. Unlike the SDK's own AWS_ENDPOINT_URL_S3 (also honoured), an empty value
+    /// means unset, so a SAM template can pass a parameter through as is.
     pub s3_endpoint: Option<String>,
-    /// RESULTS_URI: where SQS job results go; unset: SQS batches are not acknowledged and
-    /// `GET /v1/jobs/{id}` answers 404.
+    /// RESULTS_URI; unset: SQS batches are not acknowledged and `GET /v1/jobs/{id}` answers 404.
     pub results_uri: Option<S3Location>,
-    /// JOBS_QUEUE_URL: where `POST /v1/jobs` sends; unset: that route answers 404.
+    /// JOBS_QUEUE_URL; unset: `POST /v1/jobs` answers 404.
     pub jobs_queue_url: Option<String>,
-    /// API_KEYS_SECRET_ARN (ApiAuth=KEY): the Secrets Manager secret holding the keys API Gateway
-    /// requests must carry, `{"key": "...", "keys"?: [...]}`, read once at init. Empty = unset
-    /// (`sam local` passes an unset template value as ""); unset: keys are not checked (unless
-    /// API_KEYS).
+    /// API_KEYS_SECRET_ARN (ApiAuth=KEY): the secret holds `{"key": "...", "keys"?: [...]}`.
+    /// Empty = unset (`sam local` passes an unset template value as ""); unset: keys are not
+    /// checked (unless API_KEYS).
     pub api_keys_secret_arn: Option<String>,
-    /// API_KEYS: more accepted keys, comma-separated, for local runs and tests without Secrets
-    /// Manager (in AWS use the secret: a variable is readable by anyone who can read the
-    /// function's configuration). Hashed here; the plain keys are not kept.
+    /// API_KEYS, for local runs and tests without Secrets Manager (in AWS use the secret: a
+    /// variable is readable by anyone who can read the function's configuration). Hashed here;
+    /// the plain keys are not kept.
     pub api_keys: Option<ApiKeys>,
 }
 
-/// Model download settings (S3). Defaults are measured; README "Model from S3" has the figures.
+/// Model download settings (S3). The defaults are measured (README "Model from S3" has the
+/// figures) and declared in [`VARS`]; `Default` parses those declarations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchSettings {
     /// MODEL_FETCH_CHUNK_MB: bytes per ranged GET.
@@ -155,15 +470,8 @@ pub struct FetchSettings {
 
 impl Default for FetchSettings {
     fn default() -> Self {
-        const MIB: u64 = 1024 * 1024;
-        Self {
-            chunk_bytes: 8 * MIB,
-            concurrency: 8,
-            single_get_max_bytes: 8 * MIB,
-            split_below_mb_s: 150,
-            attempts: 4,
-            deadline: Duration::from_secs(120),
-        }
+        let v = Values::read(&|_| None).expect("the declared defaults parse (unit-tested)");
+        v.fetch()
     }
 }
 
@@ -175,251 +483,150 @@ pub const LOCAL_DEFAULT_MODEL: &str = "models/default.gguf";
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
-        Self::from_lookup(|k| std::env::var(k).ok())
+        Self::from_lookup(env)
     }
 
-    /// Reads configuration through `get` (the environment, or a map in tests).
+    /// Reads configuration through `get` (the environment, or a map in tests). A blank value is
+    /// unset.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        let model_uri = match get("MODEL_URI") {
-            Some(v) => parse_model_uri(v.trim())?,
+        let v = Values::read(&|k| get(k).filter(|v| !v.trim().is_empty()))?;
+        let fetch = v.fetch();
+        let model_uri = match v.model_uri {
+            Some(uri) => uri,
             None => default_model()?,
         };
-        let model_sha256 = match get("MODEL_SHA256") {
-            Some(v) => {
-                let v = v.trim().to_ascii_lowercase();
-                if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(err(
-                        "MODEL_SHA256",
-                        format!("expected 64 hex digits, got {v:?}"),
-                    ));
-                }
-                Some(v)
-            }
-            None => None,
-        };
-        let d = Limits::default();
-        let limits = Limits {
-            max_inputs: positive(&get, "MAX_INPUTS", d.max_inputs)?,
-            max_input_tokens: positive(&get, "MAX_INPUT_TOKENS", d.max_input_tokens)?,
-            max_new_tokens: positive(&get, "MAX_NEW_TOKENS", d.max_new_tokens)?,
-            max_request_bytes: positive(&get, "MAX_REQUEST_BYTES", d.max_request_bytes)?,
-        };
-        let memory_mb = match get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE") {
-            Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
-                err(
-                    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
-                    format!("not a number: {v:?}"),
-                )
-            })?),
-            None => None,
-        };
-        let explicit = match get("THREADS") {
-            Some(v) => Some(
-                v.trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=256).contains(n))
-                    .ok_or_else(|| err("THREADS", format!("expected 1..=256, got {v:?}")))?,
-            ),
-            None => None,
-        };
-        let visible = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (threads, threads_reason) =
-            compute_threads(explicit, memory_mb, cgroup_cpu_quota(), visible);
-        const MIB: u64 = 1024 * 1024;
-        let df = FetchSettings::default();
-        let fetch = FetchSettings {
-            chunk_bytes: ranged(&get, "MODEL_FETCH_CHUNK_MB", 1..=1024, df.chunk_bytes / MIB)?
-                * MIB,
-            concurrency: ranged(
-                &get,
-                "MODEL_FETCH_CONCURRENCY",
-                1..=64,
-                df.concurrency as u64,
-            )? as usize,
-            single_get_max_bytes: ranged(
-                &get,
-                "MODEL_FETCH_SINGLE_GET_MAX_MB",
-                0..=1_000_000,
-                df.single_get_max_bytes / MIB,
-            )? * MIB,
-            split_below_mb_s: ranged(
-                &get,
-                "MODEL_FETCH_SPLIT_BELOW_MBPS",
-                0..=1_000_000,
-                df.split_below_mb_s,
-            )?,
-            attempts: ranged(&get, "MODEL_FETCH_ATTEMPTS", 1..=20, df.attempts as u64)? as u32,
-            deadline: Duration::from_secs(ranged(
-                &get,
-                "MODEL_FETCH_TIMEOUT_S",
-                1..=900,
-                df.deadline.as_secs(),
-            )?),
-        };
-        let init_budget =
-            Duration::from_millis(ranged(&get, "INIT_BUDGET_MS", 0..=900_000, 9_000)?);
-        let s3_endpoint = match get("S3_ENDPOINT_URL") {
-            Some(v) if v.trim().starts_with("http://") || v.trim().starts_with("https://") => {
-                Some(v.trim().to_owned())
-            }
-            Some(v) => {
-                return Err(err(
-                    "S3_ENDPOINT_URL",
-                    format!("expected http(s)://host[:port], got {v:?}"),
-                ))
-            }
-            None => None,
-        };
-        let s3_force_path_style = match get("S3_FORCE_PATH_STYLE").as_deref().map(str::trim) {
-            None => s3_endpoint.is_some(),
-            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => true,
-            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => false,
-            Some(v) => {
-                return Err(err(
-                    "S3_FORCE_PATH_STYLE",
-                    format!("expected true or false, got {v:?}"),
-                ))
-            }
-        };
-        let results_uri = get("RESULTS_URI")
-            .map(|v| parse_results_uri(v.trim()))
-            .transpose()?;
-        let jobs_queue_url = match get("JOBS_QUEUE_URL") {
-            Some(v) if v.trim().starts_with("https://") || v.trim().starts_with("http://") => {
-                Some(v.trim().to_owned())
-            }
-            Some(v) => {
-                return Err(err(
-                    "JOBS_QUEUE_URL",
-                    format!("expected the queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME), got {v:?}"),
-                ))
-            }
-            None => None,
-        };
-        let function_url_streaming = match get("FUNCTION_URL_INVOKE_MODE").as_deref().map(str::trim)
-        {
-            None | Some("BUFFERED") => false,
-            Some("RESPONSE_STREAM") => true,
-            Some(v) => {
-                return Err(err(
-                    "FUNCTION_URL_INVOKE_MODE",
-                    format!("expected BUFFERED or RESPONSE_STREAM, got {v:?}"),
-                ))
-            }
-        };
-        let int8_vnni = match get("INT8_KERNEL").as_deref().map(str::trim) {
-            None | Some("auto") => true,
-            Some("avx2") => false,
-            Some(v) => {
-                return Err(err(
-                    "INT8_KERNEL",
-                    format!("expected auto or avx2, got {v:?}"),
-                ))
-            }
-        };
-        let api_keys_secret_arn = match get("API_KEYS_SECRET_ARN") {
-            Some(v) if v.trim().starts_with("arn:") && v.contains(":secretsmanager:") => {
-                Some(v.trim().to_owned())
-            }
-            Some(v) => {
-                return Err(err(
-                    "API_KEYS_SECRET_ARN",
-                    format!(
-                        "expected a secret's ARN (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME), got {:?}",
-                        v.chars().take(200).collect::<String>()
-                    ),
-                ))
-            }
-            None => None,
-        };
-        let api_keys = match get("API_KEYS") {
-            Some(v) => {
-                let keys: Vec<&str> = v.split(',').map(str::trim).collect();
-                for (i, k) in keys.iter().enumerate() {
-                    // The message names the position, never the key.
-                    crate::api::check_key(k)
-                        .map_err(|e| err("API_KEYS", format!("key {}: {e}", i + 1)))?;
-                }
-                Some(ApiKeys::new(keys))
-            }
-            None => None,
-        };
-        let wait_for_whole_load = get("AWS_LAMBDA_INITIALIZATION_TYPE")
-            .is_some_and(|v| v.trim() == "provisioned-concurrency");
         Ok(Config {
             model_uri,
-            model_sha256,
-            model_id: get("MODEL_ID").map(|s| s.trim().to_owned()),
-            limits,
-            threads,
-            threads_reason,
+            model_sha256: v.model_sha256,
+            model_id: v.model_id,
+            limits: Limits {
+                max_inputs: v.max_inputs,
+                max_input_tokens: v.max_input_tokens,
+                max_new_tokens: v.max_new_tokens,
+                max_request_bytes: v.max_request_bytes,
+            },
+            threads: v.threads,
+            lambda_memory_mb: v.lambda_memory_mb,
             fetch,
-            s3_force_path_style,
-            init_budget,
-            wait_for_whole_load,
-            function_url_streaming,
-            int8_vnni,
-            function_name: get("AWS_LAMBDA_FUNCTION_NAME").map(|s| s.trim().to_owned()),
-            s3_endpoint,
-            results_uri,
-            jobs_queue_url,
-            api_keys_secret_arn,
-            api_keys,
+            s3_force_path_style: v.s3_force_path_style.unwrap_or(v.s3_endpoint.is_some()),
+            init_budget: Duration::from_millis(v.init_budget_ms),
+            wait_for_whole_load: v.provisioned.unwrap_or(false),
+            function_url_streaming: v.function_url_streaming,
+            int8_vnni: v.int8_vnni,
+            function_name: v.function_name,
+            s3_endpoint: v.s3_endpoint,
+            results_uri: v.results_uri,
+            jobs_queue_url: v.jobs_queue_url,
+            api_keys_secret_arn: v.api_keys_secret_arn,
+            api_keys: v.api_keys,
         })
     }
 }
 
-fn positive(
-    get: &impl Fn(&str) -> Option<String>,
-    var: &'static str,
-    default: usize,
-) -> Result<usize, ConfigError> {
-    match get(var) {
-        None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| err(var, format!("expected a positive integer, got {v:?}"))),
+impl Values {
+    fn fetch(&self) -> FetchSettings {
+        const MIB: u64 = 1024 * 1024;
+        // The declared ranges make these conversions lossless.
+        FetchSettings {
+            chunk_bytes: self.fetch_chunk_mb * MIB,
+            concurrency: self.fetch_concurrency as usize,
+            single_get_max_bytes: self.fetch_single_get_max_mb * MIB,
+            split_below_mb_s: self.fetch_split_below_mb_s,
+            attempts: self.fetch_attempts as u32,
+            deadline: Duration::from_secs(self.fetch_timeout_s),
+        }
     }
+}
+
+/// The process environment; a blank value is unset.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// A variable with an [`Unset::Default`]: its value, or the declared default, parsed.
+fn read_or_default<T>(
+    get: &dyn Fn(&str) -> Option<String>,
+    var: &Var,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<T, ConfigError> {
+    let Unset::Default(default) = var.unset else {
+        unreachable!("{} is declared with a default", var.name)
+    };
+    let v = get(var.name).unwrap_or_else(|| default.to_owned());
+    parse(&v).map_err(|m| err(var.name, m))
+}
+
+/// A variable with no default: `None` when unset.
+fn read_optional<T>(
+    get: &dyn Fn(&str) -> Option<String>,
+    var: &Var,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, ConfigError> {
+    get(var.name)
+        .map(|v| parse(&v).map_err(|m| err(var.name, m)))
+        .transpose()
 }
 
 /// AWS_LAMBDA_RUNTIME_API (`host:port`, set by Lambda): where init errors are reported. Read
 /// apart from [`Config`] because a configuration error must be reported through it too.
 pub fn runtime_api_address() -> Option<String> {
-    std::env::var("AWS_LAMBDA_RUNTIME_API")
-        .ok()
-        .filter(|v| !v.trim().is_empty())
+    env(var::AWS_LAMBDA_RUNTIME_API.name)
 }
 
-/// An integer variable within `range`, or `default` when unset.
-fn ranged(
-    get: &impl Fn(&str) -> Option<String>,
-    var: &'static str,
-    range: std::ops::RangeInclusive<u64>,
-    default: u64,
-) -> Result<u64, ConfigError> {
-    match get(var) {
-        None => Ok(default),
-        Some(v) => v
-            .trim()
+/// AWS_LAMBDA_FUNCTION_NAME, read apart from [`Config`] for the metrics of a failed init
+/// (the configuration may be what failed).
+pub fn lambda_function_name() -> Option<String> {
+    read_optional(&env, &var::AWS_LAMBDA_FUNCTION_NAME, trimmed)
+        .ok()
+        .flatten()
+}
+
+/// The log filters to try, in order: RUST_LOG, then AWS_LAMBDA_LOG_LEVEL (lowercased; Lambda
+/// writes `INFO`) or its default. Read before [`Config`], so that its errors are logged.
+pub fn log_filters() -> Vec<String> {
+    let level = read_or_default(&env, &var::AWS_LAMBDA_LOG_LEVEL, |v| Ok(v.to_lowercase()))
+        .unwrap_or_else(|_| "info".to_owned());
+    env(var::RUST_LOG.name).into_iter().chain([level]).collect()
+}
+
+fn trimmed(v: &str) -> Result<String, String> {
+    Ok(v.trim().to_owned())
+}
+
+fn positive(v: &str) -> Result<usize, String> {
+    v.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("expected a positive integer, got {v:?}"))
+}
+
+/// An integer in `lo..=hi`.
+fn ranged(lo: u64, hi: u64) -> impl Fn(&str) -> Result<u64, String> {
+    move |v| {
+        v.trim()
             .parse::<u64>()
             .ok()
-            .filter(|n| range.contains(n))
-            .ok_or_else(|| {
-                err(
-                    var,
-                    format!(
-                        "expected an integer in {}..={}, got {v:?}",
-                        range.start(),
-                        range.end()
-                    ),
-                )
-            }),
+            .filter(|n| (lo..=hi).contains(n))
+            .ok_or_else(|| format!("expected an integer in {lo}..={hi}, got {v:?}"))
     }
+}
+
+fn sha256(v: &str) -> Result<String, String> {
+    let v = v.trim().to_ascii_lowercase();
+    if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("expected 64 hex digits, got {v:?}"));
+    }
+    Ok(v)
+}
+
+fn api_keys(v: &str) -> Result<ApiKeys, String> {
+    let keys: Vec<&str> = v.split(',').map(str::trim).collect();
+    for (i, k) in keys.iter().enumerate() {
+        // The message names the position, never the key.
+        crate::api::check_key(k).map_err(|e| format!("key {}: {e}", i + 1))?;
+    }
+    Ok(ApiKeys::new(keys))
 }
 
 fn default_model() -> Result<ModelUri, ConfigError> {
@@ -462,61 +669,6 @@ pub fn parse_model_uri(v: &str) -> Result<ModelUri, ConfigError> {
         ));
     }
     Ok(ModelUri::File(PathBuf::from(v)))
-}
-
-/// Chooses the compute pool size. Lambda shows every function 2+ CPUs but gives a *share* of a
-/// vCPU proportional to memory (1,769 MB = one full vCPU, up to 6 at 10,240 MB); threads beyond
-/// that share only contend. So: THREADS if set; otherwise the smallest of the memory-derived share,
-/// the cgroup CPU quota and the visible CPUs.
-pub fn compute_threads(
-    explicit: Option<usize>,
-    lambda_memory_mb: Option<u64>,
-    cgroup_quota_cpus: Option<f64>,
-    visible: usize,
-) -> (usize, String) {
-    if let Some(n) = explicit {
-        return (n, format!("THREADS={n}"));
-    }
-    let mut n = visible.max(1);
-    let mut why = format!("{visible} visible CPUs");
-    if let Some(mb) = lambda_memory_mb {
-        let share = (mb as f64 / 1769.0).ceil().max(1.0) as usize;
-        if share < n {
-            n = share;
-            why = format!("{mb} MB Lambda memory = {share} vCPU share");
-        }
-    }
-    if let Some(q) = cgroup_quota_cpus {
-        let share = q.ceil().max(1.0) as usize;
-        if share < n {
-            n = share;
-            why = format!("cgroup CPU quota {q:.2} CPUs");
-        }
-    }
-    (n, why)
-}
-
-/// CPU quota from cgroup v2 `cpu.max` ("max 100000" means unlimited) or v1 cfs files.
-fn cgroup_cpu_quota() -> Option<f64> {
-    if let Ok(s) = std::fs::read_to_string("/sys/fs/cgroup/cpu.max") {
-        let mut it = s.split_whitespace();
-        let (q, p) = (it.next()?, it.next()?);
-        if q == "max" {
-            return None;
-        }
-        return Some(q.parse::<f64>().ok()? / p.parse::<f64>().ok()?);
-    }
-    let q: f64 = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let p: f64 = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    (q > 0.0 && p > 0.0).then(|| q / p)
 }
 
 #[cfg(test)]
@@ -661,7 +813,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.model_sha256.unwrap(), "ab".repeat(32));
         assert_eq!(c.limits.max_inputs, 7);
-        assert_eq!(c.threads, 3);
+        assert_eq!(c.threads, Some(3));
     }
 
     #[test]
@@ -691,14 +843,57 @@ mod tests {
     }
 
     #[test]
-    fn threads_follow_lambda_memory_and_quota_not_visible_cpus() {
-        assert_eq!(compute_threads(None, Some(1024), None, 2).0, 1);
-        assert_eq!(compute_threads(None, Some(1769), None, 2).0, 1);
-        assert_eq!(compute_threads(None, Some(3538), None, 6).0, 2);
-        assert_eq!(compute_threads(None, Some(10240), None, 6).0, 6);
-        assert_eq!(compute_threads(None, None, Some(0.5), 4).0, 1);
-        assert_eq!(compute_threads(None, None, Some(1.5), 4).0, 2);
-        assert_eq!(compute_threads(None, None, None, 2).0, 2);
-        assert_eq!(compute_threads(Some(4), Some(128), Some(0.1), 1).0, 4);
+    fn declared_defaults_are_the_ones_in_force() {
+        // Limits::default lives below config (api), so the two are compared here.
+        assert_eq!(cfg(&[]).unwrap().limits, Limits::default());
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.fetch.chunk_bytes, 8 << 20);
+        assert_eq!((c.fetch.attempts, c.fetch.concurrency), (4, 8));
+        assert!(c.int8_vnni && !c.function_url_streaming);
+    }
+
+    #[test]
+    fn every_variable_is_declared_once_and_read_through_the_table() {
+        let mut names: Vec<&str> = VARS.iter().map(|v| v.name).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "a variable is declared twice");
+        for v in VARS {
+            assert!(
+                v.name
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'),
+                "{}",
+                v.name
+            );
+            assert!(
+                !v.doc.is_empty() && !v.doc.contains('\n'),
+                "{}: one-line doc",
+                v.name
+            );
+            assert!(!SDK_VARS.contains(&v.name), "{} is the SDK's", v.name);
+        }
+        // Every variable of the Config block is looked up, by its declared name.
+        let seen = std::cell::RefCell::new(Vec::new());
+        let _ = Config::from_lookup(|k| {
+            seen.borrow_mut().push(k.to_owned());
+            (k == "MODEL_URI").then(|| "/tmp/x.gguf".to_owned())
+        });
+        let seen = seen.into_inner();
+        for v in VARS {
+            let early = [
+                var::AWS_LAMBDA_RUNTIME_API.name,
+                var::RUST_LOG.name,
+                var::AWS_LAMBDA_LOG_LEVEL.name,
+            ];
+            assert_eq!(
+                seen.contains(&v.name.to_owned()),
+                !early.contains(&v.name),
+                "{}",
+                v.name
+            );
+        }
+        assert_eq!(seen.len(), VARS.len() - 3, "{seen:?}");
     }
 }

@@ -4,7 +4,8 @@
 //! edges is `src/layers.txt`, and `tests/layers.rs` fails on any import not in it:
 //!
 //! ```text
-//! main.rs (bootstrap) / bin/lambda-inference/ (CLI: invoke, serve, convert, bench)
+//! main.rs (bootstrap) / bin/lambda-inference/ (CLI: invoke, serve, convert, bench; the
+//!                   Hugging Face -> GGUF converter lives in the CLI: bootstrap never links it)
 //!     -> app        init: config -> artifacts -> engine -> service, timed; job ports; metrics
 //!     -> metrics    CloudWatch EMF records (cold start, per request, init errors): the one
 //!                   table of namespace, metric names, units and dimensions; entry points only
@@ -19,9 +20,10 @@
 //!     -> engine     tokenizers + models (BERT embedder, llama generator), kernels, sampling,
 //!                   chat templates; no AWS/Lambda types, no I/O, nothing else of the crate
 //! artifacts         model bytes from a file or S3 (ArtifactStore) + SHA-256; used at init only
-//! convert           Hugging Face folder -> GGUF (the `convert` subcommand); engine-level names
+//! threads           the compute pool's size (THREADS, Lambda's vCPU share, the cgroup quota)
 //! aws               the one place AWS SDK clients are built (default credential chain)
-//! config            every environment variable, read once, typed, errors name the variable
+//! config            every environment variable, declared once (config::VARS), read once, typed;
+//!                   errors name the variable
 //! api               shared request/response types: Limits, ApiResponse, parse_body, API keys
 //!                   and the caller's Owner (a leaf: only error and hex)
 //! hex, error        lowercase hex; error kind -> HTTP status, OpenAI body, Lambda error type
@@ -32,7 +34,6 @@ pub mod app;
 pub mod artifacts;
 pub mod aws;
 pub mod config;
-pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod events;
@@ -40,4 +41,5 @@ pub mod hex;
 pub mod jobs;
 pub mod metrics;
 pub mod service;
+pub mod threads;
 pub mod worker;

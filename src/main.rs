@@ -241,7 +241,7 @@ fn load_failed(source: Source, error_type: &str, message: &str) -> Result<EventR
 fn init_failed(error_type: &str, message: &str) -> Error {
     tracing::error!(error_type, error = %message, "init failed");
     // Config may be what failed: the function's name straight from Lambda's variable.
-    let function = std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".to_owned());
+    let function = config::lambda_function_name().unwrap_or_else(|| "local".to_owned());
     emit_init_error(&function, error_type, message);
     if let Some(api) = config::runtime_api_address() {
         if let Err(e) = post_init_error(&api, error_type, message) {

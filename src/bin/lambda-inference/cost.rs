@@ -55,6 +55,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// `{"ready":...}`, then measures the warm figures and prints them as one JSON line.
 pub fn probe(kind: &str, model: &Path, warm_iters: usize) -> anyhow::Result<()> {
     let (_, config) = crate::bench::configure(model)?;
+    let threads = lambda_inference::threads::pool_size(&config).threads;
     let app = app::App::init(&config).map_err(|e| anyhow::anyhow!("{}: {e}", e.error_type()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -74,7 +75,7 @@ pub fn probe(kind: &str, model: &Path, warm_iters: usize) -> anyhow::Result<()> 
         "embed" => {
             let one = json!({"input": "A man is playing a guitar on the stage tonight."});
             call("/v1/embeddings", one.clone())?;
-            writeln!(out, "{}", json!({"ready": true, "threads": config.threads}))?;
+            writeln!(out, "{}", json!({"ready": true, "threads": threads}))?;
             out.flush()?;
             let mut lat = Vec::new();
             for i in 0..warm_iters + 5 {
@@ -103,7 +104,7 @@ pub fn probe(kind: &str, model: &Path, warm_iters: usize) -> anyhow::Result<()> 
                        "max_tokens": max_tokens, "temperature": 0})
             };
             call("/v1/chat/completions", ask(1))?;
-            writeln!(out, "{}", json!({"ready": true, "threads": config.threads}))?;
+            writeln!(out, "{}", json!({"ready": true, "threads": threads}))?;
             out.flush()?;
             let mut tps = Vec::new();
             for _ in 0..3 {

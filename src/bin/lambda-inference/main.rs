@@ -4,6 +4,7 @@
 
 mod bench;
 mod cold_start;
+mod convert;
 mod cost;
 mod serve;
 
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use lambda_inference::convert::{self, ConvertOptions, OutDType};
+use convert::{ConvertOptions, OutDType};
 use lambda_inference::{app, config::Config, events};
 
 #[derive(Parser)]

