@@ -19,6 +19,7 @@ use super::{
     engine_error, limits, meter, parse_body, trim_heap, CallOptions, CostModel, Limits, Service,
     MAX_RESPONSE_BYTES, NOT_STARTED_CODE, TRIM_ABOVE_BYTES,
 };
+use crate::api::routes;
 use crate::engine::{EmbedOutput, Embedder, Engine, EngineError};
 use crate::error::{ApiError, ErrorKind};
 
@@ -184,7 +185,7 @@ impl Service {
     fn embedder(&self) -> Result<&Arc<dyn Embedder>, ApiError> {
         match &self.engine {
             Engine::Embedder(e) => Ok(e),
-            Engine::Generator(_) => Err(self.wrong_kind("/v1/embeddings")),
+            Engine::Generator(_) => Err(self.wrong_kind(routes::EMBEDDINGS)),
         }
     }
 

@@ -20,6 +20,7 @@ use super::{
     engine_error, limits, meter, not_started, parse_body, trim_heap, ApiResponse, CallOptions,
     CostModel, Limits, Reply, Service, SseStream, Streaming, DEADLINE_MARGIN, TRIM_ABOVE_BYTES,
 };
+use crate::api::routes;
 use crate::engine::{
     ChatMessage, Engine, FinishReason, GenerateOutput, GenerateParams, Generator, SamplingParams,
 };
@@ -142,8 +143,8 @@ pub(super) enum Route {
 impl Route {
     fn path(self) -> &'static str {
         match self {
-            Route::Chat => "/v1/chat/completions",
-            Route::Completions => "/v1/completions",
+            Route::Chat => routes::CHAT_COMPLETIONS,
+            Route::Completions => routes::COMPLETIONS,
         }
     }
 }

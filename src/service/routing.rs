@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::generation::Route;
 use super::{limits, meter, CallOptions, Reply, Service};
-use crate::api::{ApiResponse, Owner};
+use crate::api::{routes, ApiResponse, Owner};
 use crate::engine::ModelKind;
 use crate::error::{ApiError, ErrorKind};
 use crate::jobs;
@@ -20,14 +20,14 @@ use crate::jobs;
 /// Every route the service answers, as (method, path template): the one list that routing, the
 /// OpenAPI document (`docs/openapi.json`, checked against it by a test) and `serve` agree on.
 pub const ROUTES: &[(&str, &str)] = &[
-    ("POST", "/v1/embeddings"),
-    ("POST", "/v1/chat/completions"),
-    ("POST", "/v1/completions"),
-    ("GET", "/v1/models"),
+    ("POST", routes::EMBEDDINGS),
+    ("POST", routes::CHAT_COMPLETIONS),
+    ("POST", routes::COMPLETIONS),
+    ("GET", routes::MODELS),
     ("GET", "/v1/models/{model}"),
-    ("GET", "/health"),
-    ("GET", "/openapi.json"),
-    ("POST", "/v1/jobs"),
+    ("GET", routes::HEALTH),
+    ("GET", routes::OPENAPI),
+    ("POST", routes::JOBS),
     ("GET", "/v1/jobs/{id}"),
 ];
 
@@ -117,10 +117,10 @@ impl Service {
         let path = req.path.trim_end_matches('/');
         let path = if path.is_empty() { "/" } else { path };
         let allowed = match path {
-            "/v1/embeddings" | "/v1/chat/completions" | "/v1/completions" | "/v1/jobs" => {
+            routes::EMBEDDINGS | routes::CHAT_COMPLETIONS | routes::COMPLETIONS | routes::JOBS => {
                 Method::Post
             }
-            "/v1/models" | "/health" | "/openapi.json" => Method::Get,
+            routes::MODELS | routes::HEALTH | routes::OPENAPI => Method::Get,
             p if p.starts_with("/v1/models/") || p.starts_with("/v1/jobs/") => Method::Get,
             _ => {
                 return Err(ApiError::new(
@@ -143,16 +143,16 @@ impl Service {
         limits::request_bytes(&self.limits, req.body.len())?;
         let full = |r: ApiResponse| Reply::Full(r);
         match path {
-            "/v1/embeddings" => self
+            routes::EMBEDDINGS => self
                 .embeddings(&req.body, opts.deadline)
                 .await
                 .map(|b| full(ApiResponse::ok(b))),
-            "/v1/chat/completions" => self.generate(Route::Chat, &req.body, opts).await,
-            "/v1/completions" => self.generate(Route::Completions, &req.body, opts).await,
-            "/v1/models" => Ok(full(ApiResponse::ok(self.models()))),
-            "/health" => Ok(full(ApiResponse::ok(self.health()))),
-            "/openapi.json" => Ok(full(ApiResponse::ok(openapi()))),
-            "/v1/jobs" => jobs::submit(&self.jobs, &self.limits, &req.body, owner)
+            routes::CHAT_COMPLETIONS => self.generate(Route::Chat, &req.body, opts).await,
+            routes::COMPLETIONS => self.generate(Route::Completions, &req.body, opts).await,
+            routes::MODELS => Ok(full(ApiResponse::ok(self.models()))),
+            routes::HEALTH => Ok(full(ApiResponse::ok(self.health()))),
+            routes::OPENAPI => Ok(full(ApiResponse::ok(openapi()))),
+            routes::JOBS => jobs::submit(&self.jobs, &self.limits, &req.body, owner)
                 .await
                 .map(full),
             p if p.starts_with("/v1/models/") => {
