@@ -257,6 +257,16 @@ declare! {
             default: "BUFFERED",
             doc: "the invoke mode of the function's URL, which its events cannot tell",
         }
+        rest_api_streaming: bool {
+            name: REST_API_TRANSFER_MODE,
+            parse: |v| match v.trim() {
+                "BUFFERED" => Ok(false),
+                "STREAM" => Ok(true),
+                _ => Err(format!("expected BUFFERED or STREAM, got {v:?}")),
+            },
+            default: "BUFFERED",
+            doc: "the response transfer mode of the REST API's integration, which its events cannot tell",
+        }
         int8_vnni: bool {
             name: INT8_KERNEL,
             parse: |v| match v.trim() {
@@ -427,6 +437,11 @@ pub struct Config {
     /// so every Function URL answer goes out through response streaming (metadata prelude + body),
     /// not only `stream: true` ones; a buffered answer would reach the client as the raw envelope.
     pub function_url_streaming: bool,
+    /// REST_API_TRANSFER_MODE=STREAM: the REST API in front of the function invokes it with
+    /// response streaming (integration responseTransferMode STREAM, the template's
+    /// RestApiStreaming), so every REST API answer goes out through response streaming and
+    /// `stream: true` streams there; API Gateway could not read a buffered answer from it.
+    pub rest_api_streaming: bool,
     /// INT8_KERNEL=auto (AVX-512 VNNI where the CPU has it, else AVX2); false: force AVX2, to
     /// compare the two on one machine.
     pub int8_vnni: bool,
@@ -512,6 +527,7 @@ impl Config {
             init_budget: Duration::from_millis(v.init_budget_ms),
             wait_for_whole_load: v.provisioned.unwrap_or(false),
             function_url_streaming: v.function_url_streaming,
+            rest_api_streaming: v.rest_api_streaming,
             int8_vnni: v.int8_vnni,
             function_name: v.function_name,
             s3_endpoint: v.s3_endpoint,
@@ -769,6 +785,7 @@ mod tests {
             ("JOBS_QUEUE_URL", "jobs"),
             ("S3_ENDPOINT_URL", "localhost:9000"),
             ("FUNCTION_URL_INVOKE_MODE", "stream"),
+            ("REST_API_TRANSFER_MODE", "RESPONSE_STREAM"),
             ("INT8_KERNEL", "vnni"),
             ("API_KEYS_SECRET_ARN", "ApiKeysSecret"),
             ("API_KEYS_SECRET_ARN", "arn:aws:s3:::bucket"),
@@ -849,7 +866,7 @@ mod tests {
         let c = cfg(&[]).unwrap();
         assert_eq!(c.fetch.chunk_bytes, 8 << 20);
         assert_eq!((c.fetch.attempts, c.fetch.concurrency), (4, 8));
-        assert!(c.int8_vnni && !c.function_url_streaming);
+        assert!(c.int8_vnni && !c.function_url_streaming && !c.rest_api_streaming);
     }
 
     #[test]

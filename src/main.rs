@@ -114,7 +114,7 @@ fn main() -> Result<(), Error> {
                 // buffered envelope would reach the client as text, or fail the gateway).
                 let streams = match source {
                     Source::FunctionUrl => config.function_url_streaming,
-                    Source::RestApiV1 => false,
+                    Source::RestApiV1 => config.rest_api_streaming,
                     _ => false,
                 };
                 let app = match lazy.get().await {
@@ -131,7 +131,7 @@ fn main() -> Result<(), Error> {
                     deadline,
                     received: t,
                     url_streams: config.function_url_streaming,
-                    rest_streams: false,
+                    rest_streams: config.rest_api_streaming,
                 };
                 // The invoke's `request` metrics record is written when `meter` and every copy
                 // of it are dropped: below for a buffered answer, after a stream's last event.
