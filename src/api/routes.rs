@@ -1,7 +1,7 @@
 //! The API's paths, spelled once: the service routes on them, the event adapters pick them
-//! (a direct invoke's route is told by its fields), `serve` lists them, jobs name them as
-//! endpoints. Paths only: which method each takes and what it answers is the service's table
-//! (`service::ROUTES`).
+//! (a direct invoke's route is told by its fields), `serve` lists them, jobs take them as
+//! endpoints (`jobs::JOB_ENDPOINTS`), tests/template_rest.rs checks the REST API's paths. Paths
+//! only: which method each takes and what it answers is the service's table (`service::ROUTES`).
 
 /// `POST`: embeddings of one input or a batch.
 pub const EMBEDDINGS: &str = "/v1/embeddings";

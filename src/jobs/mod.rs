@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::api::{parse_body, truncate, ApiResponse, Limits, Owner};
+use crate::api::{parse_body, routes, truncate, ApiResponse, Limits, Owner};
 use crate::error::{ApiError, ErrorKind};
 
 /// A boxed future, so the ports can be trait objects.
@@ -39,7 +39,11 @@ pub use futures_util::future::BoxFuture;
 pub const MAX_JOB_BYTES: usize = 1024 * 1024;
 
 /// The routes a job may run.
-pub const JOB_ENDPOINTS: [&str; 3] = ["/v1/embeddings", "/v1/chat/completions", "/v1/completions"];
+pub const JOB_ENDPOINTS: [&str; 3] = [
+    routes::EMBEDDINGS,
+    routes::CHAT_COMPLETIONS,
+    routes::COMPLETIONS,
+];
 
 /// A validated job id: 1-128 characters of `[A-Za-z0-9._-]`, not starting with `.`, so that
 /// `<prefix><id>.json` can never name an object outside the results prefix.
