@@ -16,12 +16,12 @@
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use rayon::prelude::*;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 
 use super::gguf::{self, tensor as tn, Meta};
-use super::ops::{Attention, GeluErf};
+use super::ops::{AddLayerNorm, Attention, GeluErf};
 use super::qgemm::Q8Linear;
 use super::{EmbedOutput, Embedder, EngineError, ModelInfo, ModelKind};
 
@@ -33,10 +33,10 @@ pub enum WeightMode {
     /// Kept in the file's quantized format; candle's quantized matmul (kept for comparison: 3x
     /// slower than Dense on batches, it re-reads each weight row for every input row).
     Quantized,
-    /// The default: q8_0 weights kept as int8 and multiplied by our int8 GEMM
-    /// ([`super::qgemm`]). Measured against Dense in one run (`bench embeddings`): 2.2x faster on
-    /// one sentence, equal on batches of 32, 2.7x faster to load, 4x less weight memory; min
-    /// cosine to sentence-transformers 0.99945 (Dense 0.99973). Other stored types load as Dense.
+    /// The default: q8_0 weights multiplied by our own GEMM ([`super::qgemm`]): kept as int8 for
+    /// the AVX2 and AVX-512 VNNI kernels, or rounded once to bf16 for AMX where the CPU and the
+    /// kernel grant it. Faster and smaller than Dense (`bench embeddings` prints both); other
+    /// stored types load as Dense.
     #[default]
     Int8,
 }
@@ -333,28 +333,21 @@ fn concat_rows(qs: Vec<QTensor>, in_dim: usize) -> Result<QTensor, EngineError> 
     Ok(QTensor::new(storage, (rows, in_dim))?)
 }
 
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
-}
+/// LayerNorm of a sum: every norm in BERT follows a residual add (or the embeddings' sum).
+struct LayerNorm(AddLayerNorm);
 
 impl LayerNorm {
     fn load(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self, EngineError> {
-        Ok(Self {
-            weight: w.f32(&format!("{prefix}.weight"), &[dim])?,
-            bias: w.f32(&format!("{prefix}.bias"), &[dim])?,
+        Ok(Self(AddLayerNorm {
+            weight: w.f32(&format!("{prefix}.weight"), &[dim])?.to_vec1()?,
+            bias: w.f32(&format!("{prefix}.bias"), &[dim])?.to_vec1()?,
             eps: eps as f32,
-        })
+        }))
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor, EngineError> {
-        Ok(candle_nn::ops::layer_norm(
-            x,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+    /// `LayerNorm(a + b)`.
+    fn forward_add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor, EngineError> {
+        Ok(a.apply_op2_no_bwd(b, &self.0)?)
     }
 }
 
@@ -397,20 +390,14 @@ impl Embeddings {
         })
     }
 
-    /// `ids`: `[b, s]` u32 -> `[b * s, h]`.
-    fn forward(&self, ids: &Tensor) -> Result<Tensor, EngineError> {
-        let (b, s) = ids.dims2()?;
-        let tok = self.token.embedding(&ids.flatten_all()?)?; // [b*s, h]
-        let h = tok.dim(1)?;
+    /// `ids` and `positions`: `[n]` u32 (packed sequences) -> `[n, h]`.
+    fn forward(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor, EngineError> {
+        let tok = self.token.embedding(ids)?; // [n, h]
         let pos = self
             .position
-            .narrow(0, 0, s)?
-            .broadcast_add(&self.token_type0)?; // [s, h]
-        let x = tok
-            .reshape((b, s, h))?
-            .broadcast_add(&pos)?
-            .reshape((b * s, h))?;
-        self.norm.forward(&x)
+            .index_select(positions, 0)?
+            .broadcast_add(&self.token_type0)?; // [n, h]
+        self.norm.forward_add(&tok, &pos)
     }
 }
 
@@ -455,28 +442,20 @@ impl Layer {
         })
     }
 
-    /// `x`: `[b * s, h]`; `lens`: the real length of each of the `b` sequences (padded to `s`).
-    fn forward(
-        &self,
-        x: &Tensor,
-        b: usize,
-        s: usize,
-        lens: &[usize],
-    ) -> Result<Tensor, EngineError> {
+    /// `x`: `[Σ lens, h]`, the sequences packed one after another (no padding).
+    fn forward(&self, x: &Tensor, lens: &[usize]) -> Result<Tensor, EngineError> {
         let _enter = self.span.enter();
         let qkv = self.qkv.forward(x)?;
         let ctx = qkv.apply_op1_no_bwd(&Attention {
-            batch: b,
-            seq: s,
             heads: self.heads,
             head_dim: self.head_dim,
             lens: lens.to_vec(),
         })?;
         let attn = self.attn_output.forward(&ctx)?;
-        let x = self.attn_output_norm.forward(&(attn + x)?)?;
+        let x = self.attn_output_norm.forward_add(&attn, x)?;
         let up = self.ffn_up.forward(&x)?.apply_op1_no_bwd(&GeluErf)?;
         let down = self.ffn_down.forward(&up)?;
-        self.layer_output_norm.forward(&(down + x)?)
+        self.layer_output_norm.forward_add(&down, &x)
     }
 }
 
@@ -688,42 +667,51 @@ impl BertEmbedder {
         Ok((prefix_end.unwrap_or(text.len()), count))
     }
 
-    /// One forward pass over inputs of similar length: `[n, h]` sentence vectors.
-    fn forward_batch(&self, encs: &[&Encoding]) -> Result<Tensor, EngineError> {
-        let b = encs.len();
-        let s = encs.iter().map(|e| e.len()).max().unwrap_or(0);
-        let mut ids = vec![0u32; b * s];
-        let mut mask = vec![0f32; b * s];
-        for (i, e) in encs.iter().enumerate() {
-            ids[i * s..i * s + e.len()].copy_from_slice(e.get_ids());
-            mask[i * s..i * s + e.len()].fill(1.0);
-        }
-        let ids = Tensor::from_vec(ids, (b, s), &self.device)?;
-        let mask = Tensor::from_vec(mask, (b, s), &self.device)?;
-        // Padding never enters attention: the fused kernel only looks at each sequence's real
-        // tokens (what HF's additive finfo.min mask achieves), and pooling masks the pads.
+    /// One forward pass over a batch of inputs, packed one after another with no padding (every
+    /// op is per token except attention, which is per sequence): `[n][h]` sentence vectors.
+    fn forward_batch(&self, encs: &[&Encoding]) -> Result<Vec<Vec<f32>>, EngineError> {
         let lens: Vec<usize> = encs.iter().map(|e| e.len()).collect();
-        let mut x = self.embeddings.forward(&ids)?;
+        let rows: usize = lens.iter().sum();
+        let mut ids = Vec::with_capacity(rows);
+        let mut positions = Vec::with_capacity(rows);
+        for e in encs {
+            ids.extend_from_slice(e.get_ids());
+            positions.extend(0..e.len() as u32);
+        }
+        let ids = Tensor::from_vec(ids, rows, &self.device)?;
+        let positions = Tensor::from_vec(positions, rows, &self.device)?;
+        let mut x = self.embeddings.forward(&ids, &positions)?;
         for layer in &self.layers {
-            x = layer.forward(&x, b, s, &lens)?;
+            x = layer.forward(&x, &lens)?;
         }
         let h = self.cfg.hidden_size;
-        let x = x.reshape((b, s, h))?;
-        let pooled = match self.cfg.pooling {
-            Pooling::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean => {
-                let m = mask.unsqueeze(2)?; // [b, s, 1]
-                let sum = x.broadcast_mul(&m)?.sum(1)?; // [b, h]
-                let count = m.sum(1)?; // [b, 1]
-                sum.broadcast_div(&count)?
+        let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = Vec::with_capacity(encs.len());
+        let mut start = 0;
+        for &len in &lens {
+            let seq = &x[start * h..(start + len) * h];
+            start += len;
+            let mut v = match self.cfg.pooling {
+                Pooling::Cls => seq[..h].to_vec(),
+                Pooling::Mean => {
+                    let mut sum = vec![0f32; h];
+                    for row in seq.chunks_exact(h) {
+                        for (s, r) in sum.iter_mut().zip(row) {
+                            *s += r;
+                        }
+                    }
+                    let inv = 1.0 / len.max(1) as f32;
+                    sum.iter_mut().for_each(|s| *s *= inv);
+                    sum
+                }
+            };
+            if self.cfg.normalize {
+                let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt().max(1e-12);
+                v.iter_mut().for_each(|a| *a /= norm);
             }
-        };
-        if self.cfg.normalize {
-            let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-            Ok(pooled.broadcast_div(&norm.clamp(1e-12, f64::MAX)?)?)
-        } else {
-            Ok(pooled)
+            out.push(v);
         }
+        Ok(out)
     }
 }
 
@@ -758,7 +746,7 @@ impl BertEmbedder {
         deadline: Option<std::time::Instant>,
     ) -> Result<EmbedOutput, EngineError> {
         let (encs, _) = self.tokenize_bounded(inputs, max_input_tokens)?;
-        // Sort by length so each batch pads to a similar length: padding is pure waste.
+        // Longest first: the deadline estimate below (per token so far) then errs on the safe side.
         let mut order: Vec<usize> = (0..encs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encs[i].len()));
         let mut embeddings = vec![Vec::new(); encs.len()];
@@ -775,10 +763,7 @@ impl BertEmbedder {
                 }
             }
             tokens_done += tokens;
-            let out = self
-                .forward_batch(&batch)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
+            let out = self.forward_batch(&batch)?;
             for (&i, v) in chunk.iter().zip(out) {
                 embeddings[i] = v;
             }
