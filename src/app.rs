@@ -93,7 +93,9 @@ pub struct App {
 /// Applies the process-wide engine settings: the int8 kernel choice and the compute pool. Must
 /// run before any model is loaded.
 pub fn configure(config: &Config) {
-    engine::qgemm::allow_vnni(config.int8_vnni);
+    use crate::config::Int8Kernel;
+    engine::qgemm::allow_vnni(config.int8_kernel != Int8Kernel::Avx2);
+    engine::qgemm::allow_amx(config.int8_kernel == Int8Kernel::Auto);
     configure_threads(crate::threads::pool_size(config).threads);
 }
 

@@ -267,15 +267,16 @@ declare! {
             default: "BUFFERED",
             doc: "the response transfer mode of the REST API's integration, which its events cannot tell",
         }
-        int8_vnni: bool {
+        int8_kernel: Int8Kernel {
             name: INT8_KERNEL,
             parse: |v| match v.trim() {
-                "auto" => Ok(true),
-                "avx2" => Ok(false),
-                _ => Err(format!("expected auto or avx2, got {v:?}")),
+                "auto" => Ok(Int8Kernel::Auto),
+                "vnni" => Ok(Int8Kernel::Vnni),
+                "avx2" => Ok(Int8Kernel::Avx2),
+                _ => Err(format!("expected auto, vnni or avx2, got {v:?}")),
             },
             default: "auto",
-            doc: "`auto`: the AVX-512 VNNI int8 kernel where the CPU has it; `avx2`: never",
+            doc: "the embedder's GEMM: `auto` the fastest this CPU runs (AMX, AVX-512 VNNI, AVX2); `vnni` never AMX; `avx2` never AVX-512",
         }
         api_keys_secret_arn: Option<String> {
             name: API_KEYS_SECRET_ARN,
@@ -392,6 +393,17 @@ pub fn parse_results_uri(v: &str) -> Result<S3Location, ConfigError> {
     })
 }
 
+/// Which int8 GEMM the embedder may use (INT8_KERNEL); the fastest allowed that the CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Kernel {
+    /// AMX where the CPU and the kernel grant it, else AVX-512 VNNI, else AVX2.
+    Auto,
+    /// AVX-512 VNNI at most (comparisons; AMX off).
+    Vnni,
+    /// AVX2 only: what every x86_64 Lambda host runs (comparisons).
+    Avx2,
+}
+
 /// A configuration error: which variable, and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 #[error("{var}: {message}")]
@@ -444,7 +456,7 @@ pub struct Config {
     pub rest_api_streaming: bool,
     /// INT8_KERNEL=auto (AVX-512 VNNI where the CPU has it, else AVX2); false: force AVX2, to
     /// compare the two on one machine.
-    pub int8_vnni: bool,
+    pub int8_kernel: Int8Kernel,
     /// AWS_LAMBDA_FUNCTION_NAME: the dimension of the metrics.
     pub function_name: Option<String>,
     /// S3_ENDPOINT_URL. Unlike the SDK's own AWS_ENDPOINT_URL_S3 (also honoured), an empty value
@@ -528,7 +540,7 @@ impl Config {
             wait_for_whole_load: v.provisioned.unwrap_or(false),
             function_url_streaming: v.function_url_streaming,
             rest_api_streaming: v.rest_api_streaming,
-            int8_vnni: v.int8_vnni,
+            int8_kernel: v.int8_kernel,
             function_name: v.function_name,
             s3_endpoint: v.s3_endpoint,
             results_uri: v.results_uri,
@@ -786,7 +798,7 @@ mod tests {
             ("S3_ENDPOINT_URL", "localhost:9000"),
             ("FUNCTION_URL_INVOKE_MODE", "stream"),
             ("REST_API_TRANSFER_MODE", "RESPONSE_STREAM"),
-            ("INT8_KERNEL", "vnni"),
+            ("INT8_KERNEL", "amx"),
             ("API_KEYS_SECRET_ARN", "ApiKeysSecret"),
             ("API_KEYS_SECRET_ARN", "arn:aws:s3:::bucket"),
             ("API_KEYS", "short"),
@@ -866,7 +878,9 @@ mod tests {
         let c = cfg(&[]).unwrap();
         assert_eq!(c.fetch.chunk_bytes, 8 << 20);
         assert_eq!((c.fetch.attempts, c.fetch.concurrency), (4, 8));
-        assert!(c.int8_vnni && !c.function_url_streaming && !c.rest_api_streaming);
+        assert!(
+            c.int8_kernel == Int8Kernel::Auto && !c.function_url_streaming && !c.rest_api_streaming
+        );
     }
 
     #[test]
