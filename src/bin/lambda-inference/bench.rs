@@ -144,14 +144,6 @@ impl EmbeddingsWorkload {
         }
     }
 
-    /// The workload in `path`, or the built-in one.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
-        match path {
-            None => Ok(Self::builtin()),
-            Some(p) => read_workload(p, Self::from_json),
-        }
-    }
-
     /// Reads the `embeddings` part of a workload file (and `schema`, `threads`); an error names
     /// the field, as a path from the top of the file.
     pub fn from_json(doc: &Value) -> Result<Self, FieldError> {
@@ -263,14 +255,6 @@ impl GenerateWorkload {
         }
     }
 
-    /// The workload in `path`, or the built-in one.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
-        match path {
-            None => Ok(Self::builtin()),
-            Some(p) => read_workload(p, Self::from_json),
-        }
-    }
-
     /// Reads the `generation` part of a workload file (and `schema`, `threads`); an error names
     /// the field, as a path from the top of the file.
     pub fn from_json(doc: &Value) -> Result<Self, FieldError> {
@@ -333,7 +317,15 @@ impl std::fmt::Display for FieldError {
 
 impl std::error::Error for FieldError {}
 
-fn read_workload<T>(path: &Path, parse: fn(&Value) -> Result<T, FieldError>) -> anyhow::Result<T> {
+/// The workload in `path` (its part read by `parse`), or the built-in one.
+fn read_workload<T>(
+    path: Option<&Path>,
+    builtin: fn() -> T,
+    parse: fn(&Value) -> Result<T, FieldError>,
+) -> anyhow::Result<T> {
+    let Some(path) = path else {
+        return Ok(builtin());
+    };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the workload {}", path.display()))?;
     let doc: Value = serde_json::from_str(&text)
@@ -681,7 +673,11 @@ fn at_least_one(flag: &str, n: Option<usize>) -> anyhow::Result<Option<usize>> {
 
 pub fn embeddings(opts: &Options) -> anyhow::Result<()> {
     // The workload first: a bad file fails before anything is loaded or spawned.
-    let mut w = EmbeddingsWorkload::load(opts.workload.as_deref())?;
+    let mut w = read_workload(
+        opts.workload.as_deref(),
+        EmbeddingsWorkload::builtin,
+        EmbeddingsWorkload::from_json,
+    )?;
     if let Some(n) = at_least_one("--warm-iters", opts.warm_iters)? {
         w.timed_calls = n;
     }
@@ -870,7 +866,11 @@ pub fn generate(opts: &GenerateOptions) -> anyhow::Result<()> {
     use lambda_inference::engine::{ChatMessage, Generator, SharedBytes};
 
     // The workload first: a bad file fails before anything is loaded or spawned.
-    let mut w = GenerateWorkload::load(opts.workload.as_deref())?;
+    let mut w = read_workload(
+        opts.workload.as_deref(),
+        GenerateWorkload::builtin,
+        GenerateWorkload::from_json,
+    )?;
     if let Some(n) = at_least_one("--runs", opts.runs)? {
         w.runs = n;
     }
@@ -1164,7 +1164,12 @@ mod tests {
     fn a_workload_file_that_is_not_json_is_refused_with_its_name() {
         let p = std::env::temp_dir().join(format!("li-bench-workload-{}.json", std::process::id()));
         std::fs::write(&p, "{\"schema\": 1,").unwrap();
-        let err = EmbeddingsWorkload::load(Some(&p)).unwrap_err();
+        let err = read_workload(
+            Some(&p),
+            EmbeddingsWorkload::builtin,
+            EmbeddingsWorkload::from_json,
+        )
+        .unwrap_err();
         let _ = std::fs::remove_file(&p);
         assert!(
             format!("{err:#}").contains(&format!("workload {} is not JSON", p.display())),
