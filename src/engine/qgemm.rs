@@ -116,16 +116,22 @@ impl Q8Linear {
         let kb = k / BLOCK;
         let block = |c: usize, b: usize| &raw[(c * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
         let packed = if best >= Kernel::Amx && amx::usable() && n.is_multiple_of(amx::NC) {
-            let mut w = vec![0u16; n * k];
-            for c in 0..n {
-                let (cg, col) = (c / amx::NT, c % amx::NT);
+            // Written in tile order (sequential stores, no zero-fill first): per 16-column group
+            // and block, pair row `r` holds each column's values `2r` and `2r + 1`.
+            let mut w = Vec::with_capacity(n * k);
+            let mut d = [0f32; amx::NT];
+            for cg in 0..n / amx::NT {
                 for b in 0..kb {
-                    let blk = block(c, b);
-                    let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                    let tile = &mut w[(cg * kb + b) * amx::NT * BLOCK..][..amx::NT * BLOCK];
-                    for (i, &q) in blk[2..].iter().enumerate() {
-                        tile[(i / 2) * amx::NT * 2 + col * 2 + i % 2] =
-                            bf16_bits((q as i8) as f32 * d);
+                    let cols: [&[u8]; amx::NT] =
+                        std::array::from_fn(|j| block(cg * amx::NT + j, b));
+                    for (dj, blk) in d.iter_mut().zip(&cols) {
+                        *dj = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                    }
+                    for r in 0..BLOCK / 2 {
+                        for (blk, &dj) in cols.iter().zip(&d) {
+                            w.push(bf16_bits((blk[2 + 2 * r] as i8) as f32 * dj));
+                            w.push(bf16_bits((blk[3 + 2 * r] as i8) as f32 * dj));
+                        }
                     }
                 }
             }
