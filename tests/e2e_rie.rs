@@ -145,6 +145,30 @@ fn every_sample_event_through_the_real_runtime_api() {
     assert_eq!(again["data"][0]["embedding"].as_array().unwrap().len(), 384);
     let health = emu.invoke(br#"{"path": "/health"}"#);
     assert_eq!(health["state"], "warm");
+
+    // The per-invoke EMF records as the real bootstrap prints them under the real Runtime API:
+    // one for an HTTP embeddings request and one for an SQS batch, each with the Lambda request
+    // id, a metric directive and the route as a dimension (tests/emf_records.rs checks the
+    // format against the EMF specification at handler level).
+    let http = emu.record("request", |r| {
+        r["Route"] == "/v1/embeddings" && r["Status"] == 200 && r["StatusClass"] == "2xx"
+    });
+    let sqs = emu.record("request", |r| r["Route"] == "sqs");
+    for r in [&http, &sqs] {
+        let id = r["requestId"].as_str().unwrap_or_default();
+        assert!(!id.is_empty() && id != "bench", "{r}");
+        let directive = &r["_aws"]["CloudWatchMetrics"][0];
+        assert!(
+            directive["Namespace"]
+                .as_str()
+                .is_some_and(|n| !n.is_empty()),
+            "{r}"
+        );
+        assert!(directive["Dimensions"].to_string().contains("Route"), "{r}");
+        assert_eq!(r["Requests"], 1, "{r}");
+    }
+    assert!(http["InputTokens"].as_u64().unwrap() > 0, "{http}");
+    assert!(sqs["Jobs"].as_u64().unwrap() > 0, "{sqs}");
 }
 
 /// SmolLM2 under the real bootstrap and emulator: a direct chat invoke answers a chat.completion,

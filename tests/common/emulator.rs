@@ -123,6 +123,12 @@ impl Emulator {
 
     /// The cold-start EMF record the function printed, once it has printed it.
     pub fn cold_start_record(&self) -> Value {
+        self.record("cold_start", |_| true)
+    }
+
+    /// The first JSON line on the function's stdout whose `event` is `event` and that `pred`
+    /// accepts, waiting up to 10 s for it (records are written after the answer).
+    pub fn record(&self, event: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let found = self
@@ -131,11 +137,14 @@ impl Emulator {
                 .unwrap()
                 .iter()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|v| v["event"] == "cold_start");
+                .find(|v| v["event"] == event && pred(v));
             if let Some(v) = found {
                 return v;
             }
-            assert!(Instant::now() < deadline, "no cold_start record on stdout");
+            assert!(
+                Instant::now() < deadline,
+                "no matching {event} record on stdout"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
