@@ -93,6 +93,16 @@ pub struct App {
 /// Applies the process-wide engine settings: the int8 kernel choice and the compute pool. Must
 /// run before any model is loaded.
 pub fn configure(config: &Config) {
+    // One malloc arena for the whole process. glibc gives each thread that allocates its own
+    // arena, and malloc_trim (service::trim_heap, after large requests) cannot shrink the top of
+    // a thread's arena: the compute pool's arenas kept tens of MB of a large request's freed
+    // activations for the environment's life (tests/memory.rs). The allocations here are few and
+    // large (tensors per op), so one lock costs nothing measurable.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's parameters.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     use crate::config::Int8Kernel;
     engine::qgemm::allow_vnni(config.int8_kernel != Int8Kernel::Avx2);
     engine::qgemm::allow_amx(config.int8_kernel == Int8Kernel::Auto);

@@ -208,10 +208,21 @@ impl Q8Linear {
 
     /// The AMX path: up to 32 rows rounded to bf16, then 32 columns (2 x 2 tiles) at a time.
     fn tile_rows_amx(&self, w: &[u16], x: &[f32], y: &mut [f32]) {
-        let (n, k) = (self.n, self.k);
+        let k = self.k;
         let rows = x.len() / k;
-        // Padding rows stay 0: their outputs are computed and dropped.
-        let mut a = vec![0u16; amx::MR * k];
+        // One activation buffer per thread, reused: no allocation per tile (the process has one
+        // malloc arena, which the pool's threads share).
+        thread_local! {
+            static A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        A.with_borrow_mut(|a| self.amx_rows(w, x, y, a, rows));
+    }
+
+    fn amx_rows(&self, w: &[u16], x: &[f32], y: &mut [f32], a: &mut Vec<u16>, rows: usize) {
+        let (n, k) = (self.n, self.k);
+        // Padding rows are 0: their outputs are computed and dropped.
+        a.clear();
+        a.resize(amx::MR * k, 0);
         for (a, &v) in a.iter_mut().zip(x) {
             *a = bf16_bits(v);
         }
@@ -222,7 +233,7 @@ impl Q8Linear {
             // unit on this CPU; `a` holds MR rows of `k` values and `w` the whole matrix.
             unsafe { amx::configure() };
             for cp in 0..n / amx::NC {
-                unsafe { amx::tile(&a, w, k, cp, &mut c) };
+                unsafe { amx::tile(a, w, k, cp, &mut c) };
                 for r in 0..rows {
                     let dst = &mut y[r * n + cp * amx::NC..r * n + (cp + 1) * amx::NC];
                     let src = &c[r * amx::NC..(r + 1) * amx::NC];
