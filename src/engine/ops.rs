@@ -107,7 +107,7 @@ impl CustomOp1 for Attention {
     }
 }
 
-/// `Σ a·b` in 8 independent lanes (see [`sum`]).
+/// `Σ a·b` in 8 independent lanes (see [`sum`]); also the norms' sum of squares.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -208,15 +208,7 @@ impl CustomOp2 for AddLayerNorm {
                     for v in o.iter_mut() {
                         *v -= mean;
                     }
-                    let mut acc = [0f32; 8];
-                    let c = o.chunks_exact(8);
-                    let tail: f32 = c.remainder().iter().map(|v| v * v).sum();
-                    for x in c {
-                        for l in 0..8 {
-                            acc[l] = x[l].mul_add(x[l], acc[l]);
-                        }
-                    }
-                    let var = (acc.iter().sum::<f32>() + tail) / h as f32;
+                    let var = dot(o, o) / h as f32;
                     let r = 1.0 / (var + self.eps).sqrt();
                     for ((v, w), bb) in o.iter_mut().zip(&self.weight).zip(&self.bias) {
                         *v = (*v * r).mul_add(*w, *bb);
