@@ -28,19 +28,17 @@ use lambda_inference::error::{self, ApiError, ErrorKind};
 use lambda_inference::events::http::{HttpReply, SSE_HEADERS, SSE_STATUS};
 use lambda_inference::events::{self, EventReply, Invocation, Source};
 use lambda_inference::metrics;
-use lambda_inference::service::meter;
+use lambda_inference::service::{meter, SseStream};
 use lambda_runtime::{
     service_fn, Diagnostic, Error, FunctionResponse, LambdaEvent, MetadataPrelude, StreamResponse,
 };
 use serde_json::value::RawValue;
 use serde_json::Value;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tracing::Instrument;
 
 /// The body stream Lambda sends after the prelude: SSE frames as they are produced.
-type SseBody =
-    tokio_stream::adapters::Map<ReceiverStream<String>, fn(String) -> Result<String, Infallible>>;
+type SseBody = tokio_stream::adapters::Map<SseStream, fn(String) -> Result<String, Infallible>>;
 
 fn main() -> Result<(), Error> {
     let t_start = Instant::now();
@@ -288,13 +286,13 @@ fn respond(reply: EventReply, streams: bool) -> FunctionResponse<Value, SseBody>
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             // Capacity 1 and a fresh channel: this send cannot fail or wait.
             let _ = tx.try_send(r.body);
-            (prelude(r.status, &r.headers), rx)
+            (prelude(r.status, &r.headers), SseStream::new(rx, None))
         }
-        EventReply::Stream(s) => (prelude(SSE_STATUS, &SSE_HEADERS), s.rx),
+        EventReply::Stream(s) => (prelude(SSE_STATUS, &SSE_HEADERS), s),
     };
     FunctionResponse::StreamingResponse(StreamResponse {
         metadata_prelude: prelude,
-        stream: ReceiverStream::new(rx).map(ok),
+        stream: rx.map(ok),
     })
 }
 

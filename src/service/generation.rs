@@ -699,9 +699,11 @@ fn run_stream(
     include_usage: bool,
 ) -> SseStream {
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
-    // The call returns before the generation ends: the meter goes along, and the entry point's
-    // record is written when this task lets go of it, after the last event.
+    // The call returns before the generation ends: the meter goes along with the task and with
+    // the stream, and the entry point's record is written when both have let go of it (after the
+    // last event is produced and taken).
     let meter = meter::current();
+    let held = meter.clone();
     tokio::task::spawn_blocking(move || {
         if head.route == Route::Chat {
             let _ = tx.blocking_send(sse(&head.encode_chunk(Some(""), true, None)));
@@ -742,7 +744,7 @@ fn run_stream(
         }
         let _ = tx.blocking_send("data: [DONE]\n\n".to_owned());
     });
-    SseStream { rx }
+    SseStream::new(rx, held)
 }
 
 /// A finished generation's counts; `deadline_stop`: whether a deadline stop counts here (not for

@@ -55,6 +55,7 @@
 //!   `GenerateParams::deadline`); generation first keeps [`DEADLINE_MARGIN`] for the answer.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{Engine, EngineError};
@@ -198,18 +199,50 @@ pub enum Reply {
 
 /// `text/event-stream` events, each a complete `data: ...\n\n` frame; the last is
 /// `data: [DONE]\n\n`. Dropping the receiver stops the generation at its next token.
+///
+/// It holds the call's meter until its last event is taken (or it is dropped), so the invoke's
+/// record is written after the answer has gone out, not when the producer has queued it.
 pub struct SseStream {
-    pub rx: tokio::sync::mpsc::Receiver<String>,
+    rx: tokio::sync::mpsc::Receiver<String>,
+    meter: Option<Arc<meter::Meter>>,
 }
 
 impl SseStream {
+    /// Events from `rx`; `meter` (the call's, if any) is let go at the stream's end.
+    pub fn new(rx: tokio::sync::mpsc::Receiver<String>, meter: Option<Arc<meter::Meter>>) -> Self {
+        Self { rx, meter }
+    }
+
+    /// The next event, or `None` after the last.
+    pub async fn recv(&mut self) -> Option<String> {
+        std::future::poll_fn(|cx| {
+            tokio_stream::Stream::poll_next(std::pin::Pin::new(&mut *self), cx)
+        })
+        .await
+    }
+
     /// Waits for every event and returns them concatenated (for entry points that buffer).
     pub async fn collect(mut self) -> String {
         let mut out = String::new();
-        while let Some(ev) = self.rx.recv().await {
+        while let Some(ev) = self.recv().await {
             out.push_str(&ev);
         }
         out
+    }
+}
+
+impl tokio_stream::Stream for SseStream {
+    type Item = String;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<String>> {
+        let next = self.rx.poll_recv(cx);
+        if let std::task::Poll::Ready(None) = next {
+            self.meter = None;
+        }
+        next
     }
 }
 

@@ -244,7 +244,7 @@ async fn connection(app: Arc<App>, sock: TcpStream, t: Timeouts) -> io::Result<(
                     head.push_str("connection: close\r\n\r\n");
                     write(sock, head.as_bytes()).await?;
                     if !head_only {
-                        while let Some(ev) = s.rx.recv().await {
+                        while let Some(ev) = s.recv().await {
                             write(sock, ev.as_bytes()).await?;
                         }
                     }
