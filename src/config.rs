@@ -276,7 +276,7 @@ declare! {
                 _ => Err(format!("expected auto, vnni or avx2, got {v:?}")),
             },
             default: "auto",
-            doc: "the embedder's GEMM: `auto` the fastest this CPU runs (AMX, AVX-512 VNNI, AVX2); `vnni` never AMX; `avx2` never AVX-512",
+            doc: "the int8 kernels: `auto` the fastest this CPU runs (embedder: AMX, AVX-512 VNNI, AVX2; generator: AVX-512 VNNI, AVX2); `vnni` never AMX; `avx2` never AVX-512",
         }
         api_keys_secret_arn: Option<String> {
             name: API_KEYS_SECRET_ARN,
@@ -393,7 +393,8 @@ pub fn parse_results_uri(v: &str) -> Result<S3Location, ConfigError> {
     })
 }
 
-/// Which int8 GEMM the embedder may use (INT8_KERNEL); the fastest allowed that the CPU runs.
+/// Which int8 kernels the embedder and the generator may use (INT8_KERNEL); the fastest allowed
+/// that the CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int8Kernel {
     /// AMX where the CPU and the kernel grant it, else AVX-512 VNNI, else AVX2.

@@ -384,7 +384,7 @@ pub fn allow_amx(on: bool) {
 
 /// Whether the AVX-512 VNNI kernel may run on this CPU (decided at run time: the binary is built
 /// for Haswell, and Lambda does not promise AVX-512; where it is there, it is 2x faster).
-fn use_vnni() -> bool {
+pub(crate) fn use_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use_avx2()

@@ -12,9 +12,13 @@
 //! Weights are borrowed in place from the model file (like llama.cpp's mmap): no copy at load,
 //! so the resident set is the file plus activations.
 //!
-//! Must not: allocate per output element, depend on the thread count for its results (every
-//! output is summed in a fixed order), or use AVX2 on a CPU without it (checked at run time; the
-//! scalar kernels are the reference the tests compare against).
+//! The x86 kernels are written once and compiled for AVX2 and for AVX-512 VNNI (chosen at run
+//! time; INT8_KERNEL=avx2 keeps AVX2): both sum the same exact integers in the same float order,
+//! so they give the same bits. VNNI pays in prefill (compute-bound); decode waits on memory.
+//!
+//! Must not: allocate per output element, depend on the thread count or the instruction set for
+//! its results (every output is summed in a fixed order), or use an instruction set the CPU lacks
+//! (checked at run time; the scalar kernels are the reference the tests compare against).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -170,14 +174,42 @@ impl QActs {
 }
 
 /// Input rows per kernel call: each weight block decoded is reused across this many rows.
-const MR: usize = 4;
+const MR: usize = 16;
+
+/// The instruction sets the kernels here can use, decided once per call from the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    Scalar,
+    /// AVX2 + FMA + F16C: `maddubs` + `madd` for the int8 products.
+    Avx2,
+    /// AVX-512 VNNI (on 256-bit vectors): `vpdpbusd` does those two in one instruction. Both
+    /// give the same exact i32 sums, so the results are bit-identical to AVX2's.
+    Vnni,
+}
+
+fn simd() -> Simd {
+    if !use_avx2() {
+        Simd::Scalar
+    } else if super::qgemm::use_vnni() {
+        Simd::Vnni
+    } else {
+        Simd::Avx2
+    }
+}
+
+/// Weight rows per decode kernel call: two independent FMA chains overlap (one alone waits on
+/// its accumulator every block); four measured no faster (decode waits on memory).
+const DECODE_ROWS: usize = 2;
 
 /// `outs[i] = acts · mats[i]^T` (`[m, n_i]` row-major each), all matrices in one parallel
 /// dispatch (q|k|v or gate|up share one quantized input; for a 135M model, fewer dispatches is
 /// most of the win in decode).
 pub fn matmul_many(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
+    matmul_with(simd(), mats, acts, outs)
+}
+
+fn matmul_with(simd: Simd, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
     let m = acts.m;
-    let simd = use_avx2();
     let threads = rayon::current_num_threads().max(1);
     let total_rows: usize = mats.iter().map(|w| w.n).sum();
     // ~8 tasks per thread: enough to balance, few enough that dispatch stays cheap.
@@ -207,34 +239,45 @@ pub fn matmul_many(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
         let w = mats[i];
         let rows = out.len() / m;
         let rb = w.row_bytes();
-        let data = w.data();
-        let row_at = |j: usize| &data[(j0 + j) * rb..(j0 + j + 1) * rb];
-        #[cfg(target_arch = "x86_64")]
-        if m == 1 && simd {
-            // Decode: weight rows in pairs (see avx2::q4_1_pair); an odd last row goes alone.
-            let mut jj = 0;
-            while jj + 1 < rows {
-                // SAFETY: `simd` means AVX2/FMA/F16C were detected; rows hold `k` values and
-                // `acts` has one row of `k`.
-                let r = unsafe {
-                    match w.format {
-                        Format::Q4_1 => avx2::q4_1_pair(row_at(jj), row_at(jj + 1), acts),
-                        Format::Q8_0 => avx2::q8_0_pair(row_at(jj), row_at(jj + 1), acts),
+        let data = &w.data()[j0 * rb..(j0 + rows) * rb];
+        if m == 1 && simd != Simd::Scalar {
+            let whole = rows / DECODE_ROWS * DECODE_ROWS;
+            // SAFETY: `simd` came from `simd()`, which saw the features each kernel enables;
+            // `data` holds `whole` (then `rows - whole`) rows of `k` values; `acts` has one row.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                match (simd, w.format) {
+                    (Simd::Vnni, Format::Q4_1) => {
+                        x86::q4_1_decode_vnni::<DECODE_ROWS>(data, rb, acts, &mut out[..whole])
                     }
-                };
-                out[jj] = r[0];
-                out[jj + 1] = r[1];
-                jj += 2;
+                    (Simd::Vnni, Format::Q8_0) => {
+                        x86::q8_0_decode_vnni::<DECODE_ROWS>(data, rb, acts, &mut out[..whole])
+                    }
+                    (_, Format::Q4_1) => {
+                        x86::q4_1_decode_avx2::<DECODE_ROWS>(data, rb, acts, &mut out[..whole])
+                    }
+                    (_, Format::Q8_0) => {
+                        x86::q8_0_decode_avx2::<DECODE_ROWS>(data, rb, acts, &mut out[..whole])
+                    }
+                }
             }
-            if jj < rows {
+            for jj in whole..rows {
                 let mut res = [0f32; MR];
-                dot_rows(w.format, simd, row_at(jj), acts, 0, 1, &mut res);
+                dot_rows(
+                    w.format,
+                    simd,
+                    &data[jj * rb..(jj + 1) * rb],
+                    acts,
+                    0,
+                    1,
+                    &mut res,
+                );
                 out[jj] = res[0];
             }
             return;
         }
         for jj in 0..rows {
-            let row = row_at(jj);
+            let row = &data[jj * rb..(jj + 1) * rb];
             let o = &mut out[jj * m..(jj + 1) * m];
             let mut r = 0;
             while r < m {
@@ -262,24 +305,25 @@ pub fn matmul_many(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
 /// One weight row times activation rows `r0..r0 + nr` into `res[..nr]`.
 fn dot_rows(
     format: Format,
-    simd: bool,
+    simd: Simd,
     row: &[u8],
     a: &QActs,
     r0: usize,
     nr: usize,
     res: &mut [f32; MR],
 ) {
+    // SAFETY: `simd` came from `simd()`, which saw the features each kernel enables; `row`
+    // holds one weight row of `a.k` values and rows `r0..r0 + nr` of `a` exist (callers loop
+    // below m).
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is only true when `use_avx2` saw AVX2, FMA and F16C; `row` holds one
-        // weight row of `a.k` values and rows `r0..r0 + nr` of `a` exist (callers loop below m).
-        unsafe {
-            match format {
-                Format::Q4_1 => avx2::q4_1_rows(row, a, r0, nr, res),
-                Format::Q8_0 => avx2::q8_0_rows(row, a, r0, nr, res),
-            }
+    unsafe {
+        match (simd, format) {
+            (Simd::Scalar, _) => {}
+            (Simd::Vnni, Format::Q4_1) => return x86::q4_1_rows_vnni(row, a, r0, nr, res),
+            (Simd::Vnni, Format::Q8_0) => return x86::q8_0_rows_vnni(row, a, r0, nr, res),
+            (Simd::Avx2, Format::Q4_1) => return x86::q4_1_rows_avx2(row, a, r0, nr, res),
+            (Simd::Avx2, Format::Q8_0) => return x86::q8_0_rows_avx2(row, a, r0, nr, res),
         }
-        return;
     }
     let _ = simd;
     dot_rows_scalar(format, row, a, r0, nr, res);
@@ -341,10 +385,34 @@ fn use_avx2() -> bool {
     }
 }
 
+/// The x86 kernels. Each is written once, generic over how four adjacent u8 x i8 products are
+/// summed into an i32 lane ([`Us8`]), and compiled twice: for AVX2 and for AVX-512 VNNI.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod x86 {
     use super::{QActs, MR, QK};
     use std::arch::x86_64::*;
+
+    /// Sums of four adjacent `u8 x i8` products per i32 lane, exact (no i16 saturation can
+    /// happen here: |products| <= 15 * 127 for Q4_1, 127 * 127 for Q8_0 with the sign trick).
+    trait Us8 {
+        unsafe fn dot(w: __m256i, y: __m256i) -> __m256i;
+    }
+
+    struct Maddubs;
+    impl Us8 for Maddubs {
+        #[inline(always)]
+        unsafe fn dot(w: __m256i, y: __m256i) -> __m256i {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1))
+        }
+    }
+
+    struct Dpbusd;
+    impl Us8 for Dpbusd {
+        #[inline(always)]
+        unsafe fn dot(w: __m256i, y: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, y)
+        }
+    }
 
     #[inline(always)]
     unsafe fn f16_at(p: *const u8) -> f32 {
@@ -360,19 +428,21 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// The 32 values of a Q4_1 block's nibbles, low nibbles (values 0..16) then high.
+    #[inline(always)]
+    unsafe fn nibbles(blk: *const u8) -> __m256i {
+        let tmp = _mm_loadu_si128(blk.add(4) as *const __m128i);
+        _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp),
+            _mm256_set1_epi8(0x0F),
+        )
+    }
+
     /// Q4_1 weight row x Q8_1 activation rows (llama.cpp's `ggml_vec_dot_q4_1_q8_1`, with the
-    /// unpacked nibbles reused across up to 4 rows).
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C; `row` is `a.k / 32` Q4_1 blocks; rows `r0..r0 + nr` exist in `a`.
-    // Not inlined: a call per weight row is noise next to its 18+ blocks, and profiles then show
-    // the kernels by name.
-    #[inline(never)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_1_rows(row: &[u8], a: &QActs, r0: usize, nr: usize, res: &mut [f32; MR]) {
+    /// unpacked nibbles reused across up to [`MR`] rows).
+    #[inline(always)]
+    unsafe fn q4_1_rows<P: Us8>(row: &[u8], a: &QActs, r0: usize, nr: usize, res: &mut [f32; MR]) {
         let kb = a.k / QK;
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); MR];
         let mut summ = [0f32; MR];
         let wp = row.as_ptr();
@@ -381,12 +451,11 @@ mod avx2 {
             let blk = wp.add(b * 20);
             let dw = f16_at(blk);
             let mw = f16_at(blk.add(2));
-            let tmp = _mm_loadu_si128(blk.add(4) as *const __m128i);
-            let bx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp), mask);
+            let bx = nibbles(blk);
             for r in 0..nr {
                 let xi = (r0 + r) * kb + b;
                 let y = _mm256_loadu_si256(xq.add(xi * QK) as *const __m256i);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(bx, y), ones);
+                let p = P::dot(bx, y);
                 let d = _mm256_set1_ps(dw * *a.d.get_unchecked(xi));
                 acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r]);
                 summ[r] += mw * *a.s.get_unchecked(xi);
@@ -397,76 +466,10 @@ mod avx2 {
         }
     }
 
-    /// Decode (one activation row): two Q4_1 weight rows at once, so that the two FMA chains
-    /// overlap (one chain alone waits ~4 cycles per block on its accumulator). Each row keeps
-    /// llama.cpp's summation order, block by block.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C; `w0`, `w1` are `a.k / 32` Q4_1 blocks; `a` has one row.
-    #[inline(never)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_1_pair(w0: &[u8], w1: &[u8], a: &QActs) -> [f32; 2] {
+    /// Q8_0 weight row x Q8_0 activation rows (`ggml_vec_dot_q8_0_q8_0`): `|w| x sign(y, w)`.
+    #[inline(always)]
+    unsafe fn q8_0_rows<P: Us8>(row: &[u8], a: &QActs, r0: usize, nr: usize, res: &mut [f32; MR]) {
         let kb = a.k / QK;
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
-        let xq = a.qs.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut summ = [0f32; 2];
-        for b in 0..kb {
-            let y = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-            let (dx, sx) = (*a.d.get_unchecked(b), *a.s.get_unchecked(b));
-            for (i, p) in [p0, p1].into_iter().enumerate() {
-                let blk = p.add(b * 20);
-                let tmp = _mm_loadu_si128(blk.add(4) as *const __m128i);
-                let bx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp), mask);
-                let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(bx, y), ones);
-                let d = _mm256_set1_ps(f16_at(blk) * dx);
-                acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc[i]);
-                summ[i] += f16_at(blk.add(2)) * sx;
-            }
-        }
-        [hsum(acc[0]) + summ[0], hsum(acc[1]) + summ[1]]
-    }
-
-    /// Decode: two Q8_0 weight rows at once (see [`q4_1_pair`]).
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C; `w0`, `w1` are `a.k / 32` Q8_0 blocks; `a` has one row.
-    #[inline(never)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q8_0_pair(w0: &[u8], w1: &[u8], a: &QActs) -> [f32; 2] {
-        let kb = a.k / QK;
-        let ones = _mm256_set1_epi16(1);
-        let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
-        let xq = a.qs.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); 2];
-        for b in 0..kb {
-            let y = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-            let dx = *a.d.get_unchecked(b);
-            for (i, p) in [p0, p1].into_iter().enumerate() {
-                let blk = p.add(b * 34);
-                let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                let prod = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)),
-                    ones,
-                );
-                let d = _mm256_set1_ps(f16_at(blk) * dx);
-                acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc[i]);
-            }
-        }
-        [hsum(acc[0]), hsum(acc[1])]
-    }
-
-    /// Q8_0 weight row x Q8_0 activation rows (`ggml_vec_dot_q8_0_q8_0`).
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C; `row` is `a.k / 32` Q8_0 blocks; rows `r0..r0 + nr` exist in `a`.
-    #[inline(never)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q8_0_rows(row: &[u8], a: &QActs, r0: usize, nr: usize, res: &mut [f32; MR]) {
-        let kb = a.k / QK;
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); MR];
         let wp = row.as_ptr();
         let xq = a.qs.as_ptr();
@@ -478,7 +481,7 @@ mod avx2 {
             for (r, acc) in acc.iter_mut().enumerate().take(nr) {
                 let xi = (r0 + r) * kb + b;
                 let y = _mm256_loadu_si256(xq.add(xi * QK) as *const __m256i);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(y, w)), ones);
+                let p = P::dot(aw, _mm256_sign_epi8(y, w));
                 let d = _mm256_set1_ps(dw * *a.d.get_unchecked(xi));
                 *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
             }
@@ -487,8 +490,135 @@ mod avx2 {
             res[r] = hsum(acc[r]);
         }
     }
-}
 
+    /// Decode (one activation row): `R` Q4_1 weight rows at a time (rows `rb` bytes apart in
+    /// `w`), so that their FMA chains overlap; `out.len()` is a multiple of `R`. Each row keeps
+    /// llama.cpp's summation order, block by block.
+    #[inline(always)]
+    unsafe fn q4_1_decode<P: Us8, const R: usize>(w: &[u8], rb: usize, a: &QActs, out: &mut [f32]) {
+        let kb = a.k / QK;
+        let xq = a.qs.as_ptr();
+        for (g, o) in out.chunks_exact_mut(R).enumerate() {
+            let p0 = w.as_ptr().add(g * R * rb);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut summ = [0f32; R];
+            for b in 0..kb {
+                let y = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                let (dx, sx) = (*a.d.get_unchecked(b), *a.s.get_unchecked(b));
+                for i in 0..R {
+                    let blk = p0.add(i * rb + b * 20);
+                    let prod = P::dot(nibbles(blk), y);
+                    let d = _mm256_set1_ps(f16_at(blk) * dx);
+                    acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc[i]);
+                    summ[i] += f16_at(blk.add(2)) * sx;
+                }
+            }
+            for i in 0..R {
+                o[i] = hsum(acc[i]) + summ[i];
+            }
+        }
+    }
+
+    /// Decode: `R` Q8_0 weight rows at a time (see [`q4_1_decode`]).
+    #[inline(always)]
+    unsafe fn q8_0_decode<P: Us8, const R: usize>(w: &[u8], rb: usize, a: &QActs, out: &mut [f32]) {
+        let kb = a.k / QK;
+        let xq = a.qs.as_ptr();
+        for (g, o) in out.chunks_exact_mut(R).enumerate() {
+            let p0 = w.as_ptr().add(g * R * rb);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..kb {
+                let y = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                let dx = *a.d.get_unchecked(b);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let blk = p0.add(i * rb + b * 34);
+                    let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    let prod = P::dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(y, wv));
+                    let d = _mm256_set1_ps(f16_at(blk) * dx);
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), *acc);
+                }
+            }
+            for (o, acc) in o.iter_mut().zip(acc) {
+                *o = hsum(acc);
+            }
+        }
+    }
+
+    // The entry points: one per kernel and instruction set. Not inlined: a call per weight row
+    // (or group of rows) is noise next to its blocks, and profiles then show the kernels by name.
+    //
+    // # Safety (all)
+    // The CPU has the features named in `target_feature`; rows hold `a.k / 32` blocks of their
+    // format; rows `r0..r0 + nr` exist in `a` (one row for the decode kernels).
+
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1_rows_avx2(row: &[u8], a: &QActs, r0: usize, nr: usize, res: &mut [f32; MR]) {
+        q4_1_rows::<Maddubs>(row, a, r0, nr, res)
+    }
+
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0_rows_avx2(row: &[u8], a: &QActs, r0: usize, nr: usize, res: &mut [f32; MR]) {
+        q8_0_rows::<Maddubs>(row, a, r0, nr, res)
+    }
+
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1_decode_avx2<const R: usize>(
+        w: &[u8],
+        rb: usize,
+        a: &QActs,
+        out: &mut [f32],
+    ) {
+        q4_1_decode::<Maddubs, R>(w, rb, a, out)
+    }
+
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0_decode_avx2<const R: usize>(
+        w: &[u8],
+        rb: usize,
+        a: &QActs,
+        out: &mut [f32],
+    ) {
+        q8_0_decode::<Maddubs, R>(w, rb, a, out)
+    }
+
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn q4_1_rows_vnni(row: &[u8], a: &QActs, r0: usize, nr: usize, res: &mut [f32; MR]) {
+        q4_1_rows::<Dpbusd>(row, a, r0, nr, res)
+    }
+
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn q8_0_rows_vnni(row: &[u8], a: &QActs, r0: usize, nr: usize, res: &mut [f32; MR]) {
+        q8_0_rows::<Dpbusd>(row, a, r0, nr, res)
+    }
+
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn q4_1_decode_vnni<const R: usize>(
+        w: &[u8],
+        rb: usize,
+        a: &QActs,
+        out: &mut [f32],
+    ) {
+        q4_1_decode::<Dpbusd, R>(w, rb, a, out)
+    }
+
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn q8_0_decode_vnni<const R: usize>(
+        w: &[u8],
+        rb: usize,
+        a: &QActs,
+        out: &mut [f32],
+    ) {
+        q8_0_decode::<Dpbusd, R>(w, rb, a, out)
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -566,6 +696,128 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every instruction set this CPU has gives the same bits as AVX2 (the integer sums are
+    /// exact, the float operations the same in the same order), and the scalar reference within
+    /// rounding; decode shapes with tails (row counts not a multiple of the rows per call).
+    #[test]
+    fn every_instruction_set_agrees() {
+        let mut r = rng(11);
+        let levels: Vec<Simd> = [Simd::Avx2, Simd::Vnni]
+            .into_iter()
+            .filter(|&l| match l {
+                Simd::Avx2 => use_avx2(),
+                _ => use_avx2() && crate::engine::qgemm::use_vnni(),
+            })
+            .collect();
+        for format in [Format::Q4_1, Format::Q8_0] {
+            for (n, k) in [(1, 32), (7, 64), (45, 160)] {
+                let bytes = random_matrix(format, n, k, &mut r);
+                let len = bytes.len();
+                let w = QMatrix::new(format, n, k, Arc::new(bytes), 0..len).unwrap();
+                for m in [1, 5] {
+                    let x: Vec<f32> = (0..m * k).map(|_| r()).collect();
+                    let a = QActs::quantize(&x, k);
+                    let run = |l: Simd| {
+                        let mut y = vec![0f32; m * n];
+                        matmul_with(l, &[&w], &a, &mut [&mut y]);
+                        y
+                    };
+                    let scalar = run(Simd::Scalar);
+                    let mut first: Option<Vec<f32>> = None;
+                    for &l in &levels {
+                        let y = run(l);
+                        for (g, s) in y.iter().zip(&scalar) {
+                            assert!((g - s).abs() <= 1e-4 * (1.0 + s.abs()), "{l:?} {g} vs {s}");
+                        }
+                        match &first {
+                            Some(f) => assert_eq!(
+                                f, &y,
+                                "{l:?} differs from AVX2 ({format:?} {n}x{k} m={m})"
+                            ),
+                            None => first = Some(y),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Not a test: decode-shaped throughput of each instruction set on SmolLM2-135M's block
+    /// matrices (too large for the caches, as in a real decode).
+    /// `cargo test --release --lib qmatmul::tests::decode_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn decode_speed() {
+        let mut r = rng(5);
+        let k = 576;
+        let shapes = [
+            (576usize, 576usize),
+            (192, 576),
+            (192, 576),
+            (576, 576),
+            (1536, 576),
+            (1536, 576),
+            (576, 1536),
+        ];
+        let mats: Vec<QMatrix> = (0..30)
+            .flat_map(|_| shapes)
+            .map(|(n, k)| {
+                let b = random_matrix(Format::Q4_1, n, k, &mut r);
+                let l = b.len();
+                QMatrix::new(Format::Q4_1, n, k, Arc::new(b), 0..l).unwrap()
+            })
+            .collect();
+        let x: Vec<f32> = (0..1536).map(|_| r()).collect();
+        let a576 = QActs::quantize(&x[..k], k);
+        let a1536 = QActs::quantize(&x, 1536);
+        let mut best = [f64::MAX; 2];
+        for _round in 0..8 {
+            for (li, l) in [Simd::Avx2, Simd::Vnni].into_iter().enumerate() {
+                if l == Simd::Vnni && !crate::engine::qgemm::use_vnni() {
+                    continue;
+                }
+                let t = std::time::Instant::now();
+                let reps = 5;
+                for _ in 0..reps {
+                    for w in &mats {
+                        let a = if w.k == k { &a576 } else { &a1536 };
+                        let mut y = vec![0f32; w.n];
+                        matmul_with(l, &[w], a, &mut [&mut y]);
+                    }
+                }
+                best[li] = best[li].min(t.elapsed().as_secs_f64() * 1e3 / reps as f64);
+            }
+        }
+        println!(
+            "decode 30 layers: avx2 {:.2} ms, vnni {:.2} ms (min of 8)",
+            best[0], best[1]
+        );
+        // Prefill: 116 rows at once, on the first 4 layers.
+        let m = 116;
+        let x: Vec<f32> = (0..m * 1536).map(|_| r()).collect();
+        let p576 = QActs::quantize(&x[..m * k], k);
+        let p1536 = QActs::quantize(&x, 1536);
+        let mut bestp = [f64::MAX; 2];
+        for _round in 0..5 {
+            for (li, l) in [Simd::Avx2, Simd::Vnni].into_iter().enumerate() {
+                if l == Simd::Vnni && !crate::engine::qgemm::use_vnni() {
+                    continue;
+                }
+                let t = std::time::Instant::now();
+                for w in &mats[..28] {
+                    let a = if w.k == k { &p576 } else { &p1536 };
+                    let mut y = vec![0f32; w.n * m];
+                    matmul_with(l, &[w], a, &mut [&mut y]);
+                }
+                bestp[li] = bestp[li].min(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        println!(
+            "prefill 116 x 4 layers: avx2 {:.2} ms, vnni {:.2} ms (min of 5)",
+            bestp[0], bestp[1]
+        );
     }
 
     #[test]
