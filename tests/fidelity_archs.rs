@@ -280,3 +280,71 @@ fn unsupported_architecture_fails_at_load_naming_what_is_supported() {
         Err(EngineError::InvalidModel(_))
     ));
 }
+
+#[test]
+fn the_tolerance_tells_a_wrong_rope_pairing_apart() {
+    // qwen2 run as if it were llama (adjacent-pair RoPE instead of halves): the one thing that
+    // differs must move the logits past the tolerance, or the comparison above proves nothing.
+    let (bytes, fx) = fixture("qwen2");
+    let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(
+        (*bytes).as_ref(),
+    ))
+    .unwrap();
+    let wrong = LlamaGenerator::load_as(&content, &bytes, engine::llama::VARIANT).unwrap();
+    let item = &fx["items"][0];
+    let want = ids(&item["generated_ids"]);
+    let worst = wrong.with_state(|model, state| {
+        state.reset();
+        let mut logits = model.forward(state, &ids(&item["prompt_ids"])).unwrap();
+        let mut worst = 0f32;
+        for (s, r) in item["logits"].as_array().unwrap().iter().enumerate() {
+            worst = worst.max(max_abs_diff(&logits, &floats(r)));
+            logits = model.forward(state, &[want[s]]).unwrap();
+        }
+        worst
+    });
+    eprintln!("qwen2 with adjacent-pair RoPE: largest |logit - llama.cpp| {worst:.3}");
+    assert!(worst > 3.0 * TOLERANCE, "{worst}");
+}
+
+#[test]
+fn real_chat_templates_render_as_transformers_does() {
+    // Qwen2.5, Qwen3 and Llama 3.2's published templates (tests/fixtures/archs/templates/, from
+    // llama.cpp's models/templates) against transformers' renderer (templates.py wrote
+    // templates.json). Llama 3.2 writes today's date: that line is compared by its shape.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/archs/");
+    let cases: Value =
+        serde_json::from_slice(&std::fs::read(format!("{dir}templates.json")).unwrap()).unwrap();
+    let today = |s: &str| -> String {
+        s.lines()
+            .map(|l| match l.strip_prefix("Today Date: ") {
+                Some(d) => {
+                    let parts: Vec<&str> = d.split(' ').collect();
+                    assert!(
+                        parts.len() == 3 && parts[0].len() == 2 && parts[1].len() == 3,
+                        "date {d:?} is not %d %b %Y"
+                    );
+                    "Today Date: <date>".to_owned()
+                }
+                None => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for case in cases.as_array().unwrap() {
+        let name = case["template"].as_str().unwrap();
+        let src = std::fs::read_to_string(format!("{dir}templates/{name}")).unwrap();
+        let t = lambda_inference::engine::chat::ChatTemplate::new(
+            &src,
+            case["bos_token"].as_str().unwrap(),
+            case["eos_token"].as_str().unwrap(),
+        )
+        .unwrap();
+        let got = t.render(&messages(case), true).unwrap();
+        assert_eq!(
+            today(&got),
+            today(case["rendered"].as_str().unwrap()),
+            "{name}"
+        );
+    }
+}
