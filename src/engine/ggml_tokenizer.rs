@@ -28,6 +28,10 @@ const TYPE_USER_DEFINED: i32 = 4;
 /// Llama 3's pre-tokenizer regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2's (and Qwen3's) pre-tokenizer regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`): Llama 3's
+/// with single digits.
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Everything the generator needs from the GGUF's tokenizer metadata.
 pub struct GgmlVocab {
     pub tokenizer: Tokenizer,
@@ -75,6 +79,8 @@ pub fn load(meta: &Meta) -> Result<GgmlVocab, EngineError> {
         .collect();
     let pre = meta.str("tokenizer.ggml.pre").unwrap_or("default");
     let (pre_tok, ignore_merges) = pre_tokenizer(pre)?;
+    // llama.cpp adds BOS for the Llama 3 vocabularies unless the file says otherwise.
+    let add_bos_default = matches!(pre, "llama3" | "llama-bpe" | "llama-v3");
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .ignore_merges(ignore_merges)
@@ -135,7 +141,9 @@ pub fn load(meta: &Meta) -> Result<GgmlVocab, EngineError> {
         id.and_then(|i| tokens.get(i as usize).cloned())
             .unwrap_or_default()
     };
-    let add_bos = meta.bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
+    let add_bos = meta
+        .bool("tokenizer.ggml.add_bos_token")
+        .unwrap_or(add_bos_default);
     Ok(GgmlVocab {
         tokenizer,
         pieces,
@@ -181,21 +189,11 @@ fn pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool), EngineError> 
                 false,
             )
         }
+        // llama.cpp: the split regex, then bytes; Llama 3 skips merges for whole-word hits.
         "llama3" | "llama-bpe" | "llama-v3" | "dbrx" | "smaug-bpe" => {
-            let split = Split::new(
-                SplitPattern::Regex(LLAMA3_REGEX.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| EngineError::Tokenizer(format!("llama3 pre-tokenizer: {e}")))?;
-            (
-                PreTokenizerWrapper::Sequence(Sequence::new(vec![
-                    PreTokenizerWrapper::Split(split),
-                    byte_level(false),
-                ])),
-                true,
-            )
+            (split_then_bytes(LLAMA3_REGEX, pre)?, true)
         }
+        "qwen2" => (split_then_bytes(QWEN2_REGEX, pre)?, false),
         other => {
             tracing::warn!(
                 pre = other,
@@ -205,6 +203,20 @@ fn pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool), EngineError> 
             (byte_level(true), false)
         }
     })
+}
+
+/// A regex split (matches kept as pieces) followed by the byte-level mapping without GPT-2's regex.
+fn split_then_bytes(regex: &str, pre: &str) -> Result<PreTokenizerWrapper, EngineError> {
+    let split = Split::new(
+        SplitPattern::Regex(regex.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| EngineError::Tokenizer(format!("{pre} pre-tokenizer: {e}")))?;
+    Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+        PreTokenizerWrapper::Split(split),
+        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+    ])))
 }
 
 /// GPT-2's byte-level alphabet, reversed: the char each byte is written as -> the byte.

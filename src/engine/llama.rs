@@ -1,7 +1,10 @@
-//! Llama-architecture decoder (SmolLM2, Llama 2/3, Mistral-style GQA) from a GGUF as llama.cpp
-//! writes it: `token_embd`, `blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
-//! ffn_gate, ffn_up, ffn_down}`, `output_norm`, `output` (absent: tied to `token_embd`), hyper-
-//! parameters under `{arch}.*`.
+//! The llama-family decoder (SmolLM2, Llama 2/3.x, Mistral-style GQA, and through a [`Variant`]
+//! Qwen2 and Qwen3) from a GGUF as llama.cpp writes it: `token_embd`, `blk.N.{attn_norm, attn_q,
+//! attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}`, `output_norm`, `output`
+//! (absent: tied to `token_embd`), hyper-parameters under `{arch}.*`. Optional pieces are used
+//! when the file has them, as llama.cpp does: `attn_{q,k,v}.bias` (Qwen2), `rope_freqs` (the
+//! per-pair RoPE divisors llama.cpp's converter writes for Llama 3.1+'s `llama3` rope scaling);
+//! what a [`Variant`] requires is checked at load (`attn_{q,k}_norm` for Qwen3).
 //!
 //! The shape of candle-transformers' quantized_llama (Config from GGUF metadata, `load` +
 //! `forward` per block, checkpoint names), but the forward pass runs on f32 slices with the
@@ -31,6 +34,32 @@ use super::gguf::{self, Meta};
 use super::qmatmul::{matmul_many, Format, QActs, QMatrix, SharedBytes};
 use super::{EngineError, Generator, ModelInfo, ModelKind};
 
+/// How RoPE pairs the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i + 1)`: llama.cpp's "normal" RoPE. llama.cpp's converter permutes
+    /// the q/k rows of Llama checkpoints so that this matches Hugging Face's rotate-half.
+    Adjacent,
+    /// Halves `(i, i + rope_dim / 2)`: llama.cpp's NEOX RoPE, Hugging Face's rotate-half on
+    /// unpermuted weights (Qwen2, Qwen3).
+    Halves,
+}
+
+/// What a member of the llama family changes in the shared decoder. One per architecture file
+/// (`llama.rs`'s [`VARIANT`], `qwen2.rs`, `qwen3.rs`), named in `engine::DECODERS`.
+#[derive(Debug, Clone, Copy)]
+pub struct Variant {
+    pub rope: RopeStyle,
+    /// Per-head RMS norms of q and k before RoPE (`blk.N.attn_{q,k}_norm`, Qwen3): required.
+    pub qk_norm: bool,
+}
+
+/// Llama, Llama 2/3.x, SmolLM2, Mistral: adjacent-pair RoPE, no QK-norm.
+pub const VARIANT: Variant = Variant {
+    rope: RopeStyle::Adjacent,
+    qk_norm: false,
+};
+
 /// Hyper-parameters, from `{arch}.*` GGUF keys.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -38,10 +67,14 @@ pub struct Config {
     pub n_embd: usize,
     pub n_head: usize,
     pub n_head_kv: usize,
+    /// Width of one head: `{arch}.attention.key_length`, else `n_embd / n_head` (Qwen3's heads
+    /// are wider than that: q is `n_head * head_dim` wide, not `n_embd`).
     pub head_dim: usize,
     pub n_ff: usize,
     pub rope_dim: usize,
     pub rope_base: f32,
+    /// `1 / {arch}.rope.scaling.factor` for linear RoPE scaling, else 1.
+    pub rope_freq_scale: f32,
     pub rms_eps: f32,
     pub context_length: usize,
     pub vocab_size: usize,
@@ -57,12 +90,44 @@ impl Config {
         } else {
             n_head
         };
-        if n_head == 0 || n_head_kv == 0 || n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(EngineError::InvalidModel(format!(
-                "{arch}: {n_embd} wide with {n_head} heads / {n_head_kv} kv heads does not divide"
+                "{arch}: {n_head} heads / {n_head_kv} kv heads does not divide"
             )));
         }
-        let head_dim = n_embd / n_head;
+        let head_dim = if meta.has(&key("attention.key_length")) {
+            meta.usize(&key("attention.key_length"))?
+        } else if n_embd % n_head == 0 {
+            n_embd / n_head
+        } else {
+            0
+        };
+        let value_dim = if meta.has(&key("attention.value_length")) {
+            meta.usize(&key("attention.value_length"))?
+        } else {
+            head_dim
+        };
+        if head_dim == 0 || head_dim % 2 != 0 || value_dim != head_dim {
+            return Err(EngineError::InvalidModel(format!(
+                "{arch}: heads of {head_dim} (keys) / {value_dim} (values) wide on a {n_embd}-wide \
+                 model with {n_head} heads: this build needs equal, even key and value widths"
+            )));
+        }
+        // llama.cpp's `rope.scaling.type`: none and linear are a factor on every angle; Llama
+        // 3.1+'s scaling is not a type but the `rope_freqs` tensor (read at load).
+        let rope_freq_scale = match meta.str(&key("rope.scaling.type")).unwrap_or("none") {
+            "none" => 1.0,
+            "linear" => match meta.f32(&key("rope.scaling.factor")) {
+                Ok(f) if f > 0.0 => 1.0 / f,
+                _ => 1.0,
+            },
+            other => {
+                return Err(EngineError::InvalidModel(format!(
+                    "{arch}: RoPE scaling {other:?} is not supported (supported: none, linear, \
+                     and llama3's rope_freqs)"
+                )))
+            }
+        };
         let rope_dim = if meta.has(&key("rope.dimension_count")) {
             meta.usize(&key("rope.dimension_count"))?
         } else {
@@ -76,6 +141,7 @@ impl Config {
             head_dim,
             n_ff: meta.usize(&key("feed_forward_length"))?,
             rope_dim: rope_dim.min(head_dim),
+            rope_freq_scale,
             rope_base: if meta.has(&key("rope.freq_base")) {
                 meta.f32(&key("rope.freq_base"))?
             } else {
@@ -97,6 +163,11 @@ impl Config {
 
     fn kv_dim(&self) -> usize {
         self.n_head_kv * self.head_dim
+    }
+
+    /// Width of q and of the attention output: `n_head * head_dim`.
+    fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
     }
 }
 
@@ -182,6 +253,10 @@ struct Block {
     attn_q: QMatrix,
     attn_k: QMatrix,
     attn_v: QMatrix,
+    /// `attn_{q,k,v}.bias` when the file has them (Qwen2).
+    qkv_bias: Option<[Vec<f32>; 3]>,
+    /// `attn_{q,k}_norm` (`[head_dim]` each) when the variant has QK-norm (Qwen3).
+    qk_norm: Option<[Vec<f32>; 2]>,
     attn_output: QMatrix,
     ffn_norm: Vec<f32>,
     ffn_gate: QMatrix,
@@ -190,15 +265,35 @@ struct Block {
 }
 
 impl Block {
-    fn load(t: &Tensors, cfg: &Config, i: usize) -> Result<Self, EngineError> {
+    fn load(t: &Tensors, cfg: &Config, variant: &Variant, i: usize) -> Result<Self, EngineError> {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
-        let (d, kv, ff) = (cfg.n_embd, cfg.kv_dim(), cfg.n_ff);
+        let bias = |s: &str| format!("blk.{i}.{s}.bias");
+        let (d, qd, kv, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+        let qkv_bias = if t.has(&bias("attn_q")) {
+            Some([
+                t.vector(&bias("attn_q"), qd)?,
+                t.vector(&bias("attn_k"), kv)?,
+                t.vector(&bias("attn_v"), kv)?,
+            ])
+        } else {
+            None
+        };
+        let qk_norm = if variant.qk_norm {
+            Some([
+                t.vector(&n("attn_q_norm"), cfg.head_dim)?,
+                t.vector(&n("attn_k_norm"), cfg.head_dim)?,
+            ])
+        } else {
+            None
+        };
         Ok(Self {
             attn_norm: t.vector(&n("attn_norm"), d)?,
-            attn_q: t.matrix(&n("attn_q"), d, d)?,
+            attn_q: t.matrix(&n("attn_q"), qd, d)?,
             attn_k: t.matrix(&n("attn_k"), kv, d)?,
             attn_v: t.matrix(&n("attn_v"), kv, d)?,
-            attn_output: t.matrix(&n("attn_output"), d, d)?,
+            qkv_bias,
+            qk_norm,
+            attn_output: t.matrix(&n("attn_output"), d, qd)?,
             ffn_norm: t.vector(&n("ffn_norm"), d)?,
             ffn_gate: t.matrix(&n("ffn_gate"), ff, d)?,
             ffn_up: t.matrix(&n("ffn_up"), ff, d)?,
@@ -217,6 +312,10 @@ pub struct LlamaModel {
     output: QMatrix,
     /// RoPE `theta_scale = base^(-2 / rope_dim)`, llama.cpp's iteration factor.
     theta_scale: f32,
+    /// `rope_freqs` (`[rope_dim / 2]`): pair `i`'s angle is divided by `freq_factors[i]`
+    /// (Llama 3.1+); absent: all 1.
+    freq_factors: Option<Vec<f32>>,
+    variant: Variant,
 }
 
 /// Per-request mutable state: the KV cache. Reset between requests.
@@ -246,7 +345,12 @@ impl State {
 
 impl LlamaModel {
     /// Loads from a parsed GGUF whose tensor data lives in `bytes` (borrowed in place).
-    pub fn load(content: &Content, bytes: &SharedBytes, arch: &str) -> Result<Self, EngineError> {
+    pub fn load(
+        content: &Content,
+        bytes: &SharedBytes,
+        arch: &str,
+        variant: Variant,
+    ) -> Result<Self, EngineError> {
         let meta = Meta::of(content);
         let mut cfg = Config::from_gguf(&meta, arch)?;
         let t = Tensors { content, bytes };
@@ -264,10 +368,15 @@ impl LlamaModel {
             t.matrix("token_embd.weight", cfg.vocab_size, cfg.n_embd)?
         };
         let blocks = (0..cfg.n_layer)
-            .map(|i| Block::load(&t, &cfg, i))
+            .map(|i| Block::load(&t, &cfg, &variant, i))
             .collect::<Result<Vec<_>, _>>()?;
         let output_norm = t.vector("output_norm.weight", cfg.n_embd)?;
         let theta_scale = cfg.rope_base.powf(-2.0 / cfg.rope_dim as f32);
+        let freq_factors = if t.has("rope_freqs.weight") {
+            Some(t.vector("rope_freqs.weight", cfg.rope_dim / 2)?)
+        } else {
+            None
+        };
         Ok(Self {
             cfg,
             token_embd,
@@ -275,6 +384,8 @@ impl LlamaModel {
             output_norm,
             output,
             theta_scale,
+            freq_factors,
+            variant,
         })
     }
 
@@ -290,7 +401,7 @@ impl LlamaModel {
     /// keys and values to `state`, and returns the logits of the last token.
     pub fn forward(&self, state: &mut State, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
         let cfg = &self.cfg;
-        let (t, d, kvd) = (tokens.len(), cfg.n_embd, cfg.kv_dim());
+        let (t, d, qd, kvd) = (tokens.len(), cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
         if t == 0 {
             return Err(EngineError::InvalidModel("forward on no tokens".into()));
         }
@@ -312,10 +423,10 @@ impl LlamaModel {
         }
         let (cos, sin) = self.rope_tables(pos0, t);
         let mut h = vec![0f32; t * d];
-        let mut q = vec![0f32; t * d];
+        let mut q = vec![0f32; t * qd];
         let mut k = vec![0f32; t * kvd];
         let mut v = vec![0f32; t * kvd];
-        let mut att = vec![0f32; t * d];
+        let mut att = vec![0f32; t * qd];
         let mut o = vec![0f32; t * d];
         let mut gate = vec![0f32; t * cfg.n_ff];
         let mut up = vec![0f32; t * cfg.n_ff];
@@ -327,12 +438,22 @@ impl LlamaModel {
                 &a,
                 &mut [&mut q, &mut k, &mut v],
             );
-            rope(&mut q, cfg.head_dim, cfg.rope_dim, &cos, &sin);
-            rope(&mut k, cfg.head_dim, cfg.rope_dim, &cos, &sin);
+            if let Some([bq, bk, bv]) = &b.qkv_bias {
+                add_bias(&mut q, bq);
+                add_bias(&mut k, bk);
+                add_bias(&mut v, bv);
+            }
+            if let Some([nq, nk]) = &b.qk_norm {
+                rms_norm_in_place(&mut q, nq, cfg.rms_eps);
+                rms_norm_in_place(&mut k, nk, cfg.rms_eps);
+            }
+            let style = self.variant.rope;
+            rope(&mut q, style, cfg.head_dim, cfg.rope_dim, &cos, &sin);
+            rope(&mut k, style, cfg.head_dim, cfg.rope_dim, &cos, &sin);
             state.k[l].extend(k.iter().map(|&x| round_f16(x)));
             state.v[l].extend(v.iter().map(|&x| round_f16(x)));
             attention(cfg, &q, &state.k[l], &state.v[l], pos0, &mut att);
-            let a = QActs::quantize(&att, d);
+            let a = QActs::quantize(&att, qd);
             matmul_many(&[&b.attn_output], &a, &mut [&mut o]);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
 
@@ -361,16 +482,20 @@ impl LlamaModel {
     }
 
     /// `cos`/`sin` `[t, rope_dim / 2]` for positions `pos0..pos0 + t`, computed as llama.cpp does
-    /// (`theta = p; theta *= theta_scale` per pair, in f32).
+    /// (`theta = p; theta *= theta_scale` per pair, in f32; the angle used is
+    /// `freq_scale * theta / freq_factor[i]`, ggml's `rope_yarn` without its YaRN part).
     fn rope_tables(&self, pos0: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.cfg.rope_dim / 2;
+        let scale = self.cfg.rope_freq_scale;
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for p in pos0..pos0 + t {
             let mut theta = p as f32;
-            for _ in 0..half {
-                cos.push(theta.cos());
-                sin.push(theta.sin());
+            for i in 0..half {
+                let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
+                let angle = scale * (theta / ff);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
                 theta *= self.theta_scale;
             }
         }
@@ -395,7 +520,20 @@ pub struct LlamaGenerator {
 }
 
 impl LlamaGenerator {
+    /// Loads any architecture of the llama family ([`super::decoder_variant`]), as
+    /// `general.architecture` names it.
     pub fn load(content: &Content, bytes: &SharedBytes) -> Result<Self, EngineError> {
+        let arch = Meta::of(content).str(gguf::ARCHITECTURE)?.to_owned();
+        let variant = super::decoder_variant(&arch).ok_or_else(|| super::unsupported(&arch))?;
+        Self::load_as(content, bytes, variant)
+    }
+
+    /// Loads with the given variant of the decoder, whatever `general.architecture` says.
+    pub fn load_as(
+        content: &Content,
+        bytes: &SharedBytes,
+        variant: Variant,
+    ) -> Result<Self, EngineError> {
         let meta = Meta::of(content);
         let arch = meta.str(gguf::ARCHITECTURE)?.to_owned();
         // The tokenizer (a 49k-entry BPE) and the weights are independent: both cores.
@@ -408,7 +546,7 @@ impl LlamaGenerator {
                 r
             },
             || {
-                let r = LlamaModel::load(content, bytes, &arch);
+                let r = LlamaModel::load(content, bytes, &arch, variant);
                 tracing::debug!(weights_ms = ms(t0), "llama weights mapped");
                 r
             },
@@ -483,10 +621,19 @@ impl Generator for LlamaGenerator {
     }
 
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        self.template
+        let text = self
+            .template
             .as_ref()
             .ok_or(EngineError::NoChatTemplate)?
-            .render(messages, true)
+            .render(messages, true)?;
+        // Llama 3's template starts with `{{ bos_token }}` and its vocabulary adds BOS too:
+        // llama.cpp's chat code (common/chat.cpp) strips the rendered one so that the prompt
+        // holds a single BOS; so do we.
+        let bos = &self.vocab.bos_text;
+        match text.strip_prefix(bos.as_str()) {
+            Some(rest) if self.vocab.add_bos && !bos.is_empty() => Ok(rest.to_owned()),
+            _ => Ok(text),
+        }
     }
 
     fn max_token_bytes(&self) -> usize {
@@ -543,6 +690,22 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+fn add_bias(x: &mut [f32], b: &[f32]) {
+    for row in x.chunks_exact_mut(b.len()) {
+        row.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+    }
+}
+
+/// [`rms_norm`] of every `w.len()`-wide piece of `x` in place (QK-norm: one piece per head).
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for xr in x.chunks_exact_mut(d) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
+        xr.iter_mut().zip(w).for_each(|(v, &g)| *v = *v * scale * g);
+    }
+}
+
 /// Row-wise `x / sqrt(mean(x^2) + eps) * w` (sum of squares in f64, as llama.cpp).
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
@@ -555,9 +718,16 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// llama.cpp's "normal" RoPE (adjacent pairs; the GGUF converter permuted q/k for it) on every
-/// head of every row of `x` (`[t, heads * head_dim]`).
-fn rope(x: &mut [f32], head_dim: usize, rope_dim: usize, cos: &[f32], sin: &[f32]) {
+/// RoPE on the first `rope_dim` dimensions of every head of every row of `x`
+/// (`[t, heads * head_dim]`), pairing them as `style` says.
+fn rope(
+    x: &mut [f32],
+    style: RopeStyle,
+    head_dim: usize,
+    rope_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
     let half = rope_dim / 2;
     let t = cos.len() / half.max(1);
     let row_len = x.len() / t;
@@ -568,9 +738,13 @@ fn rope(x: &mut [f32], head_dim: usize, rope_dim: usize, cos: &[f32], sin: &[f32
         );
         for head in row.chunks_exact_mut(head_dim) {
             for i in 0..half {
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * c[i] - b * s[i];
-                head[2 * i + 1] = a * s[i] + b * c[i];
+                let (ia, ib) = match style {
+                    RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                    RopeStyle::Halves => (i, i + half),
+                };
+                let (a, b) = (head[ia], head[ib]);
+                head[ia] = a * c[i] - b * s[i];
+                head[ib] = a * s[i] + b * c[i];
             }
         }
     }
@@ -648,7 +822,7 @@ mod tests {
         // One row, head_dim 8, position with angles 1.0 (pair 0) and 0.5 (pair 1..).
         let cos = vec![1f32.cos(), 0.5f32.cos(), 0.0f32.cos(), 0.0f32.cos()];
         let sin = vec![1f32.sin(), 0.5f32.sin(), 0.0, 0.0];
-        rope(&mut x, 8, 8, &cos, &sin);
+        rope(&mut x, RopeStyle::Adjacent, 8, 8, &cos, &sin);
         let n1: f32 = x.iter().map(|v| v * v).sum();
         assert!((n0 - n1).abs() < 1e-4);
         assert!((x[0] - (1.0 * 1f32.cos() - 2.0 * 1f32.sin())).abs() < 1e-6);
@@ -666,6 +840,7 @@ mod tests {
             n_ff: 4,
             rope_dim: 2,
             rope_base: 10000.0,
+            rope_freq_scale: 1.0,
             rms_eps: 1e-5,
             context_length: 8,
             vocab_size: 1,

@@ -1,5 +1,12 @@
-//! Inference engines: tokenizers, the quantized BERT embedder and the llama generator (chat
-//! template, sampling, streaming text).
+//! Inference engines: tokenizers, the quantized BERT embedder and the llama-family generator
+//! (chat template, sampling, streaming text).
+//!
+//! The seam for a new decoder architecture: one file `engine/<arch>.rs` holding its
+//! [`llama::Variant`] (what it changes in the shared llama decoder: RoPE pairing, QK-norm; optional
+//! tensors such as q/k/v biases and `rope_freqs` are used whenever a file has them) plus one line
+//! in [`DECODERS`]. An architecture whose block the shared decoder cannot express (Gemma's extra
+//! norms and scaled embeddings, Phi-3's fused projections) needs a new `Variant` field, a branch
+//! in `llama.rs`, and a fixture in `tests/fixtures/archs/` that proves it against llama.cpp.
 //!
 //! Pure candle + tokenizers. This module must not import anything from AWS or Lambda, must not do
 //! I/O beyond reading the model bytes it is handed, and knows nothing about HTTP or JSON requests:
@@ -14,6 +21,8 @@ pub mod llama;
 pub mod ops;
 pub mod qgemm;
 pub mod qmatmul;
+pub mod qwen2;
+pub mod qwen3;
 
 use std::sync::Arc;
 
@@ -108,7 +117,8 @@ pub trait Embedder: Send + Sync {
     }
 }
 
-/// A text generator (chat and completions). Implemented by [`llama::LlamaGenerator`]; service
+/// A text generator (chat and completions). Implemented by [`llama::LlamaGenerator`] (every
+/// architecture in [`DECODERS`]); service
 /// tests use fakes built on the same [`generate::generate`] loop.
 ///
 /// `generate` is CPU-bound and blocking: callers run it off the async executor. Implementations
@@ -171,6 +181,37 @@ pub fn load_shared(bytes: SharedBytes) -> Result<Engine, EngineError> {
     load_inner((*b).as_ref(), move || bytes)
 }
 
+/// The decoder architectures this build serves: `general.architecture` -> the llama variant
+/// that runs it. Adding one: its file and one line here.
+pub const DECODERS: &[(&str, llama::Variant)] = &[
+    ("llama", llama::VARIANT),
+    ("qwen2", qwen2::VARIANT),
+    ("qwen3", qwen3::VARIANT),
+];
+
+/// The variant of the llama decoder that runs `arch`, if this build serves it.
+pub fn decoder_variant(arch: &str) -> Option<llama::Variant> {
+    DECODERS
+        .iter()
+        .find(|(name, _)| *name == arch)
+        .map(|(_, v)| *v)
+}
+
+/// Every `general.architecture` this build serves, for error messages and docs.
+pub fn supported_architectures() -> Vec<&'static str> {
+    std::iter::once("bert")
+        .chain(DECODERS.iter().map(|(name, _)| *name))
+        .collect()
+}
+
+/// The init-time refusal of a GGUF whose architecture this build does not serve.
+pub(crate) fn unsupported(arch: &str) -> EngineError {
+    EngineError::InvalidModel(format!(
+        "unsupported general.architecture {arch:?} (this build serves: {})",
+        supported_architectures().join(", ")
+    ))
+}
+
 fn load_inner(bytes: &[u8], shared: impl FnOnce() -> SharedBytes) -> Result<Engine, EngineError> {
     let t0 = std::time::Instant::now();
     let mut cursor = std::io::Cursor::new(bytes);
@@ -185,12 +226,13 @@ fn load_inner(bytes: &[u8], shared: impl FnOnce() -> SharedBytes) -> Result<Engi
         "bert" => Ok(Engine::Embedder(Arc::new(bert::BertEmbedder::load(
             &content, bytes,
         )?))),
-        "llama" => Ok(Engine::Generator(Arc::new(llama::LlamaGenerator::load(
-            &content,
-            &shared(),
-        )?))),
-        other => Err(EngineError::InvalidModel(format!(
-            "unsupported general.architecture {other:?} (this build serves: bert, llama)"
-        ))),
+        other => match decoder_variant(other) {
+            Some(variant) => Ok(Engine::Generator(Arc::new(llama::LlamaGenerator::load_as(
+                &content,
+                &shared(),
+                variant,
+            )?))),
+            None => Err(unsupported(other)),
+        },
     }
 }

@@ -206,6 +206,7 @@ impl Service {
             "kind": info.kind,
             "architecture": info.architecture,
             "quantization": info.quantization,
+            "context_length": info.max_seq_len,
         })
     }
 
@@ -227,6 +228,7 @@ impl Service {
             "quantization": info.quantization,
             "dimensions": info.dimensions,
             "max_seq_len": info.max_seq_len,
+            "context_length": info.max_seq_len,
             "threads": self.meta.threads,
             "state": if self.served.load(Ordering::Relaxed) { "warm" } else { "cold" },
             "init_ms": self.meta.init_ms,

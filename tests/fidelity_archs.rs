@@ -1,0 +1,350 @@
+//! Fidelity of the decoder architectures without a packaged model (qwen2, qwen3, Llama 3.x)
+//! against llama.cpp, on tiny random-weight Q8_0 GGUFs written by llama.cpp's own converter
+//! (tests/fixtures/archs/: the GGUFs, llama.cpp's answers as JSON, and make.py, which regenerates
+//! both; CI runs none of that, the fixtures are data).
+//!
+//! Per architecture and prompt: the GGUF's chat template renders llama.cpp's prompt text; the
+//! token ids are identical; llama.cpp's 16 greedy tokens are fed one by one (teacher forcing) and
+//! the full logits of every step are within [`TOLERANCE`] of llama.cpp's; our greedy choice is
+//! llama.cpp's at every step that is not a near-tie (llama.cpp's top two closer than twice the
+//! tolerance; with teacher forcing every step is judged on its own). The same ids through
+//! transformers in f32 show how far both engines are from the unquantized model: ours must not be
+//! further than llama.cpp is, plus the tolerance.
+
+use std::sync::Arc;
+
+use lambda_inference::engine::generate::argmax;
+use lambda_inference::engine::llama::LlamaGenerator;
+use lambda_inference::engine::{
+    self, ChatMessage, Engine, EngineError, Generator, ModelKind, SharedBytes,
+};
+use lambda_inference::service::{Limits, ModelMeta, Service};
+use serde_json::Value;
+
+/// Largest |our logit - llama.cpp's| allowed, over every vocabulary entry of every step. Both
+/// engines run the same Q8_0 weights with activations quantized to 8 bits per 32 values and an
+/// f16 KV cache; what differs is summation order and the f32 values each quantizes from, so a
+/// value can land on the other side of a rounding step (1/127 of its block's largest magnitude)
+/// and the two engines' activation-rounding errors are independent draws of the same size. That
+/// size is what each engine's distance from transformers f32 shows (docs/testing.md has the
+/// figures): the tolerance sits below it, so an engine error of the size of quantization noise
+/// would fail, while a wrong RoPE pairing, bias or norm moves logits by whole units (these models'
+/// logits have a standard deviation near 3).
+const TOLERANCE: f32 = 0.35;
+
+fn fixture(arch: &str) -> (SharedBytes, Value) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/archs/");
+    let bytes: SharedBytes = Arc::new(std::fs::read(format!("{dir}{arch}.gguf")).unwrap());
+    let fx = serde_json::from_slice(&std::fs::read(format!("{dir}{arch}.json")).unwrap()).unwrap();
+    (bytes, fx)
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn messages(item: &Value) -> Vec<ChatMessage> {
+    item["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| ChatMessage {
+            role: m["role"].as_str().unwrap().into(),
+            content: m["content"].as_str().unwrap().into(),
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "vocabulary sizes");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// top1 - top2 of `logits`.
+fn margin(logits: &[f32]) -> f32 {
+    let mut s = logits.to_vec();
+    s.sort_by(|a, b| b.total_cmp(a));
+    s[0] - s[1]
+}
+
+/// `fixture`: the file name under tests/fixtures/archs/; `arch`: its `general.architecture`.
+fn check(fixture_name: &str, arch: &str) {
+    let (bytes, fx) = fixture(fixture_name);
+    let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(
+        (*bytes).as_ref(),
+    ))
+    .unwrap();
+    let gen = LlamaGenerator::load(&content, &bytes).unwrap();
+    assert_eq!(gen.info().architecture, arch);
+    assert_eq!(gen.info().kind, ModelKind::Generator);
+    let (mut worst, mut worst_f32_ours, mut worst_f32_ref) = (0f32, 0f32, 0f32);
+    for (n, item) in fx["items"].as_array().unwrap().iter().enumerate() {
+        let text = gen.render_chat(&messages(item)).unwrap();
+        assert_eq!(
+            text,
+            item["prompt_text"].as_str().unwrap(),
+            "{arch} prompt {n}: template"
+        );
+        let prompt = gen.tokenize(&text).unwrap();
+        assert_eq!(
+            prompt,
+            ids(&item["prompt_ids"]),
+            "{arch} prompt {n}: token ids"
+        );
+
+        let want = ids(&item["generated_ids"]);
+        let refs: Vec<Vec<f32>> = item["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(floats)
+            .collect();
+        let f32s: Vec<Vec<f32>> = item["hf_f32_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(floats)
+            .collect();
+        let ours: Vec<Vec<f32>> = gen.with_state(|model, state| {
+            state.reset();
+            let mut out = vec![model.forward(state, &prompt).unwrap()];
+            for &id in &want[..want.len() - 1] {
+                out.push(model.forward(state, &[id]).unwrap());
+            }
+            out
+        });
+        let mut judged = 0;
+        for (s, ((o, r), h)) in ours.iter().zip(&refs).zip(&f32s).enumerate() {
+            let d = max_abs_diff(o, r);
+            worst = worst.max(d);
+            worst_f32_ours = worst_f32_ours.max(max_abs_diff(o, h));
+            worst_f32_ref = worst_f32_ref.max(max_abs_diff(r, h));
+            if std::env::var("FID_DEBUG").is_ok() {
+                eprintln!(
+                    "{arch} p{n} s{s}: |ours - llama.cpp| {d:.4}, |ours - f32| {:.4}, \
+                     |llama.cpp - f32| {:.4}, margin {:.3}",
+                    max_abs_diff(o, h),
+                    max_abs_diff(r, h),
+                    margin(r)
+                );
+            }
+            assert!(
+                d <= TOLERANCE,
+                "{arch} prompt {n} step {s}: logits differ from llama.cpp's by {d}"
+            );
+            if margin(r) >= 2.0 * TOLERANCE {
+                judged += 1;
+                assert_eq!(
+                    argmax(o),
+                    want[s],
+                    "{arch} prompt {n} step {s}: greedy token"
+                );
+            }
+        }
+        eprintln!(
+            "{arch} prompt {n}: {} prompt ids equal; greedy token equal at the {judged} of {} \
+             steps that are not near-ties",
+            prompt.len(),
+            want.len()
+        );
+    }
+    eprintln!(
+        "{arch}: largest |logit - llama.cpp| {worst:.4} (tolerance {TOLERANCE}); against \
+         transformers f32: ours {worst_f32_ours:.3}, llama.cpp {worst_f32_ref:.3}"
+    );
+    assert!(
+        worst_f32_ours <= worst_f32_ref + TOLERANCE,
+        "{arch}: further from the f32 model than llama.cpp is"
+    );
+}
+
+#[test]
+fn qwen2_matches_llama_cpp() {
+    check("qwen2", "qwen2");
+}
+
+#[test]
+fn qwen3_matches_llama_cpp() {
+    check("qwen3", "qwen3");
+}
+
+#[test]
+fn llama3_matches_llama_cpp() {
+    check("llama3", "llama");
+}
+
+#[test]
+fn generation_through_the_trait_stops_and_streams() {
+    // The same greedy tokens through `Generator::generate` (the path the service uses), for the
+    // architecture whose vocabulary adds BOS and whose template writes it too.
+    let (bytes, fx) = fixture("llama3");
+    let gen = match engine::load_shared(bytes).unwrap() {
+        Engine::Generator(g) => g,
+        Engine::Embedder(_) => panic!("llama3 loaded as an embedder"),
+    };
+    let item = &fx["items"][0];
+    let prompt = gen
+        .tokenize(&gen.render_chat(&messages(item)).unwrap())
+        .unwrap();
+    assert_eq!(prompt, ids(&item["prompt_ids"]));
+    let want = ids(&item["generated_ids"]);
+    let first_tie = item["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|l| margin(&floats(l)) < 2.0 * TOLERANCE)
+        .unwrap_or(want.len());
+    let params = lambda_inference::engine::GenerateParams {
+        max_tokens: want.len(),
+        ..Default::default()
+    };
+    let mut streamed = String::new();
+    let out = gen
+        .generate(&prompt, &params, &mut |s| streamed.push_str(s))
+        .unwrap();
+    assert_eq!(&out.token_ids[..first_tie], &want[..first_tie]);
+    assert_eq!(streamed, out.text);
+}
+
+#[test]
+fn info_and_service_report_architecture_and_context_length() {
+    for (name, arch, ctx) in [
+        ("qwen2", "qwen2", 4096),
+        ("qwen3", "qwen3", 4096),
+        ("llama3", "llama", 8192),
+    ] {
+        let (bytes, _) = fixture(name);
+        let engine = engine::load_shared(bytes).unwrap();
+        assert_eq!(engine.info().architecture, arch);
+        assert_eq!(
+            engine.info().max_seq_len,
+            ctx,
+            "{arch}: {arch}.context_length"
+        );
+        let svc = Service::new(engine, Limits::default(), ModelMeta::default());
+        let models = svc.models();
+        assert_eq!(models["data"][0]["architecture"], arch);
+        assert_eq!(models["data"][0]["context_length"], ctx);
+        let health = svc.health();
+        assert_eq!(health["architecture"], arch);
+        assert_eq!(health["context_length"], ctx);
+    }
+}
+
+#[test]
+fn unsupported_architecture_fails_at_load_naming_what_is_supported() {
+    // The qwen2 fixture relabelled: every "qwen2" in the header (the architecture and its
+    // `qwen2.*` keys) becomes "gpt99", same length, so the file stays a valid GGUF.
+    let (bytes, _) = fixture("qwen2");
+    let mut b = (*bytes).as_ref().to_vec();
+    let (from, to) = (b"qwen2", b"gpt99");
+    let mut i = 0;
+    while i + from.len() <= b.len() {
+        if &b[i..i + from.len()] == from {
+            b[i..i + from.len()].copy_from_slice(to);
+        }
+        i += 1;
+    }
+    let err = match engine::load(&b) {
+        Err(e) => e,
+        Ok(_) => panic!("an unknown architecture loaded"),
+    };
+    let EngineError::InvalidModel(msg) = &err else {
+        panic!("not InvalidModel: {err}")
+    };
+    assert!(msg.contains("\"gpt99\""), "{msg}");
+    for arch in ["bert", "llama", "qwen2", "qwen3"] {
+        assert!(msg.contains(arch), "{msg} does not name {arch}");
+    }
+    // The generator's own entry point refuses it the same way.
+    let content =
+        candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&b)).unwrap();
+    let shared: SharedBytes = Arc::new(b.clone());
+    assert!(matches!(
+        LlamaGenerator::load(&content, &shared),
+        Err(EngineError::InvalidModel(_))
+    ));
+}
+
+#[test]
+fn the_tolerance_tells_a_wrong_rope_pairing_apart() {
+    // qwen2 run as if it were llama (adjacent-pair RoPE instead of halves): the one thing that
+    // differs must move the logits past the tolerance, or the comparison above proves nothing.
+    let (bytes, fx) = fixture("qwen2");
+    let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(
+        (*bytes).as_ref(),
+    ))
+    .unwrap();
+    let wrong = LlamaGenerator::load_as(&content, &bytes, engine::llama::VARIANT).unwrap();
+    let item = &fx["items"][0];
+    let want = ids(&item["generated_ids"]);
+    let worst = wrong.with_state(|model, state| {
+        state.reset();
+        let mut logits = model.forward(state, &ids(&item["prompt_ids"])).unwrap();
+        let mut worst = 0f32;
+        for (s, r) in item["logits"].as_array().unwrap().iter().enumerate() {
+            worst = worst.max(max_abs_diff(&logits, &floats(r)));
+            logits = model.forward(state, &[want[s]]).unwrap();
+        }
+        worst
+    });
+    eprintln!("qwen2 with adjacent-pair RoPE: largest |logit - llama.cpp| {worst:.3}");
+    assert!(worst > 3.0 * TOLERANCE, "{worst}");
+}
+
+#[test]
+fn real_chat_templates_render_as_transformers_does() {
+    // Qwen2.5, Qwen3 and Llama 3.2's published templates (tests/fixtures/archs/templates/, from
+    // llama.cpp's models/templates) against transformers' renderer (templates.py wrote
+    // templates.json). Llama 3.2 writes today's date: that line is compared by its shape.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/archs/");
+    let cases: Value =
+        serde_json::from_slice(&std::fs::read(format!("{dir}templates.json")).unwrap()).unwrap();
+    let today = |s: &str| -> String {
+        s.lines()
+            .map(|l| match l.strip_prefix("Today Date: ") {
+                Some(d) => {
+                    let parts: Vec<&str> = d.split(' ').collect();
+                    assert!(
+                        parts.len() == 3 && parts[0].len() == 2 && parts[1].len() == 3,
+                        "date {d:?} is not %d %b %Y"
+                    );
+                    "Today Date: <date>".to_owned()
+                }
+                None => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for case in cases.as_array().unwrap() {
+        let name = case["template"].as_str().unwrap();
+        let src = std::fs::read_to_string(format!("{dir}templates/{name}")).unwrap();
+        let t = lambda_inference::engine::chat::ChatTemplate::new(
+            &src,
+            case["bos_token"].as_str().unwrap(),
+            case["eos_token"].as_str().unwrap(),
+        )
+        .unwrap();
+        let got = t.render(&messages(case), true).unwrap();
+        assert_eq!(
+            today(&got),
+            today(case["rendered"].as_str().unwrap()),
+            "{name}"
+        );
+    }
+}
