@@ -223,6 +223,7 @@ fn a_restored_environment_reads_its_keys_and_credentials_again_and_serves() {
     let restored = f.line("after_restore", |v| v["target"] == "after_restore");
     let report: Value =
         serde_json::from_str(restored["fields"]["report"].as_str().unwrap()).unwrap();
+    eprintln!("after_restore: {report}");
     assert_eq!(report["digest"], "file re-hashed", "{report}");
     assert_eq!(report["api_keys"], 1, "{report}");
     assert_eq!(
