@@ -13,7 +13,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use serde_json::{json, Value};
 
 use crate::api::ApiKeys;
-use crate::artifacts::{self, Artifact, ArtifactError, FetchStats, ModelDigest};
+use crate::artifacts::{self, Artifact, ArtifactError, ArtifactStore, FetchStats, ModelDigest};
 use crate::config::Config;
 use crate::engine::{self, EngineError, SharedBytes};
 use crate::service::{ModelMeta, Service};
@@ -33,6 +33,12 @@ pub enum InitError {
     /// rather than serving without the authentication the deployment asked for.
     #[error("{message}")]
     AuthConfig { message: String, permanent: bool },
+    /// SnapStart's after-restore step failed for a reason the other variants do not name.
+    #[error("{message}")]
+    Restore {
+        error_type: &'static str,
+        message: String,
+    },
 }
 
 impl InitError {
@@ -45,6 +51,7 @@ impl InitError {
             InitError::Engine(_) => true,
             InitError::Panicked(_) => false,
             InitError::AuthConfig { permanent, .. } => *permanent,
+            InitError::Restore { .. } => true,
         }
     }
 
@@ -54,6 +61,7 @@ impl InitError {
             InitError::Engine(_) => "InvalidModel",
             InitError::Panicked(_) => "InitPanic",
             InitError::AuthConfig { .. } => "AuthConfig",
+            InitError::Restore { error_type, .. } => error_type,
         }
     }
 }
@@ -364,6 +372,113 @@ impl LazyApp {
     pub fn config(&self) -> &Config {
         &self.config
     }
+
+    /// SnapStart's after-restore work: what init made once and every environment restored from
+    /// the snapshot would otherwise share or trust without looking.
+    ///
+    /// 1. Randomness: nothing here keeps random state from init (job ids read getrandom(2) per id,
+    ///    sampling seeds are drawn per request), so there is nothing to re-seed; the hook draws
+    ///    the environment's own id from the kernel after the restore, so that restored
+    ///    environments are told apart in the logs (SnapStart environments have no log stream
+    ///    name).
+    /// 2. Credentials: the SDK clients init made (job results, queue) cached the credentials of
+    ///    the environment that was snapshotted; they are rebuilt from a fresh SDK configuration,
+    ///    which fetches this environment's own credentials on its first call.
+    /// 3. API keys: read again from API_KEYS_SECRET_ARN (the secret may have been rotated since
+    ///    the snapshot was taken).
+    /// 4. Model digest: a model mapped from a file (the image's) is hashed again and must match
+    ///    the digest verified at init; a model downloaded from S3 is not fetched again (that is
+    ///    the work SnapStart saves): its recorded digest is checked against MODEL_SHA256.
+    ///
+    /// Then the served App is replaced by one with the new clients and keys (the engine is
+    /// shared, not rebuilt). An error fails the restore: the caller reports it to the Runtime
+    /// API's restore error path and nothing is served from this environment.
+    pub async fn after_restore(&self) -> Result<RestoreReport, InitError> {
+        let t0 = Instant::now();
+        let app = self.get().await.map_err(|e| InitError::Restore {
+            error_type: e.error_type(),
+            message: format!("the snapshot holds no loaded model: {e}"),
+        })?;
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| InitError::Restore {
+            error_type: "RestoreFailed",
+            message: format!("getrandom after restore: {e}"),
+        })?;
+        let environment = crate::hex::hex(&id);
+        let config = self.config.clone();
+        let meta = app.service.meta().clone();
+        let t_digest = Instant::now();
+        let digest = recheck_digest(&config, &meta.sha256).await?;
+        let digest_ms = t_digest.elapsed().as_secs_f64() * 1e3;
+        let (jobs, keys) = tokio::join!(crate::jobs::aws::ports(&config), api_keys(&config));
+        let keys = keys?;
+        let report = RestoreReport {
+            environment,
+            sha256: meta.sha256.clone(),
+            digest,
+            digest_ms,
+            api_keys: keys.as_ref().map(ApiKeys::len),
+            jobs: jobs.results.is_some() || jobs.queue.is_some(),
+            total_ms: 0.0,
+        };
+        let service =
+            Service::new(app.service.engine().clone(), config.limits, meta).with_jobs(jobs);
+        let restored = App {
+            service: match keys {
+                Some(keys) => service.with_api_keys(keys),
+                None => service,
+            },
+            report: app.report.clone(),
+        };
+        let ready: LoadFuture = futures_util::future::ready(Ok(Arc::new(restored)))
+            .boxed()
+            .shared();
+        *self.current.lock().expect("never held across a panic") = Some(ready);
+        Ok(RestoreReport {
+            total_ms: t0.elapsed().as_secs_f64() * 1e3,
+            ..report
+        })
+    }
+}
+
+/// What [`LazyApp::after_restore`] did, for the `after_restore` log line.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreReport {
+    /// This environment's id, drawn after the restore (16 hex digits).
+    pub environment: String,
+    /// The digest of the model served (verified at init, checked again here).
+    pub sha256: String,
+    /// How the digest was checked: `file re-hashed` or `recorded, against MODEL_SHA256`.
+    pub digest: &'static str,
+    pub digest_ms: f64,
+    /// How many API keys were read again (None: none are checked here).
+    pub api_keys: Option<usize>,
+    /// Whether job clients were rebuilt (RESULTS_URI or JOBS_QUEUE_URL set).
+    pub jobs: bool,
+    pub total_ms: f64,
+}
+
+/// The digest check of [`LazyApp::after_restore`]: says how it checked, or fails with the
+/// artifact's DigestMismatch.
+async fn recheck_digest(config: &Config, verified: &str) -> Result<&'static str, InitError> {
+    let expected = config.model_sha256.as_deref();
+    match &config.model_uri {
+        uri @ crate::config::ModelUri::File(_) => {
+            let art = artifacts::FileArtifactStore.fetch(uri).await?;
+            let source = art.source.clone();
+            let sha = tokio::task::spawn_blocking(move || artifacts::sha256_hex(&art.bytes))
+                .await
+                .map_err(|e| InitError::Panicked(format!("digest after restore: {e}")))?;
+            // Against what init verified, and against MODEL_SHA256 when it is set.
+            artifacts::verify(&source, &sha, Some(verified))?;
+            artifacts::verify(&source, &sha, expected)?;
+            Ok("file re-hashed")
+        }
+        uri => {
+            artifacts::verify(&uri.to_string(), verified, expected)?;
+            Ok("recorded, against MODEL_SHA256")
+        }
+    }
 }
 
 /// The cold start of one execution environment, from process start to the first answer.
@@ -377,8 +492,10 @@ pub struct ColdStart {
     pub continued_into_invoke: bool,
     /// The first invoke: awaiting the rest of the load (if any) + answering.
     pub first_invoke_ms: f64,
-    /// Process start -> first answer ready.
+    /// Process start (a SnapStart environment: its restore) -> first answer ready.
     pub total_ms: f64,
+    /// SnapStart: how long the after-restore hooks took; `None` when not restored.
+    pub restore_ms: Option<f64>,
 }
 
 /// The cold-start breakdown as one JSON object that is both a structured log line and a
@@ -425,6 +542,8 @@ pub fn cold_start_record(
         "load_ms": init.total_ms,
         "init_wait_ms": cold.init_wait_ms,
         "continued_into_invoke": cold.continued_into_invoke,
+        "restored": cold.restore_ms.is_some(),
+        "restore_ms": cold.restore_ms,
     })
 }
 

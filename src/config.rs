@@ -300,11 +300,15 @@ declare! {
             unset: "unset",
             doc: "more accepted API keys, comma-separated (local runs and tests)",
         }
-        provisioned: Option<bool> {
+        init_type: Option<InitType> {
             name: AWS_LAMBDA_INITIALIZATION_TYPE,
-            parse: |v| Ok(v.trim() == "provisioned-concurrency"),
+            parse: |v| Ok(match v.trim() {
+                "provisioned-concurrency" => InitType::Provisioned,
+                "snap-start" => InitType::SnapStart,
+                _ => InitType::OnDemand,
+            }),
             unset: "set by Lambda",
-            doc: "`provisioned-concurrency`: the whole model load happens at init",
+            doc: "`provisioned-concurrency` or `snap-start`: the whole model load happens at init; `snap-start` also runs the after-restore hooks",
         }
         model_id: Option<String> {
             name: MODEL_ID,
@@ -444,8 +448,13 @@ pub struct Config {
     /// second for the runtime to register.
     pub init_budget: Duration,
     /// AWS_LAMBDA_INITIALIZATION_TYPE=provisioned-concurrency: init has no 10 s cap there and is
-    /// not on a caller's clock, so the whole load happens at init whatever the budget.
+    /// not on a caller's clock, so the whole load happens at init whatever the budget. Also
+    /// under `snap-start`: the snapshot must hold the loaded model, or every environment restored
+    /// from it would load the model again on its first invoke.
     pub wait_for_whole_load: bool,
+    /// AWS_LAMBDA_INITIALIZATION_TYPE=snap-start: init ends in a snapshot, and the runtime runs
+    /// the after-restore hooks (`app::LazyApp::after_restore`) before the first invoke.
+    pub snap_start: bool,
     /// FUNCTION_URL_INVOKE_MODE=RESPONSE_STREAM: the function's URL streams (the template's does),
     /// so every Function URL answer goes out through response streaming (metadata prelude + body),
     /// not only `stream: true` ones; a buffered answer would reach the client as the raw envelope.
@@ -475,6 +484,14 @@ pub struct Config {
     /// variable is readable by anyone who can read the function's configuration). Hashed here;
     /// the plain keys are not kept.
     pub api_keys: Option<ApiKeys>,
+}
+
+/// How Lambda started this execution environment (AWS_LAMBDA_INITIALIZATION_TYPE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitType {
+    OnDemand,
+    Provisioned,
+    SnapStart,
 }
 
 /// Model download settings (S3). The defaults are measured (README "Model from S3" has the
@@ -538,7 +555,8 @@ impl Config {
             fetch,
             s3_force_path_style: v.s3_force_path_style.unwrap_or(v.s3_endpoint.is_some()),
             init_budget: Duration::from_millis(v.init_budget_ms),
-            wait_for_whole_load: v.provisioned.unwrap_or(false),
+            wait_for_whole_load: v.init_type.is_some_and(|t| t != InitType::OnDemand),
+            snap_start: v.init_type == Some(InitType::SnapStart),
             function_url_streaming: v.function_url_streaming,
             rest_api_streaming: v.rest_api_streaming,
             int8_kernel: v.int8_kernel,
@@ -868,8 +886,11 @@ mod tests {
         assert_eq!(c.fetch.deadline, Duration::from_secs(5));
         assert_eq!(c.init_budget, Duration::from_millis(250));
         assert!(c.wait_for_whole_load && c.s3_force_path_style);
+        assert!(!c.snap_start);
         let c = cfg(&[("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")]).unwrap();
-        assert!(!c.wait_for_whole_load);
+        assert!(!c.wait_for_whole_load && !c.snap_start);
+        let c = cfg(&[("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")]).unwrap();
+        assert!(c.wait_for_whole_load && c.snap_start);
     }
 
     #[test]

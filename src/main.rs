@@ -7,7 +7,13 @@
 //! 3. init waits up to INIT_BUDGET_MS (9 s: Lambda kills an on-demand init at 10 s), or for the
 //!    whole load under provisioned concurrency; a load that fails in that time is reported on the
 //!    Runtime API's init error path with its stable error type, and the process exits;
-//! 4. the runtime loop starts; the first invoke awaits the rest of the load if there is any, and a
+//! 4. under SnapStart (AWS_LAMBDA_INITIALIZATION_TYPE=snap-start), lambda_runtime asks the Runtime
+//!    API for `/restore/next`, Lambda snapshots the environment while that request waits, and it
+//!    returns in each environment restored from the snapshot; the runtime then runs
+//!    [`SnapStartHooks::after_restore`] (`app::LazyApp::after_restore`: fresh credentials, API keys
+//!    read again, model digest checked again), whose failure lambda_runtime reports on
+//!    `/restore/error`. Elsewhere lambda_runtime skips the step;
+//! 5. the runtime loop starts; the first invoke awaits the rest of the load if there is any, and a
 //!    failure then answers that invoke with the same error type.
 //!
 //! Responses are buffered JSON, except through the doors that invoke the function with response
@@ -20,6 +26,7 @@
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use lambda_inference::app::{self, ColdStart, LazyApp};
@@ -30,7 +37,8 @@ use lambda_inference::events::{self, EventReply, Invocation, Source};
 use lambda_inference::metrics;
 use lambda_inference::service::{meter, SseStream};
 use lambda_runtime::{
-    service_fn, Diagnostic, Error, FunctionResponse, LambdaEvent, MetadataPrelude, StreamResponse,
+    service_fn, BoxFuture, Diagnostic, Error, FunctionResponse, LambdaEvent, MetadataPrelude,
+    Runtime, SnapStartResource, StreamResponse,
 };
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -56,7 +64,7 @@ fn main() -> Result<(), Error> {
         .build()?;
     rt.block_on(async move {
         let budget = (!config.wait_for_whole_load).then_some(config.init_budget);
-        let lazy = LazyApp::start(config);
+        let lazy = Arc::new(LazyApp::start(config));
         let waited = match budget {
             Some(b) => lazy.wait(b).await,
             None => Some(lazy.get().await),
@@ -78,12 +86,17 @@ fn main() -> Result<(), Error> {
             ..ColdStart::default()
         };
         let first_done = AtomicBool::new(false);
-        let (lazy, cold, first_done) = (&lazy, &cold, &first_done);
+        let hooks = Arc::new(SnapStartHooks {
+            lazy: lazy.clone(),
+            restored: OnceLock::new(),
+        });
+        let (lazy, cold, first_done, restored) = (&*lazy, &cold, &first_done, &hooks.restored);
         // The payload arrives as raw JSON text and is parsed here, not by lambda_runtime: JSON
         // that Lambda delivers but serde_json refuses as a Value (a lone surrogate escape such as
         // "\ud800", nesting deeper than 128) must get a 400 in the client's shape, not a
         // Lambda-level error named after a Rust type. Capturing raw text checks neither.
-        lambda_runtime::run(service_fn(move |event: LambdaEvent<Box<RawValue>>| {
+        // lambda_runtime::run, plus the SnapStart hooks (run only under SnapStart).
+        let handler = service_fn(move |event: LambdaEvent<Box<RawValue>>| {
             // Every log line of the invoke carries its request id (`span.requestId` in the JSON
             // log), as its metrics record does (`requestId`).
             let span = tracing::info_span!("invoke", requestId = %event.context.request_id);
@@ -158,9 +171,16 @@ fn main() -> Result<(), Error> {
                     });
                 }
                 if !first_done.swap(true, Ordering::Relaxed) {
+                    // A restored environment's cold start runs from its restore: init happened
+                    // when the version was published.
+                    let (since, restore_ms) = match restored.get() {
+                        Some(&(at, ms)) => (at, Some(ms)),
+                        None => (t_start, None),
+                    };
                     let cold = ColdStart {
                         first_invoke_ms: t.elapsed().as_secs_f64() * 1e3,
-                        total_ms: t_start.elapsed().as_secs_f64() * 1e3,
+                        total_ms: since.elapsed().as_secs_f64() * 1e3,
+                        restore_ms,
                         ..cold.clone()
                     };
                     emit_cold_start(&app.report, &cold, lazy.config().function_name.as_deref());
@@ -169,9 +189,49 @@ fn main() -> Result<(), Error> {
                 Ok::<FunctionResponse<Value, SseBody>, Diagnostic>(respond(reply, streams))
             }
             .instrument(span)
-        }))
-        .await
+        });
+        Runtime::new(handler)
+            .layer(lambda_runtime::layers::TracingLayer::new())
+            .register_snapstart_resource(hooks.clone())
+            .run()
+            .await
     })
+}
+
+/// The SnapStart hooks lambda_runtime runs around `/restore/next` (only when
+/// AWS_LAMBDA_INITIALIZATION_TYPE=snap-start). Nothing to do before the snapshot: init waited for
+/// the whole load, and no connection is held open between invokes.
+struct SnapStartHooks {
+    lazy: Arc<LazyApp>,
+    /// When the restore's hooks started, and how long they took (ms): set once they succeeded.
+    restored: OnceLock<(Instant, f64)>,
+}
+
+impl SnapStartResource for SnapStartHooks {
+    fn after_restore(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            let t = Instant::now();
+            match self.lazy.after_restore().await {
+                Ok(report) => {
+                    let _ = self.restored.set((t, report.total_ms));
+                    tracing::info!(
+                        target: "after_restore",
+                        report = %serde_json::json!(report),
+                        "restored from a SnapStart snapshot"
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    // lambda_runtime posts this to /restore/error (errorType: the Rust type's
+                    // name); the stable type goes to the log and the init_error record.
+                    let function = function_name(self.lazy.config());
+                    tracing::error!(error_type = e.error_type(), error = %e, "after-restore hook failed");
+                    emit_init_error(&function, e.error_type(), &e.to_string());
+                    Err(Error::from(format!("{}: {e}", e.error_type())))
+                }
+            }
+        })
+    }
 }
 
 /// The cold-start breakdown: one EMF line on stdout (metrics + the whole breakdown), and the same

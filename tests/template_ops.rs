@@ -3,7 +3,9 @@
 //! against `metrics::RECORDS`, namespace, name and dimensions; AWS's metrics against the few this
 //! template uses, on this stack's resources); the dashboard's metrics likewise; alarm actions only
 //! with an AlarmEmail; provisioned-concurrency autoscaling and its schedule only when asked for;
-//! GradualDeployment makes a CodeDeploy group that rolls back on the error alarms.
+//! GradualDeployment makes a CodeDeploy group that rolls back on the error alarms; SnapStart only
+//! on the API function's published versions when asked for, and never with provisioned
+//! concurrency (the template's rule refuses the combination).
 //!
 //! Runs `scripts/translate-template --resolve` (Python 3 with samtranslator, as tests/template_iam.rs).
 
@@ -494,6 +496,97 @@ fn gradual_deployment_rolls_back_on_the_error_alarms() {
         assert!(
             alias["UpdatePolicy"]["CodeDeployLambdaAliasUpdate"].is_object(),
             "{kind}: `live` moves through CodeDeploy"
+        );
+    }
+}
+
+/// A rule's intrinsic (Fn::Equals, Fn::Not, Fn::And, Fn::Or, Ref to a parameter) with these
+/// parameter values, as CloudFormation evaluates `Rules` before it creates anything.
+fn rule_value(v: &Value, params: &[(&str, &str)]) -> Value {
+    let o = v.as_object();
+    let Some((k, arg)) = o.and_then(|o| o.iter().next()) else {
+        return v.clone();
+    };
+    let args = || {
+        arg.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| rule_value(a, params))
+    };
+    match k.as_str() {
+        "Ref" => {
+            let name = arg.as_str().unwrap();
+            let (_, value) = params
+                .iter()
+                .find(|(p, _)| *p == name)
+                .unwrap_or_else(|| panic!("rule refers to parameter {name}, not set here"));
+            Value::String((*value).into())
+        }
+        "Fn::Equals" => {
+            let a: Vec<Value> = args().collect();
+            Value::Bool(a[0] == a[1])
+        }
+        "Fn::Not" => Value::Bool(!args().next().unwrap().as_bool().unwrap()),
+        "Fn::And" => Value::Bool(args().all(|a| a.as_bool().unwrap())),
+        "Fn::Or" => Value::Bool(args().any(|a| a.as_bool().unwrap())),
+        other => panic!("rule function {other} not evaluated here"),
+    }
+}
+
+/// Whether the template's rules accept these parameter values.
+fn rules_accept(t: &Value, params: &[(&str, &str)]) -> bool {
+    t["Rules"].as_object().unwrap().values().all(|rule| {
+        let applies = rule
+            .get("RuleCondition")
+            .is_none_or(|c| rule_value(c, params) == Value::Bool(true));
+        !applies
+            || rule["Assertions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| rule_value(&a["Assert"], params) == Value::Bool(true))
+    })
+}
+
+#[test]
+fn snap_start_on_published_api_versions_only_and_never_with_provisioned_concurrency() {
+    let apply_on =
+        |t: &Value, function: &str| resources(t)[function]["Properties"]["SnapStart"].clone();
+    let default = translate(&[]);
+    assert_eq!(apply_on(&default, "ApiFunction")["ApplyOn"], "None");
+    let t = translate(&["SnapStart=true"]);
+    assert_eq!(apply_on(&t, "ApiFunction")["ApplyOn"], "PublishedVersions");
+    // SQS polls the worker: its cold starts do not keep a caller waiting.
+    assert!(apply_on(&t, "WorkerFunction").is_null());
+    // Published versions only: `live` points at a version, and a new one (a new snapshot) is
+    // published when SnapStart changes.
+    let api = &resources(&t)["ApiFunction"];
+    assert!(api["Properties"]
+        .get("EphemeralStorage")
+        .is_none_or(|e| e["Size"].as_u64().is_some_and(|mb| mb <= 512)));
+    let versions: Vec<_> = of_type(&t, "AWS::Lambda::Version");
+    assert!(!versions.is_empty(), "AutoPublishAlias publishes versions");
+    let description = |t: &Value| {
+        of_type(t, "AWS::Lambda::Version")
+            .iter()
+            .find(|(_, v)| v["Properties"]["FunctionName"] == "stack-ApiFunction")
+            .map(|(_, v)| v["Properties"]["Description"].clone())
+            .unwrap()
+    };
+    assert_ne!(description(&t), description(&default));
+
+    for (snap, pc, accepted) in [
+        ("false", "0", true),
+        ("false", "2", true),
+        ("true", "0", true),
+        ("true", "1", false),
+        ("true", "5", false),
+    ] {
+        let params = [("SnapStart", snap), ("ProvisionedConcurrency", pc)];
+        assert_eq!(
+            rules_accept(&t, &params),
+            accepted,
+            "SnapStart={snap} ProvisionedConcurrency={pc}"
         );
     }
 }

@@ -7,6 +7,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod emulator;
+pub mod runtime_api;
 pub mod s3;
 pub mod serve;
 

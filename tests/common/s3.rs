@@ -134,7 +134,7 @@ pub fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
 }
 
 /// The function's HTTP stack (rustls on ring; plain http for loopback).
-fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
+pub fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
     aws_smithy_http_client::Builder::new()
         .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
             aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
