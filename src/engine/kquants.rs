@@ -56,7 +56,11 @@ pub fn ggml_type_name(id: u32) -> Option<&'static str> {
 /// The load error for a GGUF candle's parser refused: names the tensor type when that was the
 /// reason ("unknown dtype for tensor 20" -> iq4_nl) and what this build supports.
 pub fn explain_parse_error(e: &str) -> String {
+    // candle appends a backtrace to the message when RUST_BACKTRACE is set: the first line only.
     let unknown = e
+        .lines()
+        .next()
+        .unwrap_or_default()
         .rsplit_once("unknown dtype for tensor ")
         .and_then(|(_, id)| id.trim().parse::<u32>().ok());
     match unknown {

@@ -293,12 +293,26 @@ impl LlamaModel {
         })
     }
 
-    /// Storage type of the block matrices, for `/health`.
-    pub fn quantization(&self) -> &'static str {
-        match self.blocks.first().map(|b| b.ffn_up.format) {
-            Some(Format::Q4_1) => "q4_1",
-            _ => "q8_0",
+    /// Storage types of the block matrices, for `/health`: one name (`q4_1`), or llama.cpp's
+    /// mix in order of first use (`q5_0+q8_0+q4_K+q6_K`).
+    pub fn quantization(&self) -> String {
+        let mut seen: Vec<&'static str> = Vec::new();
+        for b in &self.blocks {
+            for m in [
+                &b.attn_q,
+                &b.attn_k,
+                &b.attn_v,
+                &b.attn_output,
+                &b.ffn_gate,
+                &b.ffn_up,
+                &b.ffn_down,
+            ] {
+                if !seen.contains(&m.format.name()) {
+                    seen.push(m.format.name());
+                }
+            }
         }
+        seen.join("+")
     }
 
     /// Runs `tokens` (positions `state.len..`) through the model as one batch, appends their
