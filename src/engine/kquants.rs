@@ -426,16 +426,16 @@ pub fn dot_rows_scalar(
     for (b, blk) in row.chunks_exact(bb).enumerate() {
         let off = legacy_values(format, blk, &mut u);
         let dw = f16(blk, 0);
-        for r in 0..nr {
+        for (r, acc) in acc.iter_mut().enumerate().take(nr) {
             let xi = (r0 + r) * kb + b;
             let dot: i32 = u
                 .iter()
                 .zip(&a.qs[xi * 32..(xi + 1) * 32])
                 .map(|(&u, &q)| (u as i32 - off) * q as i32)
                 .sum();
-            acc[r] += dw * a.d[xi] * dot as f32;
+            *acc += dw * a.d[xi] * dot as f32;
             if format == Format::Q5_1 {
-                acc[r] += f16(blk, 2) * a.s[xi];
+                *acc += f16(blk, 2) * a.s[xi];
             }
         }
     }

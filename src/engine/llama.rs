@@ -463,7 +463,7 @@ impl LlamaGenerator {
             name: meta.str(gguf::NAME).unwrap_or(&arch).to_owned(),
             architecture: arch,
             kind: ModelKind::Generator,
-            quantization: model.quantization().to_owned(),
+            quantization: model.quantization(),
             dimensions: model.cfg.n_embd,
             max_seq_len: model.cfg.context_length,
         };

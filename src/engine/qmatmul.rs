@@ -1,4 +1,5 @@
-//! Block-quantized weight matrices (GGUF Q4_1 and Q8_0, kept as stored) times f32 activations,
+//! Block-quantized weight matrices (GGUF Q4_1 and Q8_0 here; Q4_0, Q5_0, Q5_1 and the K-quants
+//! in [`super::kquants`]; all kept as stored) times f32 activations,
 //! the way llama.cpp computes them: each activation row is quantized once to 8-bit blocks of 32
 //! (scale `d = max|x| / 127` rounded to f16, plus `s = d * Σq` for Q4_1's offset term), and every
 //! dot product runs on int8 (`maddubs` + `madd`: exact i32 sums) with one f32 FMA per block.
