@@ -182,8 +182,10 @@ impl Tensors<'_> {
         self.content.tensor_infos.contains_key(name)
     }
 
-    /// A `[n, k]` matrix. Q4_1 and Q8_0 are used as stored; any other type is requantized to Q8_0
-    /// at load (a copy, and logged), so every llama GGUF loads, at some cost in memory.
+    /// A `[n, k]` matrix. The block-quantized types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)
+    /// are used as stored, borrowed from the file (no copy). Unquantized f32/f16/bf16 matrices are
+    /// quantized to Q8_0 at load (a copy, logged). Anything else fails the load, naming the tensor,
+    /// its type and the supported ones.
     fn matrix(&self, name: &str, n: usize, k: usize) -> Result<QMatrix, EngineError> {
         let info = self
             .content
@@ -198,22 +200,35 @@ impl Tensors<'_> {
         }
         let start = self.content.tensor_data_offset as usize + info.offset as usize;
         let bad = |e: String| EngineError::InvalidModel(format!("{name}: {e}"));
-        let native = match info.ggml_dtype {
-            GgmlDType::Q4_1 => Some(Format::Q4_1),
-            GgmlDType::Q8_0 => Some(Format::Q8_0),
-            _ => None,
+        let format = match info.ggml_dtype {
+            GgmlDType::Q4_0 => Format::Q4_0,
+            GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q5_0 => Format::Q5_0,
+            GgmlDType::Q5_1 => Format::Q5_1,
+            GgmlDType::Q8_0 => Format::Q8_0,
+            GgmlDType::Q2K => Format::Q2K,
+            GgmlDType::Q3K => Format::Q3K,
+            GgmlDType::Q4K => Format::Q4K,
+            GgmlDType::Q5K => Format::Q5K,
+            GgmlDType::Q6K => Format::Q6K,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                tracing::info!(tensor = name, dtype = ?info.ggml_dtype, "quantizing to q8_0 at load (unquantized matrix)");
+                let t = self.read(name)?.dequantize(&candle_core::Device::Cpu)?;
+                let q = QTensor::quantize(&t, GgmlDType::Q8_0)?;
+                let data = q.data()?.into_owned();
+                let len = data.len();
+                let owned: SharedBytes = std::sync::Arc::new(data);
+                return QMatrix::new(Format::Q8_0, n, k, owned, 0..len).map_err(bad);
+            }
+            other => {
+                return Err(bad(format!(
+                    "tensor type {other:?} is not supported for matrices; supported: {}",
+                    super::kquants::SUPPORTED
+                )))
+            }
         };
-        if let Some(format) = native {
-            let len = n * k / 32 * format.block_bytes();
-            return QMatrix::new(format, n, k, self.bytes.clone(), start..start + len).map_err(bad);
-        }
-        tracing::info!(tensor = name, dtype = ?info.ggml_dtype, "requantizing to q8_0 at load (no kernel for this type)");
-        let t = self.read(name)?.dequantize(&candle_core::Device::Cpu)?;
-        let q = QTensor::quantize(&t, GgmlDType::Q8_0)?;
-        let data = q.data()?.into_owned();
-        let len = data.len();
-        let owned: SharedBytes = std::sync::Arc::new(data);
-        QMatrix::new(Format::Q8_0, n, k, owned, 0..len).map_err(bad)
+        let len = n * format.row_bytes(k);
+        QMatrix::new(format, n, k, self.bytes.clone(), start..start + len).map_err(bad)
     }
 
     fn read(&self, name: &str) -> Result<QTensor, EngineError> {
@@ -389,12 +404,26 @@ impl LlamaModel {
         })
     }
 
-    /// Storage type of the block matrices, for `/health`.
-    pub fn quantization(&self) -> &'static str {
-        match self.blocks.first().map(|b| b.ffn_up.format) {
-            Some(Format::Q4_1) => "q4_1",
-            _ => "q8_0",
+    /// Storage types of the block matrices, for `/health`: one name (`q4_1`), or llama.cpp's
+    /// mix in order of first use (`q5_0+q8_0+q4_K+q6_K`).
+    pub fn quantization(&self) -> String {
+        let mut seen: Vec<&'static str> = Vec::new();
+        for b in &self.blocks {
+            for m in [
+                &b.attn_q,
+                &b.attn_k,
+                &b.attn_v,
+                &b.attn_output,
+                &b.ffn_gate,
+                &b.ffn_up,
+                &b.ffn_down,
+            ] {
+                if !seen.contains(&m.format.name()) {
+                    seen.push(m.format.name());
+                }
+            }
         }
+        seen.join("+")
     }
 
     /// Runs `tokens` (positions `state.len..`) through the model as one batch, appends their
@@ -572,7 +601,7 @@ impl LlamaGenerator {
             name: meta.str(gguf::NAME).unwrap_or(&arch).to_owned(),
             architecture: arch,
             kind: ModelKind::Generator,
-            quantization: model.quantization().to_owned(),
+            quantization: model.quantization(),
             dimensions: model.cfg.n_embd,
             max_seq_len: model.cfg.context_length,
         };

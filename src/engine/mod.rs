@@ -17,6 +17,7 @@ pub mod chat;
 pub mod generate;
 pub mod ggml_tokenizer;
 pub mod gguf;
+pub mod kquants;
 pub mod llama;
 pub mod ops;
 pub mod qgemm;
@@ -216,7 +217,7 @@ fn load_inner(bytes: &[u8], shared: impl FnOnce() -> SharedBytes) -> Result<Engi
     let t0 = std::time::Instant::now();
     let mut cursor = std::io::Cursor::new(bytes);
     let content = candle_core::quantized::gguf_file::Content::read(&mut cursor)
-        .map_err(|e| EngineError::InvalidModel(format!("not a readable GGUF file: {e}")))?;
+        .map_err(|e| EngineError::InvalidModel(kquants::explain_parse_error(&e.to_string())))?;
     let arch = gguf::Meta::of(&content).str(gguf::ARCHITECTURE)?.to_owned();
     tracing::debug!(
         parse_ms = t0.elapsed().as_secs_f64() * 1e3,

@@ -1,4 +1,5 @@
-//! Block-quantized weight matrices (GGUF Q4_1 and Q8_0, kept as stored) times f32 activations,
+//! Block-quantized weight matrices (GGUF Q4_1 and Q8_0 here; Q4_0, Q5_0, Q5_1 and the K-quants
+//! in [`super::kquants`]; all kept as stored) times f32 activations,
 //! the way llama.cpp computes them: each activation row is quantized once to 8-bit blocks of 32
 //! (scale `d = max|x| / 127` rounded to f16, plus `s = d * Σq` for Q4_1's offset term), and every
 //! dot product runs on int8 (`maddubs` + `madd`: exact i32 sums) with one f32 FMA per block.
@@ -25,6 +26,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::kquants;
+
 /// Values per block (both formats).
 pub const QK: usize = 32;
 
@@ -39,6 +42,16 @@ pub enum Format {
     Q4_1,
     /// `{f16 d, 32 x i8}` per 32 values: `x = d * q`.
     Q8_0,
+    // The formats of [`super::kquants`] (layouts there): legacy blocks of 32 values, then
+    // K-quant super-blocks of 256.
+    Q4_0,
+    Q5_0,
+    Q5_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl Format {
@@ -46,6 +59,44 @@ impl Format {
         match self {
             Format::Q4_1 => 20,
             Format::Q8_0 => 34,
+            Format::Q4_0 => 18,
+            Format::Q5_0 => 22,
+            Format::Q5_1 => 24,
+            Format::Q2K => 84,
+            Format::Q3K => 110,
+            Format::Q4K => 144,
+            Format::Q5K => 176,
+            Format::Q6K => 210,
+        }
+    }
+
+    /// Values per block: 32, or 256 for the K-quants.
+    pub fn block_values(self) -> usize {
+        if kquants::is_k_quant(self) {
+            kquants::QK_K
+        } else {
+            QK
+        }
+    }
+
+    /// Bytes of one row of `k` values.
+    pub fn row_bytes(self, k: usize) -> usize {
+        k / self.block_values() * self.block_bytes()
+    }
+
+    /// llama.cpp's name for the type (`q4_K`, `q5_0`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Q4_1 => "q4_1",
+            Format::Q8_0 => "q8_0",
+            Format::Q4_0 => "q4_0",
+            Format::Q5_0 => "q5_0",
+            Format::Q5_1 => "q5_1",
+            Format::Q2K => "q2_K",
+            Format::Q3K => "q3_K",
+            Format::Q4K => "q4_K",
+            Format::Q5K => "q5_K",
+            Format::Q6K => "q6_K",
         }
     }
 }
@@ -68,10 +119,14 @@ impl QMatrix {
         bytes: SharedBytes,
         range: Range<usize>,
     ) -> Result<Self, String> {
-        if !k.is_multiple_of(QK) {
-            return Err(format!("row length {k} is not a multiple of {QK}"));
+        let bv = format.block_values();
+        if !k.is_multiple_of(bv) {
+            return Err(format!(
+                "row length {k} is not a multiple of {bv} ({} blocks)",
+                format.name()
+            ));
         }
-        let need = n * k / QK * format.block_bytes();
+        let need = n * format.row_bytes(k);
         if range.len() != need || range.end > (*bytes).as_ref().len() {
             return Err(format!(
                 "[{n}, {k}] {format:?} needs {need} bytes, has {} (file of {})",
@@ -93,13 +148,16 @@ impl QMatrix {
     }
 
     fn row_bytes(&self) -> usize {
-        self.k / QK * self.format.block_bytes()
+        self.format.row_bytes(self.k)
     }
 
     /// Dequantizes row `j` into `out` (`k` values): the embedding lookup.
     pub fn row_f32(&self, j: usize, out: &mut [f32]) {
         let rb = self.row_bytes();
         let row = &self.data()[j * rb..(j + 1) * rb];
+        if !matches!(self.format, Format::Q4_1 | Format::Q8_0) {
+            return kquants::dequant_row(self.format, row, out);
+        }
         let bb = self.format.block_bytes();
         for (blk, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
             let d = f16(blk, 0);
@@ -116,6 +174,7 @@ impl QMatrix {
                         *o = d * q as i8 as f32;
                     }
                 }
+                _ => unreachable!("handled by kquants"),
             }
         }
     }
@@ -136,6 +195,8 @@ pub struct QActs {
     d: Vec<f32>,
     /// `[m, k / 32]` `d * Σq` per block (Q4_1's offset term).
     s: Vec<f32>,
+    /// The same rows as llama.cpp's Q8_K (for K-quant weights), when `k` is a multiple of 256.
+    k8: Option<kquants::Q8K>,
 }
 
 impl QActs {
@@ -149,6 +210,9 @@ impl QActs {
             qs: vec![0; m * k],
             d: vec![0.0; nb],
             s: vec![0.0; nb],
+            k8: k
+                .is_multiple_of(kquants::QK_K)
+                .then(|| kquants::Q8K::quantize(x)),
         };
         for (((xb, qb), d), s) in x
             .chunks_exact(QK)
@@ -170,6 +234,17 @@ impl QActs {
             *s = half::f16::from_f32(dd * sum as f32).to_f32();
         }
         a
+    }
+
+    /// The borrowed view [`super::kquants`]' kernels take.
+    pub(super) fn view(&self) -> kquants::Acts<'_> {
+        kquants::Acts {
+            k: self.k,
+            qs: &self.qs,
+            d: &self.d,
+            s: &self.s,
+            k8: self.k8.as_ref(),
+        }
     }
 }
 
@@ -259,6 +334,14 @@ fn matmul_with(simd: Simd, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f3
                     (_, Format::Q8_0) => {
                         x86::q8_0_decode_avx2::<DECODE_ROWS>(data, rb, acts, &mut out[..whole])
                     }
+                    (_, f) => {
+                        let v = acts.view();
+                        for (g, o) in out[..whole].chunks_exact_mut(2).enumerate() {
+                            let row = |j: usize| &data[j * rb..(j + 1) * rb];
+                            let r = kquants::avx2::pair(f, row(2 * g), row(2 * g + 1), &v);
+                            o.copy_from_slice(&r);
+                        }
+                    }
                 }
             }
             for jj in whole..rows {
@@ -323,10 +406,32 @@ fn dot_rows(
             (Simd::Vnni, Format::Q8_0) => return x86::q8_0_rows_vnni(row, a, r0, nr, res),
             (Simd::Avx2, Format::Q4_1) => return x86::q4_1_rows_avx2(row, a, r0, nr, res),
             (Simd::Avx2, Format::Q8_0) => return x86::q8_0_rows_avx2(row, a, r0, nr, res),
+            (_, f) => {
+                return in_kquant_chunks(nr, res, |r, n, part| {
+                    kquants::avx2::dot_rows(f, row, &a.view(), r0 + r, n, part)
+                })
+            }
         }
     }
     let _ = simd;
     dot_rows_scalar(format, row, a, r0, nr, res);
+}
+
+/// Runs a [`kquants`] kernel (which takes at most [`kquants::MR`] rows per call) over rows
+/// `0..nr`: `f(first, count, results)`.
+fn in_kquant_chunks(
+    nr: usize,
+    res: &mut [f32; MR],
+    mut f: impl FnMut(usize, usize, &mut [f32; kquants::MR]),
+) {
+    let mut r = 0;
+    while r < nr {
+        let n = (nr - r).min(kquants::MR);
+        let mut part = [0f32; kquants::MR];
+        f(r, n, &mut part);
+        res[r..r + n].copy_from_slice(&part[..n]);
+        r += n;
+    }
 }
 
 /// Portable reference kernel.
@@ -338,6 +443,11 @@ fn dot_rows_scalar(
     nr: usize,
     res: &mut [f32; MR],
 ) {
+    if !matches!(format, Format::Q4_1 | Format::Q8_0) {
+        return in_kquant_chunks(nr, res, |r, n, part| {
+            kquants::dot_rows_scalar(format, row, &a.view(), r0 + r, n, part)
+        });
+    }
     let kb = a.k / QK;
     let bb = format.block_bytes();
     for (r, out) in res.iter_mut().enumerate().take(nr) {
@@ -365,6 +475,7 @@ fn dot_rows_scalar(
                         .sum();
                     acc += dw * dx * dot as f32;
                 }
+                _ => unreachable!("handled by kquants"),
             }
         }
         *out = acc;
@@ -644,6 +755,7 @@ mod tests {
                     out.extend((0..16).map(|_| ((r() + 1.0) * 127.0) as u8));
                 }
                 Format::Q8_0 => out.extend((0..32).map(|_| (r() * 127.0) as i8 as u8)),
+                _ => unreachable!("kquants has its own tests"),
             }
         }
         out
