@@ -9,8 +9,10 @@
 //!
 //! Needs nothing fetched: the fixture is committed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
+
+mod common;
 
 use lambda_inference::engine::bert::{BertEmbedder, WeightMode};
 use lambda_inference::engine::{self, Engine, ModelKind, Reranker};
@@ -24,28 +26,10 @@ const SCORE_TOL: f64 = 1e-3;
 /// spread apart), which rounds them 10x coarser in absolute terms than a trained model's.
 const Q8_SCORE_TOL: f64 = 1e-2;
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-reranker")
-}
-
 fn reference() -> Value {
-    serde_json::from_slice(&std::fs::read(fixture_dir().join("reference.json")).unwrap()).unwrap()
-}
-
-/// The fixture converted with the CLI into a fresh temporary file.
-fn convert(dtype: &str) -> (PathBuf, Vec<u8>) {
-    let dir = std::env::temp_dir().join(format!("fidelity-reranker-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("tiny-reranker.{dtype}.gguf"));
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-inference"))
-        .args(["convert", "--quiet", "--dtype", dtype])
-        .arg(fixture_dir())
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "convert --dtype {dtype} failed");
-    let bytes = std::fs::read(&out).unwrap();
-    (out, bytes)
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-reranker/reference.json");
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
 }
 
 fn bert(bytes: &[u8]) -> BertEmbedder {
@@ -76,7 +60,7 @@ fn order(scores: &[f64]) -> Vec<usize> {
 /// Ids identical, scores within `tol` of the reference, the same order; returns the largest
 /// score and logit differences.
 fn check(dtype: &str, mode: WeightMode, tol: f64) -> (f64, f64) {
-    let (_, bytes) = convert(dtype);
+    let bytes = common::tiny_reranker_gguf(dtype);
     let e = bert_with(&bytes, mode);
     let info = Reranker::info(&e);
     assert_eq!(info.kind, ModelKind::Reranker);
@@ -141,18 +125,12 @@ fn q8_0_scores_and_order_match_sentence_transformers() {
 }
 
 fn service() -> Service {
-    let (_, bytes) = convert("q8_0");
-    let engine = engine::load(&bytes).unwrap();
-    assert!(matches!(engine, Engine::Reranker(_)));
-    let limits = Limits {
+    let s = common::tiny_reranker_service(Limits {
         max_input_tokens: 100,
         ..Limits::default()
-    };
-    let meta = ModelMeta {
-        id: "tiny-reranker".into(),
-        ..ModelMeta::default()
-    };
-    Service::new(engine, limits, meta)
+    });
+    assert!(matches!(s.engine(), Engine::Reranker(_)));
+    s
 }
 
 async fn post(s: &Service, path: &str, body: Value) -> (u16, Value) {
@@ -282,7 +260,7 @@ async fn limits_and_wrong_kinds_are_refused() {
 /// A service on an embedder that is not a reranker: the same fixture's encoder served as a FAKE
 /// embedder would do, so the kind check is all that answers.
 fn common_embedder_service() -> Service {
-    let (_, bytes) = convert("f32");
+    let bytes = common::tiny_reranker_gguf("f32");
     let e: Arc<dyn engine::Embedder> = Arc::new(bert(&bytes));
     Service::new(Engine::Embedder(e), Limits::default(), ModelMeta::default())
 }

@@ -51,7 +51,7 @@ pub struct ModelInfo {
 }
 
 /// Facts read from the GGUF header whatever the architecture, for `/health` and `/v1/models`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelDetails {
     /// `{arch}.context_length`: the positions the model was trained for (0 when absent).
     pub context_length: usize,
@@ -68,6 +68,17 @@ pub struct ModelDetails {
 pub struct TypeShare {
     pub tensors: usize,
     pub bytes: u64,
+}
+
+impl Default for ModelDetails {
+    /// Nothing known: no context length, pooling `none`, no tensors.
+    fn default() -> Self {
+        Self {
+            context_length: 0,
+            pooling: "none",
+            quantization_mix: BTreeMap::new(),
+        }
+    }
 }
 
 impl ModelDetails {
