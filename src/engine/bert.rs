@@ -773,8 +773,8 @@ impl BertEmbedder {
 
     /// The (query, document) pairs as a cross-encoder sees them, exactly as Hugging Face
     /// tokenizers encode a pair with longest-first truncation to `max_seq_len` (what
-    /// sentence-transformers' CrossEncoder asks for): `[CLS] q [SEP] d [SEP]`, token types 0 then
-    /// 1. A pair of more than `max_input_tokens` tokens before truncation is refused with
+    /// sentence-transformers' CrossEncoder asks for): `[CLS] q [SEP] d [SEP]`, token types 0
+    /// then 1. A pair of more than `max_input_tokens` tokens before truncation is refused with
     /// [`EngineError::InputTooLong`] naming the document (the query alone: document 0); counting
     /// is bounded as in [`Self::tokenize_bounded`].
     pub fn tokenize_pairs(

@@ -382,7 +382,7 @@ mod tests {
     fn results_are_sorted_best_first_and_cut_to_top_n() {
         let out = RerankOutput {
             scores: vec![0.2, 0.9, 0.2, 0.5],
-            logits: vec![-1.4, 2.2, -1.4, 0.0],
+            logits: vec![-1.5, 2.25, -1.5, 0.0],
             token_counts: vec![5, 6, 7, 8],
         };
         let docs: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
@@ -413,15 +413,7 @@ mod tests {
             .iter()
             .map(|r| (r["index"].as_u64().unwrap(), r["score"].as_f64().unwrap()))
             .collect();
-        assert_eq!(
-            got,
-            [
-                (1, 2.2f32 as f64),
-                (3, 0.0),
-                (0, -1.4f32 as f64),
-                (2, -1.4f32 as f64)
-            ]
-        );
+        assert_eq!(got, [(1, 2.25), (3, 0.0), (0, -1.5), (2, -1.5)]);
         assert!(v[0].get("text").is_none());
     }
 }
