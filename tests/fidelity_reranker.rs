@@ -264,3 +264,67 @@ fn common_embedder_service() -> Service {
     let e: Arc<dyn engine::Embedder> = Arc::new(bert(&bytes));
     Service::new(Engine::Embedder(e), Limits::default(), ModelMeta::default())
 }
+
+/// The fixture folder copied to a fresh temporary folder, with `edit` applied to its config.json;
+/// the result of converting it to f32.
+fn convert_edited(tag: &str, edit: impl FnOnce(&mut Value)) -> std::process::Output {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-reranker");
+    let dir = std::env::temp_dir().join(format!("tiny-reranker-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-inference"))
+        .args(["convert", "--quiet", "--dtype", "f32"])
+        .arg(&dir)
+        .arg(dir.join("out.gguf"))
+        .output()
+        .unwrap();
+    if out.status.success() {
+        let bytes = std::fs::read(dir.join("out.gguf")).unwrap();
+        let e = bert(&bytes);
+        let fx = reference();
+        let q = &fx["queries"]["en"];
+        let docs: Vec<&str> = fx["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap())
+            .collect();
+        let r = e
+            .rerank(q["query"].as_str().unwrap(), &docs, usize::MAX, None)
+            .unwrap();
+        // Identity: the score is the logit (CrossEncoder's older ms-marco models).
+        assert_eq!(r.scores, r.logits, "{tag}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+#[test]
+fn convert_keeps_an_identity_activation_and_refuses_multi_label_heads() {
+    let out = convert_edited("identity", |c| {
+        c["sbert_ce_default_activation_function"] = json!("torch.nn.modules.linear.Identity");
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = convert_edited("labels", |c| {
+        c["id2label"] = json!({"0": "contradiction", "1": "entailment", "2": "neutral"});
+    });
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("id2label") && err.contains("3 labels"),
+        "{err}"
+    );
+}
