@@ -195,7 +195,7 @@ fn generation_through_the_trait_stops_and_streams() {
     let (bytes, fx) = fixture("llama3");
     let gen = match engine::load_shared(bytes).unwrap() {
         Engine::Generator(g) => g,
-        Engine::Embedder(_) => panic!("llama3 loaded as an embedder"),
+        Engine::Embedder(_) | Engine::Reranker(_) => panic!("llama3 loaded as an encoder"),
     };
     let item = &fx["items"][0];
     let prompt = gen

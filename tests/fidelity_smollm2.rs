@@ -52,7 +52,7 @@ fn load(path: &std::path::Path) -> Arc<dyn Generator> {
     let bytes: SharedBytes = Arc::new(std::fs::read(path).unwrap());
     match engine::load_shared(bytes).unwrap() {
         Engine::Generator(g) => g,
-        Engine::Embedder(_) => panic!("SmolLM2 loaded as an embedder"),
+        Engine::Embedder(_) | Engine::Reranker(_) => panic!("SmolLM2 loaded as an encoder"),
     }
 }
 

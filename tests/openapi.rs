@@ -537,6 +537,91 @@ async fn embedder_answers_match_the_document() {
 }
 
 #[tokio::test]
+async fn reranker_answers_match_the_document() {
+    let doc = doc();
+    // The real tiny cross-encoder (tests/fixtures/tiny-reranker): reranking has no fake.
+    let svc = common::tiny_reranker_service(Limits {
+        max_input_tokens: 40,
+        ..Limits::default()
+    });
+    let schema_of = |template: &str| {
+        let s = operation(&doc, "post", template)["requestBody"]["content"]["application/json"]
+            ["schema"]
+            .clone();
+        resolve(&doc, &s).clone()
+    };
+    let req_schema = schema_of("/v1/rerank");
+    assert_eq!(
+        req_schema,
+        schema_of("/rerank"),
+        "both routes take one body"
+    );
+    let ex = req_schema["example"].clone();
+    assert_valid(&doc, &req_schema, &ex, "request example");
+    for template in ["/v1/rerank", "/rerank"] {
+        let post = |body: Value| check(&doc, &svc, "POST", template, template, Some(body));
+        let (status, body) = post(ex.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        for body in [
+            json!({"query": "q", "texts": ["a", "b"], "return_text": true, "raw_scores": true}),
+            json!({"query": "q", "documents": ["a"], "return_documents": true, "top_n": 5,
+                   "model": "x"}),
+        ] {
+            assert_valid(&doc, &req_schema, &body, "request");
+            assert_eq!(post(body).await.0, 200);
+        }
+        for (body, status, outside) in [
+            (json!({"query": "q", "documents": []}), 400, true),
+            (json!({"query": " ", "documents": ["a"]}), 400, true),
+            (json!({"query": "q", "documents": ["a", " "]}), 400, true),
+            (
+                json!({"query": "q", "documents": ["a"], "texts": ["a"]}),
+                400,
+                true,
+            ),
+            (
+                json!({"query": "q", "documents": ["a"], "top_n": 0}),
+                400,
+                true,
+            ),
+            (json!({"query": "q"}), 422, true),
+            (json!({"query": "q", "documents": [1]}), 422, true),
+            (json!({"query": "q", "documents": "a"}), 422, true),
+            (
+                json!({"query": "q", "documents": ["word ".repeat(60)]}),
+                413,
+                false,
+            ),
+        ] {
+            if outside {
+                assert_valid(
+                    &doc,
+                    &json!({"not": req_schema.clone()}),
+                    &body,
+                    "a refused request outside the schema",
+                );
+            }
+            let (got, answer) = post(body.clone()).await;
+            assert_eq!(got, status, "{template} {body}: {answer}");
+        }
+    }
+    for (template, path) in [("/health", "/health"), ("/v1/models", "/v1/models")] {
+        let (status, body) = check(&doc, &svc, "GET", template, path, None).await;
+        assert_eq!(status, 200);
+        let kind = if template == "/health" {
+            &body["kind"]
+        } else {
+            &body["data"][0]["kind"]
+        };
+        assert_eq!(kind, "reranker");
+    }
+    // The other kinds refuse reranking with a documented 400.
+    let embedder = common::fake_service();
+    let (status, _) = check(&doc, &embedder, "POST", "/rerank", "/rerank", Some(ex)).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
 async fn generator_answers_match_the_document() {
     let doc = doc();
     let svc = common::fake_generator_service(Limits::default(), Duration::ZERO);

@@ -5,6 +5,10 @@
 
 /// `POST`: embeddings of one input or a batch.
 pub const EMBEDDINGS: &str = "/v1/embeddings";
+/// `POST`: rerank documents against a query with a cross-encoder (Cohere/Jina-style answer).
+pub const RERANK: &str = "/v1/rerank";
+/// `POST`: the same as text-embeddings-inference's `/rerank` (its request fields and answer).
+pub const TEI_RERANK: &str = "/rerank";
 /// `POST`: a chat completion, streamed as server-sent events when asked and the door can.
 pub const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
 /// `POST`: a text completion (same generation loop as chat, no template).

@@ -6,6 +6,12 @@
 //! tokenizer -> embeddings + LayerNorm -> N encoder layers (self-attention with a padding mask,
 //! GELU feed-forward, post-LayerNorm) -> mean (or CLS) pooling over the mask -> L2 normalization.
 //!
+//! A cross-encoder (reranker) is the same encoder with a classifier head instead of pooling
+//! (`bert.pooling_type` = 4, llama.cpp's RANK, and llama.cpp's `cls` / `cls.output` tensors): each
+//! (query, document) pair is tokenized as one sequence (`[CLS] q [SEP] d [SEP]`, token types 0
+//! then 1, longest-first truncation, as sentence-transformers' CrossEncoder does), and the first
+//! token's state goes through `cls` (dense + tanh: BERT's pooler) and `cls.output` (one logit).
+//!
 //! Weights: the GGUF stores the big matrices quantized (q8_0 by default) so the artifact is small
 //! and fast to fetch. At load, [`WeightMode::Dense`] dequantizes the encoder matrices to f32 and
 //! runs them through candle's f32 gemm, which on AVX2 beats candle's quantized matmul on batches
@@ -23,7 +29,9 @@ use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 use super::gguf::{self, tensor as tn, Meta};
 use super::ops::{AddLayerNorm, Attention, GeluErf};
 use super::qgemm::Q8Linear;
-use super::{EmbedOutput, Embedder, EngineError, ModelInfo, ModelKind};
+use super::{
+    EmbedOutput, Embedder, EngineError, ModelDetails, ModelInfo, ModelKind, RerankOutput, Reranker,
+};
 
 /// How the encoder's matrices are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,13 +62,34 @@ pub struct Config {
     pub max_seq_len: usize,
     pub pooling: Pooling,
     pub normalize: bool,
+    /// What a reranker's logit goes through to become its score.
+    pub activation: Activation,
 }
 
-/// How token states become one sentence vector.
+/// How token states become one sentence vector (or, for a cross-encoder, one score).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
     Mean,
     Cls,
+    /// The classifier head on the first token: a cross-encoder.
+    Rank,
+}
+
+impl Pooling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Mean => "mean",
+            Pooling::Cls => "cls",
+            Pooling::Rank => "rank",
+        }
+    }
+}
+
+/// A reranker's logit to its score, as sentence-transformers' CrossEncoder does it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Sigmoid,
+    Identity,
 }
 
 impl Config {
@@ -70,9 +99,11 @@ impl Config {
             match meta.usize(gguf::BERT_POOLING_TYPE)? as u32 {
                 gguf::POOLING_MEAN => Pooling::Mean,
                 gguf::POOLING_CLS => Pooling::Cls,
+                gguf::POOLING_RANK => Pooling::Rank,
                 other => {
                     return Err(EngineError::InvalidModel(format!(
-                        "{} = {other}: only mean (1) and cls (2) pooling are supported",
+                        "{} = {other}: only mean (1), cls (2) and rank (4, a cross-encoder) \
+                         pooling are supported",
                         gguf::BERT_POOLING_TYPE
                     )))
                 }
@@ -85,6 +116,20 @@ impl Config {
         } else {
             ctx
         };
+        let activation = if meta.has(gguf::ST_CE_ACTIVATION) {
+            match meta.str(gguf::ST_CE_ACTIVATION)? {
+                "sigmoid" => Activation::Sigmoid,
+                "identity" => Activation::Identity,
+                other => {
+                    return Err(EngineError::InvalidModel(format!(
+                        "{} = {other:?}: only \"sigmoid\" and \"identity\" are supported",
+                        gguf::ST_CE_ACTIVATION
+                    )))
+                }
+            }
+        } else {
+            Activation::Sigmoid
+        };
         let cfg = Config {
             hidden_size: meta.usize(gguf::BERT_EMBEDDING_LENGTH)?,
             intermediate_size: meta.usize(gguf::BERT_FEED_FORWARD_LENGTH)?,
@@ -95,6 +140,7 @@ impl Config {
             max_seq_len,
             pooling,
             normalize: !meta.has(gguf::ST_NORMALIZE) || meta.bool(gguf::ST_NORMALIZE)?,
+            activation,
         };
         if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
         {
@@ -357,6 +403,9 @@ struct Embeddings {
     /// Kept quantized: 30k x 384 is the largest tensor, and a batch needs a few hundred rows.
     token: QTensor,
     position: Tensor,
+    /// The token-type table `[types, h]`: pairs (a reranker's query and document) use rows 0
+    /// and 1.
+    token_types: Tensor,
     /// Row 0 of the token-type table: single-sentence inputs have type 0 everywhere.
     token_type0: Tensor,
     norm: LayerNorm,
@@ -386,17 +435,35 @@ impl Embeddings {
             token,
             position,
             token_type0: types.get(0)?,
+            token_types: types,
             norm: LayerNorm::load(w, tn::TOKEN_EMBD_NORM, h, cfg.layer_norm_eps)?,
         })
     }
 
-    /// `ids` and `positions`: `[n]` u32 (packed sequences) -> `[n, h]`.
-    fn forward(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor, EngineError> {
+    /// `ids`, `positions` and `types` (`None`: type 0 everywhere): `[n]` u32 (packed
+    /// sequences) -> `[n, h]`.
+    fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        types: Option<&Tensor>,
+    ) -> Result<Tensor, EngineError> {
         let tok = self.token.embedding(ids)?; // [n, h]
-        let pos = self
-            .position
-            .index_select(positions, 0)?
-            .broadcast_add(&self.token_type0)?; // [n, h]
+        let pos = self.position.index_select(positions, 0)?;
+        let pos = match types {
+            None => pos.broadcast_add(&self.token_type0)?,
+            Some(t) => {
+                let max = t.max(0)?.to_scalar::<u32>()? as usize;
+                if max >= self.token_types.dims()[0] {
+                    return Err(EngineError::InvalidModel(format!(
+                        "token type {max} used, but {} has {} rows",
+                        tn::TOKEN_TYPES,
+                        self.token_types.dims()[0]
+                    )));
+                }
+                (pos + self.token_types.index_select(t, 0)?)?
+            }
+        }; // [n, h]
         self.norm.forward_add(&tok, &pos)
     }
 }
@@ -459,15 +526,85 @@ impl Layer {
     }
 }
 
-/// The BERT encoder with its tokenizer.
+/// A cross-encoder's classifier head, run on each sequence's first token as llama.cpp runs it:
+/// `cls` (dense + tanh) if present, then `cls.output` (the projection) if present.
+struct ClassifierHead {
+    dense: Option<Linear>,
+    output: Option<Linear>,
+}
+
+impl ClassifierHead {
+    fn load(w: &Weights, h: usize) -> Result<Self, EngineError> {
+        // Small, and the score is what the user sees: kept in f32 whatever the file stores.
+        let load = |name: &str, inp: usize| -> Result<Option<(Linear, usize)>, EngineError> {
+            let weight = format!("{name}.weight");
+            if !w.content.tensor_infos.contains_key(&weight) {
+                return Ok(None);
+            }
+            let out = match w.raw(&weight)?.2.as_slice() {
+                [out, i] if *i == inp => *out,
+                dims => {
+                    return Err(EngineError::InvalidModel(format!(
+                        "tensor {weight} has shape {dims:?}, expected [outputs, {inp}]"
+                    )))
+                }
+            };
+            let linear = Linear::load(w, &[name.to_owned()], inp, out, WeightMode::Dense)?;
+            Ok(Some((linear, out)))
+        };
+        let dense = load(tn::CLS, h)?;
+        let inp = dense.as_ref().map_or(h, |(_, out)| *out);
+        let output = load(tn::CLS_OUTPUT, inp)?;
+        let outputs = match (&dense, &output) {
+            (_, Some((_, n))) | (Some((_, n)), None) => *n,
+            (None, None) => {
+                return Err(EngineError::InvalidModel(format!(
+                    "{} = 4 (rank) but the GGUF has neither {}.weight nor {}.weight (the \
+                     cross-encoder's classifier head)",
+                    gguf::BERT_POOLING_TYPE,
+                    tn::CLS,
+                    tn::CLS_OUTPUT
+                )))
+            }
+        };
+        if outputs != 1 {
+            return Err(EngineError::InvalidModel(format!(
+                "the classifier head has {outputs} outputs; reranking needs a cross-encoder with \
+                 one (num_labels = 1)"
+            )));
+        }
+        Ok(Self {
+            dense: dense.map(|(l, _)| l),
+            output: output.map(|(l, _)| l),
+        })
+    }
+
+    /// `first`: `[n, h]`, each sequence's first token -> `n` logits.
+    fn forward(&self, first: &Tensor) -> Result<Vec<f32>, EngineError> {
+        let mut x = first.clone();
+        if let Some(d) = &self.dense {
+            x = d.forward(&x)?.tanh()?;
+        }
+        if let Some(o) = &self.output {
+            x = o.forward(&x)?;
+        }
+        Ok(x.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// The BERT encoder with its tokenizer, and a classifier head when the GGUF is a cross-encoder.
 pub struct BertEmbedder {
     info: ModelInfo,
     cfg: Config,
     tokenizer: Tokenizer,
     /// Special tokens the post-processor adds around one sequence ([CLS] ... [SEP]: 2).
     added_tokens: usize,
+    /// Special tokens it adds around a pair ([CLS] q [SEP] d [SEP]: 3).
+    added_pair_tokens: usize,
     embeddings: Embeddings,
     layers: Vec<Layer>,
+    /// `Some` exactly when the pooling is [`Pooling::Rank`].
+    head: Option<ClassifierHead>,
     device: Device,
 }
 
@@ -528,14 +665,27 @@ impl BertEmbedder {
                     .into_par_iter()
                     .map(|i| Layer::load(&w, &cfg, i, mode))
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok((embeddings, layers))
+                let head = match cfg.pooling {
+                    Pooling::Rank => Some(ClassifierHead::load(&w, cfg.hidden_size)?),
+                    Pooling::Mean | Pooling::Cls => None,
+                };
+                Ok((embeddings, layers, head))
             },
         );
-        let (tokenizer, (embeddings, layers)) = (tokenizer?, weights?);
+        let (tokenizer, (embeddings, layers, head)) = (tokenizer?, weights?);
         tracing::debug!(load_ms = t0.elapsed().as_secs_f64() * 1e3, "bert loaded");
-        let added_tokens = tokenizer
-            .get_post_processor()
-            .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
+        let added = |pair| {
+            tokenizer
+                .get_post_processor()
+                .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, pair))
+        };
+        let (added_tokens, added_pair_tokens) = (added(false), added(true));
+        if cfg.max_seq_len <= added_pair_tokens && head.is_some() {
+            return Err(EngineError::InvalidModel(format!(
+                "max sequence length {} leaves no room for a query and a document",
+                cfg.max_seq_len
+            )));
+        }
         let quantization = content
             .tensor_infos
             .get(&format!("{}.weight", tn::blk(0, tn::FFN_UP)))
@@ -549,18 +699,25 @@ impl BertEmbedder {
         let info = ModelInfo {
             name,
             architecture: "bert".into(),
-            kind: ModelKind::Embedder,
+            kind: if head.is_some() {
+                ModelKind::Reranker
+            } else {
+                ModelKind::Embedder
+            },
             quantization,
             dimensions: cfg.hidden_size,
             max_seq_len: cfg.max_seq_len,
+            details: ModelDetails::of(content, "bert", cfg.pooling.name()),
         };
         Ok(Self {
             info,
             cfg,
             tokenizer,
             added_tokens,
+            added_pair_tokens,
             embeddings,
             layers,
+            head,
             device,
         })
     }
@@ -586,37 +743,14 @@ impl BertEmbedder {
         inputs: &[&str],
         max_input_tokens: usize,
     ) -> Result<(Vec<Encoding>, Vec<usize>), EngineError> {
-        let keep = self.cfg.max_seq_len - self.added_tokens;
-        let mut texts = Vec::with_capacity(inputs.len());
-        let mut counted = vec![None; inputs.len()];
-        for (index, &text) in inputs.iter().enumerate() {
-            if text.len() <= WINDOW {
-                texts.push(text);
-                continue;
-            }
-            let stop_above = max_input_tokens.saturating_sub(self.added_tokens);
-            let (prefix_end, count) = self.count_windows(text, keep, stop_above)?;
-            let tokens = count.saturating_add(self.added_tokens);
-            if tokens > max_input_tokens {
-                return Err(EngineError::InputTooLong {
-                    index,
-                    tokens,
-                    limit: max_input_tokens,
-                });
-            }
-            counted[index] = Some(tokens);
-            texts.push(&text[..prefix_end]);
-        }
-        // Tokenize without specials, truncate, then post-process: the same order tokenizers'
-        // own `encode` uses, but we also learn the untruncated length for the limit check.
-        let raw = self
-            .tokenizer
-            .encode_batch(texts, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let added = self.added_tokens;
+        let keep = self.cfg.max_seq_len - added;
+        let (raw, counts) =
+            self.encode_raw(inputs, keep, max_input_tokens.saturating_sub(added))?;
         let mut full = Vec::with_capacity(raw.len());
         let mut out = Vec::with_capacity(raw.len());
-        for (index, mut enc) in raw.into_iter().enumerate() {
-            let tokens = counted[index].unwrap_or(enc.len() + self.added_tokens);
+        for (index, (mut enc, count)) in raw.into_iter().zip(counts).enumerate() {
+            let tokens = count.saturating_add(added);
             if tokens > max_input_tokens {
                 return Err(EngineError::InputTooLong {
                     index,
@@ -635,6 +769,95 @@ impl BertEmbedder {
             out.push(enc);
         }
         Ok((out, full))
+    }
+
+    /// The (query, document) pairs as a cross-encoder sees them, exactly as Hugging Face
+    /// tokenizers encode a pair with longest-first truncation to `max_seq_len` (what
+    /// sentence-transformers' CrossEncoder asks for): `[CLS] q [SEP] d [SEP]`, token types 0
+    /// then 1. A pair of more than `max_input_tokens` tokens before truncation is refused with
+    /// [`EngineError::InputTooLong`] naming the document (the query alone: document 0); counting
+    /// is bounded as in [`Self::tokenize_bounded`].
+    pub fn tokenize_pairs(
+        &self,
+        query: &str,
+        documents: &[&str],
+        max_input_tokens: usize,
+    ) -> Result<Vec<Encoding>, EngineError> {
+        let added = self.added_pair_tokens;
+        let budget = self.cfg.max_seq_len - added;
+        let stop = max_input_tokens.saturating_sub(added);
+        let (mut q, qn) = self.encode_raw(&[query], budget, stop)?;
+        let (q, qn) = (q.remove(0), qn[0]);
+        let too_long = |index, tokens| EngineError::InputTooLong {
+            index,
+            tokens,
+            limit: max_input_tokens,
+        };
+        if qn.saturating_add(added) > max_input_tokens {
+            return Err(too_long(0, qn.saturating_add(added)));
+        }
+        let (docs, counts) = self.encode_raw(documents, budget, stop - qn)?;
+        let params = tokenizers::utils::truncation::TruncationParams {
+            max_length: budget,
+            strategy: tokenizers::utils::truncation::TruncationStrategy::LongestFirst,
+            stride: 0,
+            direction: TruncationDirection::Right,
+        };
+        let mut out = Vec::with_capacity(docs.len());
+        for (index, (d, dn)) in docs.into_iter().zip(counts).enumerate() {
+            let tokens = qn.saturating_add(dn).saturating_add(added);
+            if tokens > max_input_tokens {
+                return Err(too_long(index, tokens));
+            }
+            let (a, b) =
+                tokenizers::utils::truncation::truncate_encodings(q.clone(), Some(d), &params)
+                    .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+            let enc = self
+                .tokenizer
+                .post_process(a, b, true)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+            out.push(enc);
+        }
+        Ok(out)
+    }
+
+    /// Each text's tokens without special tokens, and its count. A text longer than [`WINDOW`]
+    /// bytes is counted window by window (stopping once over `stop_above`, so the count is then
+    /// a lower bound above it) and only the prefix holding at least `keep` tokens is encoded.
+    fn encode_raw(
+        &self,
+        inputs: &[&str],
+        keep: usize,
+        stop_above: usize,
+    ) -> Result<(Vec<Encoding>, Vec<usize>), EngineError> {
+        let mut texts = Vec::with_capacity(inputs.len());
+        let mut counted = vec![None; inputs.len()];
+        for (index, &text) in inputs.iter().enumerate() {
+            if text.len() <= WINDOW {
+                texts.push(text);
+                continue;
+            }
+            let (prefix_end, count) = self.count_windows(text, keep, stop_above)?;
+            counted[index] = Some(count);
+            if count > stop_above {
+                // Over the limit: the caller refuses it, nothing more of it is needed.
+                texts.push("");
+            } else {
+                texts.push(&text[..prefix_end]);
+            }
+        }
+        // Tokenize without specials; the callers truncate, then post-process: the same order
+        // tokenizers' own `encode` uses, but they also learn the untruncated length.
+        let raw = self
+            .tokenizer
+            .encode_batch(texts, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let counts = raw
+            .iter()
+            .zip(&counted)
+            .map(|(enc, c)| c.unwrap_or(enc.len()))
+            .collect();
+        Ok((raw, counts))
     }
 
     /// Counts the tokens of a long text window by window, stopping once the count is over
@@ -667,10 +890,9 @@ impl BertEmbedder {
         Ok((prefix_end.unwrap_or(text.len()), count))
     }
 
-    /// One forward pass over a batch of inputs, packed one after another with no padding (every
-    /// op is per token except attention, which is per sequence): `[n][h]` sentence vectors.
-    fn forward_batch(&self, encs: &[&Encoding]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let lens: Vec<usize> = encs.iter().map(|e| e.len()).collect();
+    /// The encoder over a batch of inputs, packed one after another with no padding (every op
+    /// is per token except attention, which is per sequence): `[Σ lens, h]` token states.
+    fn encode(&self, encs: &[&Encoding], lens: &[usize]) -> Result<Tensor, EngineError> {
         let rows: usize = lens.iter().sum();
         let mut ids = Vec::with_capacity(rows);
         let mut positions = Vec::with_capacity(rows);
@@ -678,12 +900,53 @@ impl BertEmbedder {
             ids.extend_from_slice(e.get_ids());
             positions.extend(0..e.len() as u32);
         }
+        // Token types only where some are not 0 (pairs): single inputs add row 0 to every token.
+        let types = if encs
+            .iter()
+            .any(|e| e.get_type_ids().iter().any(|&t| t != 0))
+        {
+            let t: Vec<u32> = encs
+                .iter()
+                .flat_map(|e| e.get_type_ids())
+                .copied()
+                .collect();
+            Some(Tensor::from_vec(t, rows, &self.device)?)
+        } else {
+            None
+        };
         let ids = Tensor::from_vec(ids, rows, &self.device)?;
         let positions = Tensor::from_vec(positions, rows, &self.device)?;
-        let mut x = self.embeddings.forward(&ids, &positions)?;
+        let mut x = self.embeddings.forward(&ids, &positions, types.as_ref())?;
         for layer in &self.layers {
-            x = layer.forward(&x, &lens)?;
+            x = layer.forward(&x, lens)?;
         }
+        Ok(x)
+    }
+
+    /// One forward pass of (query, document) pairs through the encoder and the head: a logit
+    /// per pair.
+    fn score_batch(
+        &self,
+        head: &ClassifierHead,
+        encs: &[&Encoding],
+    ) -> Result<Vec<f32>, EngineError> {
+        let lens: Vec<usize> = encs.iter().map(|e| e.len()).collect();
+        let x = self.encode(encs, &lens)?;
+        let mut first = Vec::with_capacity(lens.len());
+        let mut start = 0u32;
+        for &len in &lens {
+            first.push(start);
+            start += len as u32;
+        }
+        let first = Tensor::from_vec(first, lens.len(), &self.device)?;
+        let cls = x.to_dtype(DType::F32)?.index_select(&first, 0)?;
+        head.forward(&cls)
+    }
+
+    /// One forward pass over a batch of inputs: `[n][h]` sentence vectors.
+    fn forward_batch(&self, encs: &[&Encoding]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let lens: Vec<usize> = encs.iter().map(|e| e.len()).collect();
+        let x = self.encode(encs, &lens)?;
         let h = self.cfg.hidden_size;
         let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut out = Vec::with_capacity(encs.len());
@@ -692,7 +955,9 @@ impl BertEmbedder {
             let seq = &x[start * h..(start + len) * h];
             start += len;
             let mut v = match self.cfg.pooling {
-                Pooling::Cls => seq[..h].to_vec(),
+                // A cross-encoder's embedding is its first token's state (it is not served as
+                // an embedder; the load decides).
+                Pooling::Cls | Pooling::Rank => seq[..h].to_vec(),
                 Pooling::Mean => {
                     let mut sum = vec![0f32; h];
                     for row in seq.chunks_exact(h) {
@@ -738,18 +1003,63 @@ impl Embedder for BertEmbedder {
     }
 }
 
-impl BertEmbedder {
-    fn embed_on_pool(
+impl Reranker for BertEmbedder {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn rerank(
         &self,
-        inputs: &[&str],
+        query: &str,
+        documents: &[&str],
         max_input_tokens: usize,
         deadline: Option<std::time::Instant>,
-    ) -> Result<EmbedOutput, EngineError> {
-        let (encs, _) = self.tokenize_bounded(inputs, max_input_tokens)?;
+    ) -> Result<RerankOutput, EngineError> {
+        // On a compute-pool worker, as `embed`.
+        rayon::scope(|_| self.rerank_on_pool(query, documents, max_input_tokens, deadline))
+    }
+}
+
+impl BertEmbedder {
+    fn rerank_on_pool(
+        &self,
+        query: &str,
+        documents: &[&str],
+        max_input_tokens: usize,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<RerankOutput, EngineError> {
+        let head = self.head.as_ref().ok_or_else(|| {
+            EngineError::InvalidModel("this model has no classifier head: not a reranker".into())
+        })?;
+        let encs = self.tokenize_pairs(query, documents, max_input_tokens)?;
+        let logits = self.in_batches(&encs, deadline, |batch| self.score_batch(head, batch))?;
+        let scores = logits
+            .iter()
+            .map(|&l| match self.cfg.activation {
+                Activation::Sigmoid => 1.0 / (1.0 + (-l).exp()),
+                Activation::Identity => l,
+            })
+            .collect();
+        Ok(RerankOutput {
+            scores,
+            logits,
+            token_counts: encs.iter().map(|e| e.len()).collect(),
+        })
+    }
+
+    /// Runs `pass` over the encodings in batches of [`MAX_BATCH`], longest first, giving up
+    /// with [`EngineError::DeadlineReached`] rather than start a pass that would end past
+    /// `deadline`; returns the outputs in the encodings' order.
+    fn in_batches<T: Default + Clone>(
+        &self,
+        encs: &[Encoding],
+        deadline: Option<std::time::Instant>,
+        mut pass: impl FnMut(&[&Encoding]) -> Result<Vec<T>, EngineError>,
+    ) -> Result<Vec<T>, EngineError> {
         // Longest first: the deadline estimate below (per token so far) then errs on the safe side.
         let mut order: Vec<usize> = (0..encs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encs[i].len()));
-        let mut embeddings = vec![Vec::new(); encs.len()];
+        let mut outputs = vec![T::default(); encs.len()];
         let t0 = std::time::Instant::now();
         let mut tokens_done = 0usize;
         for chunk in order.chunks(MAX_BATCH) {
@@ -763,11 +1073,22 @@ impl BertEmbedder {
                 }
             }
             tokens_done += tokens;
-            let out = self.forward_batch(&batch)?;
+            let out = pass(&batch)?;
             for (&i, v) in chunk.iter().zip(out) {
-                embeddings[i] = v;
+                outputs[i] = v;
             }
         }
+        Ok(outputs)
+    }
+
+    fn embed_on_pool(
+        &self,
+        inputs: &[&str],
+        max_input_tokens: usize,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<EmbedOutput, EngineError> {
+        let (encs, _) = self.tokenize_bounded(inputs, max_input_tokens)?;
+        let embeddings = self.in_batches(&encs, deadline, |batch| self.forward_batch(batch))?;
         Ok(EmbedOutput {
             embeddings,
             token_counts: encs.iter().map(|e| e.len()).collect(),

@@ -22,14 +22,20 @@ pub const BERT_BLOCK_COUNT: &str = "bert.block_count";
 pub const BERT_HEAD_COUNT: &str = "bert.attention.head_count";
 pub const BERT_LAYER_NORM_EPS: &str = "bert.attention.layer_norm_epsilon";
 pub const BERT_CAUSAL: &str = "bert.attention.causal";
-/// llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last.
+/// llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last, 4 rank (a cross-encoder: the `cls` head).
 pub const BERT_POOLING_TYPE: &str = "bert.pooling_type";
+/// llama.cpp: the labels of a classifier head's outputs (`id2label`), when not the dummy ones.
+pub const BERT_CLASSIFIER_LABELS: &str = "bert.classifier.output_labels";
 
 /// Ours: tokens per input sentence-transformers feeds the model (`max_seq_length`, 256 for
 /// all-MiniLM-L6-v2); absent: `bert.context_length`.
 pub const ST_MAX_SEQ_LENGTH: &str = "sentence_transformers.max_seq_length";
 /// Ours: whether embeddings are L2-normalized (a Normalize module); absent: true.
 pub const ST_NORMALIZE: &str = "sentence_transformers.normalize";
+
+/// Ours: what sentence-transformers' CrossEncoder applies to a reranker's logit (`sigmoid` or
+/// `identity`); absent: `sigmoid`, its default for one output.
+pub const ST_CE_ACTIVATION: &str = "sentence_transformers.cross_encoder.activation";
 
 /// The Hugging Face tokenizer.json, verbatim (standard GGUF key).
 pub const TOKENIZER_HF_JSON: &str = "tokenizer.huggingface.json";
@@ -49,6 +55,7 @@ pub const POOLING_NONE: u32 = 0;
 pub const POOLING_MEAN: u32 = 1;
 pub const POOLING_CLS: u32 = 2;
 pub const POOLING_LAST: u32 = 3;
+pub const POOLING_RANK: u32 = 4;
 
 /// Tensor names (llama.cpp's BERT naming). `{i}` is the block index.
 pub mod tensor {
@@ -67,6 +74,12 @@ pub mod tensor {
     pub const FFN_UP: &str = "ffn_up";
     pub const FFN_DOWN: &str = "ffn_down";
     pub const LAYER_OUTPUT_NORM: &str = "layer_output_norm";
+    /// A cross-encoder's head, as llama.cpp names it: `cls` is the dense + tanh on the first
+    /// token (BERT's pooler, RoBERTa's `classifier.dense`), `cls.output` the projection to the
+    /// score (BERT's `classifier`, RoBERTa's `classifier.out_proj`). Either may be absent in
+    /// llama.cpp's files; llama.cpp runs whichever is there, and so does the engine.
+    pub const CLS: &str = "cls";
+    pub const CLS_OUTPUT: &str = "cls.output";
 }
 
 /// Typed access to GGUF metadata with errors that name the key.

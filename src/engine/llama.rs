@@ -599,6 +599,7 @@ impl LlamaGenerator {
             .max(1);
         let info = ModelInfo {
             name: meta.str(gguf::NAME).unwrap_or(&arch).to_owned(),
+            details: super::ModelDetails::of(content, &arch, "none"),
             architecture: arch,
             kind: ModelKind::Generator,
             quantization: model.quantization(),

@@ -1,5 +1,5 @@
-//! Inference engines: tokenizers, the quantized BERT embedder and the llama-family generator
-//! (chat template, sampling, streaming text).
+//! Inference engines: tokenizers, the quantized BERT embedder (and cross-encoder reranker) and
+//! the llama-family generator (chat template, sampling, streaming text).
 //!
 //! The seam for a new decoder architecture: one file `engine/<arch>.rs` holding its
 //! [`llama::Variant`] (what it changes in the shared llama decoder: RoPE pairing, QK-norm; optional
@@ -25,6 +25,7 @@ pub mod qmatmul;
 pub mod qwen2;
 pub mod qwen3;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use chat::ChatMessage;
@@ -37,6 +38,8 @@ pub use qmatmul::SharedBytes;
 pub enum ModelKind {
     Embedder,
     Generator,
+    /// A cross-encoder: scores (query, document) pairs.
+    Reranker,
 }
 
 /// Facts about the loaded model, for `/health`, `/v1/models` and responses.
@@ -53,6 +56,74 @@ pub struct ModelInfo {
     pub dimensions: usize,
     /// Tokens per input the model sees; longer inputs are truncated (sentence-transformers habit).
     pub max_seq_len: usize,
+    /// What the file says about itself beyond the above (see [`ModelDetails::of`]).
+    pub details: ModelDetails,
+}
+
+/// Facts read from the GGUF header whatever the architecture, for `/health` and `/v1/models`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelDetails {
+    /// `{arch}.context_length`: the positions the model was trained for (0 when absent).
+    pub context_length: usize,
+    /// How token states become the output: `mean`, `cls` (embedders), `rank` (a cross-encoder's
+    /// head), `none` (generators: one state per token).
+    pub pooling: &'static str,
+    /// Per storage type (`q8_0`, `f32`, ...), the tensors and bytes the file holds in it: a
+    /// "Q4_K_M" file is a mix, and this says which.
+    pub quantization_mix: BTreeMap<String, TypeShare>,
+}
+
+/// One storage type's share of a model file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TypeShare {
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+impl Default for ModelDetails {
+    /// Nothing known: no context length, pooling `none`, no tensors.
+    fn default() -> Self {
+        Self {
+            context_length: 0,
+            pooling: "none",
+            quantization_mix: BTreeMap::new(),
+        }
+    }
+}
+
+impl ModelDetails {
+    /// The details of a parsed GGUF whose `general.architecture` is `arch`.
+    pub fn of(
+        content: &candle_core::quantized::gguf_file::Content,
+        arch: &str,
+        pooling: &'static str,
+    ) -> Self {
+        let meta = gguf::Meta::of(content);
+        let mut mix: BTreeMap<String, TypeShare> = BTreeMap::new();
+        for info in content.tensor_infos.values() {
+            let d = info.ggml_dtype;
+            let share = mix.entry(bert::dtype_name(d).to_owned()).or_default();
+            share.tensors += 1;
+            share.bytes += (info.shape.elem_count() / d.block_size() * d.type_size()) as u64;
+        }
+        Self {
+            context_length: meta.usize(&format!("{arch}.context_length")).unwrap_or(0),
+            pooling,
+            quantization_mix: mix,
+        }
+    }
+}
+
+/// Result of one rerank call: per document, in the order given, the model's score and logit.
+#[derive(Debug, Clone)]
+pub struct RerankOutput {
+    /// The score sentence-transformers' CrossEncoder gives (the logit through the model's
+    /// activation: sigmoid unless the model says otherwise).
+    pub scores: Vec<f32>,
+    /// The head's raw output.
+    pub logits: Vec<f32>,
+    /// Tokens fed to the model per pair (query + document + special tokens, after truncation).
+    pub token_counts: Vec<usize>,
 }
 
 /// Result of one embedding call: one L2-normalized vector and one token count per input, in the
@@ -118,6 +189,26 @@ pub trait Embedder: Send + Sync {
     }
 }
 
+/// A cross-encoder reranker: scores how well each document answers a query. Implemented by
+/// [`bert::BertEmbedder`] on a GGUF with a classifier head; tests may use fakes.
+///
+/// `rerank` is CPU-bound and blocking: callers run it off the async executor.
+pub trait Reranker: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+
+    /// Tokenizes each (query, document) pair, refuses a pair of more than `max_input_tokens`
+    /// tokens (untruncated; [`EngineError::InputTooLong`] with the document's index), then
+    /// scores all pairs, batching them to share forward passes, giving up with
+    /// [`EngineError::DeadlineReached`] rather than start a pass that would end past `deadline`.
+    fn rerank(
+        &self,
+        query: &str,
+        documents: &[&str],
+        max_input_tokens: usize,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<RerankOutput, EngineError>;
+}
+
 /// A text generator (chat and completions). Implemented by [`llama::LlamaGenerator`] (every
 /// architecture in [`DECODERS`]); service
 /// tests use fakes built on the same [`generate::generate`] loop.
@@ -157,6 +248,7 @@ pub trait Generator: Send + Sync {
 pub enum Engine {
     Embedder(Arc<dyn Embedder>),
     Generator(Arc<dyn Generator>),
+    Reranker(Arc<dyn Reranker>),
 }
 
 impl Engine {
@@ -164,6 +256,7 @@ impl Engine {
         match self {
             Engine::Embedder(e) => e.info(),
             Engine::Generator(g) => g.info(),
+            Engine::Reranker(r) => r.info(),
         }
     }
 }
@@ -224,9 +317,13 @@ fn load_inner(bytes: &[u8], shared: impl FnOnce() -> SharedBytes) -> Result<Engi
         "gguf header parsed"
     );
     match arch.as_str() {
-        "bert" => Ok(Engine::Embedder(Arc::new(bert::BertEmbedder::load(
-            &content, bytes,
-        )?))),
+        "bert" => {
+            let bert = Arc::new(bert::BertEmbedder::load(&content, bytes)?);
+            Ok(match Embedder::info(bert.as_ref()).kind {
+                ModelKind::Reranker => Engine::Reranker(bert),
+                _ => Engine::Embedder(bert),
+            })
+        }
         other => match decoder_variant(other) {
             Some(variant) => Ok(Engine::Generator(Arc::new(llama::LlamaGenerator::load_as(
                 &content,

@@ -1,6 +1,7 @@
 //! Direct invokes (`aws lambda invoke`, `sam local invoke -e`, the CLI's `invoke`): the payload is
 //! the OpenAI request body itself, routed by its fields (`input` -> embeddings, `messages` -> chat
-//! completions, `prompt` -> completions), or an explicit `{"path", "method"?, "body"?}`.
+//! completions, `prompt` -> completions, `query` -> rerank), or an explicit
+//! `{"path", "method"?, "body"?}`.
 //!
 //! Owns: telling the route from the payload and answering with the OpenAI response body itself
 //! (an error as `{"error": {...}}`): there is no HTTP envelope, so the status is not returned.
@@ -14,15 +15,17 @@ use crate::service::{ApiRequest, CallOptions, Method, Reply, Service};
 
 /// What the 400 for an unrecognised payload lists, so a caller can fix it without the docs.
 fn accepted() -> String {
-    let (e, c, p) = (
+    let (e, c, p, r) = (
         routes::EMBEDDINGS,
         routes::CHAT_COMPLETIONS,
         routes::COMPLETIONS,
+        routes::RERANK,
     );
     format!(
         "a direct invoke takes an OpenAI request body as a JSON object ({{\"input\": ...}} for \
-         {e}, {{\"messages\": ...}} for {c}, {{\"prompt\": ...}} for {p}) or {{\"path\": \
-         \"/v1/...\", \"method\"?: \"GET\"|\"POST\", \"body\"?: {{...}}}}"
+         {e}, {{\"messages\": ...}} for {c}, {{\"prompt\": ...}} for {p}, {{\"query\": ...}} \
+         for {r}) or {{\"path\": \"/v1/...\", \"method\"?: \"GET\"|\"POST\", \"body\"?: \
+         {{...}}}}"
     )
 }
 
@@ -82,9 +85,11 @@ pub fn decode(payload: Value) -> Result<ApiRequest, ApiError> {
         routes::CHAT_COMPLETIONS
     } else if obj.contains_key("prompt") {
         routes::COMPLETIONS
+    } else if obj.contains_key("query") {
+        routes::RERANK
     } else {
         return Err(refuse(format!(
-            "the payload has none of the fields input, messages, prompt or path; {}",
+            "the payload has none of the fields input, messages, prompt, query or path; {}",
             accepted()
         )));
     };
@@ -126,6 +131,12 @@ mod tests {
         assert_eq!(
             decode(json!({"messages": []})).unwrap().path,
             "/v1/chat/completions"
+        );
+        assert_eq!(
+            decode(json!({"query": "q", "documents": ["d"]}))
+                .unwrap()
+                .path,
+            routes::RERANK
         );
         assert_eq!(
             decode(json!({"prompt": "x"})).unwrap().path,

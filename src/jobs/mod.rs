@@ -39,8 +39,10 @@ pub use futures_util::future::BoxFuture;
 pub const MAX_JOB_BYTES: usize = 1024 * 1024;
 
 /// The routes a job may run.
-pub const JOB_ENDPOINTS: [&str; 3] = [
+pub const JOB_ENDPOINTS: [&str; 5] = [
     routes::EMBEDDINGS,
+    routes::RERANK,
+    routes::TEI_RERANK,
     routes::CHAT_COMPLETIONS,
     routes::COMPLETIONS,
 ];

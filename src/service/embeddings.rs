@@ -185,7 +185,7 @@ impl Service {
     fn embedder(&self) -> Result<&Arc<dyn Embedder>, ApiError> {
         match &self.engine {
             Engine::Embedder(e) => Ok(e),
-            Engine::Generator(_) => Err(self.wrong_kind(routes::EMBEDDINGS)),
+            Engine::Generator(_) | Engine::Reranker(_) => Err(self.wrong_kind(routes::EMBEDDINGS)),
         }
     }
 
@@ -411,7 +411,7 @@ fn encode(
 /// An f32 as a JSON number with the f32's shortest decimal form. Widening to f64 first would
 /// print ~17 significant digits of which 9 are noise ("0.020110268145799637" for 0.020110268):
 /// 40% more bytes on every response, and closer to Lambda's 6 MB limit.
-fn f32_json(x: f32) -> Value {
+pub(super) fn f32_json(x: f32) -> Value {
     if !x.is_finite() {
         return Value::Null;
     }
@@ -460,6 +460,7 @@ mod tests {
             quantization: "q8_0".into(),
             dimensions: 384,
             max_seq_len: 256,
+            details: Default::default(),
         };
         Service::new(
             Engine::Embedder(Arc::new(Wide(info))),

@@ -30,7 +30,7 @@ impl Service {
     fn generator(&self, route: Route) -> Result<&Arc<dyn Generator>, ApiError> {
         match &self.engine {
             Engine::Generator(g) => Ok(g),
-            Engine::Embedder(_) => Err(self.wrong_kind(route.path())),
+            Engine::Embedder(_) | Engine::Reranker(_) => Err(self.wrong_kind(route.path())),
         }
     }
 

@@ -13,6 +13,7 @@
 //! - `routing`: path and method to an API, the request-size limit, `/v1/models`, `/health`,
 //!   `/openapi.json`, `/v1/jobs` handed to `jobs`; the per-call metrics' route and status;
 //! - `embeddings`: `POST /v1/embeddings`, one request or a batch of jobs sharing forward passes;
+//! - `rerank`: `POST /v1/rerank` and TEI's `POST /rerank` on a cross-encoder;
 //! - `generation`: `POST /v1/chat/completions` and `/v1/completions`, whole or streamed;
 //! - `limits`: the limit checks both APIs share (time budget and deadline, the token-count error);
 //! - `cost`, `meter`: what work costs here, and what one call did (for metrics).
@@ -67,6 +68,7 @@ mod embeddings;
 mod generation;
 mod limits;
 pub mod meter;
+mod rerank;
 mod routing;
 // The shared types of the service's signature, defined in the leaf `api` module (so that `config`
 // and `jobs`, below the service, can use them too); re-exported here for the service's callers.

@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use serde_json::{json, Value};
 
 use super::generation::Route;
+use super::rerank::Shape;
 use super::{limits, meter, CallOptions, Reply, Service};
 use crate::api::{routes, ApiResponse, Owner};
-use crate::engine::ModelKind;
 use crate::error::{ApiError, ErrorKind};
 use crate::jobs;
 
@@ -21,6 +21,8 @@ use crate::jobs;
 /// OpenAPI document (`docs/openapi.json`, checked against it by a test) and `serve` agree on.
 pub const ROUTES: &[(&str, &str)] = &[
     ("POST", routes::EMBEDDINGS),
+    ("POST", routes::RERANK),
+    ("POST", routes::TEI_RERANK),
     ("POST", routes::CHAT_COMPLETIONS),
     ("POST", routes::COMPLETIONS),
     ("GET", routes::MODELS),
@@ -117,9 +119,12 @@ impl Service {
         let path = req.path.trim_end_matches('/');
         let path = if path.is_empty() { "/" } else { path };
         let allowed = match path {
-            routes::EMBEDDINGS | routes::CHAT_COMPLETIONS | routes::COMPLETIONS | routes::JOBS => {
-                Method::Post
-            }
+            routes::EMBEDDINGS
+            | routes::RERANK
+            | routes::TEI_RERANK
+            | routes::CHAT_COMPLETIONS
+            | routes::COMPLETIONS
+            | routes::JOBS => Method::Post,
             routes::MODELS | routes::HEALTH | routes::OPENAPI => Method::Get,
             p if p.starts_with("/v1/models/") || p.starts_with("/v1/jobs/") => Method::Get,
             _ => {
@@ -145,6 +150,14 @@ impl Service {
         match path {
             routes::EMBEDDINGS => self
                 .embeddings(&req.body, opts.deadline)
+                .await
+                .map(|b| full(ApiResponse::ok(b))),
+            routes::RERANK => self
+                .rerank(Shape::Cohere, &req.body, opts)
+                .await
+                .map(|b| full(ApiResponse::ok(b))),
+            routes::TEI_RERANK => self
+                .rerank(Shape::Tei, &req.body, opts)
                 .await
                 .map(|b| full(ApiResponse::ok(b))),
             routes::CHAT_COMPLETIONS => self.generate(Route::Chat, &req.body, opts).await,
@@ -181,9 +194,10 @@ impl Service {
     /// The refusal of a route the loaded model's kind cannot answer (chat on an embedder).
     pub(super) fn wrong_kind(&self, path: &str) -> ApiError {
         let info = self.engine.info();
-        let needs = match info.kind {
-            ModelKind::Embedder => "a chat/generation model",
-            ModelKind::Generator => "an embedding model",
+        let needs = match path {
+            routes::EMBEDDINGS => "an embedding model",
+            routes::RERANK | routes::TEI_RERANK => "a reranker (a cross-encoder)",
+            _ => "a chat/generation model",
         };
         ApiError::new(
             ErrorKind::WrongModelKind,
@@ -206,7 +220,10 @@ impl Service {
             "kind": info.kind,
             "architecture": info.architecture,
             "quantization": info.quantization,
-            "context_length": info.max_seq_len,
+            "quantization_mix": info.details.quantization_mix,
+            "context_length": info.details.context_length,
+            "max_seq_len": info.max_seq_len,
+            "pooling": info.details.pooling,
         })
     }
 
@@ -226,9 +243,11 @@ impl Service {
             "architecture": info.architecture,
             "kind": info.kind,
             "quantization": info.quantization,
+            "quantization_mix": info.details.quantization_mix,
+            "context_length": info.details.context_length,
+            "pooling": info.details.pooling,
             "dimensions": info.dimensions,
             "max_seq_len": info.max_seq_len,
-            "context_length": info.max_seq_len,
             "threads": self.meta.threads,
             "state": if self.served.load(Ordering::Relaxed) { "warm" } else { "cold" },
             "init_ms": self.meta.init_ms,

@@ -42,6 +42,10 @@ impl FakeEmbedder {
                 quantization: "f32".into(),
                 dimensions: DIMS,
                 max_seq_len: 512,
+                details: lambda_inference::engine::ModelDetails {
+                    pooling: "mean",
+                    ..Default::default()
+                },
             },
         }
     }
@@ -362,6 +366,7 @@ impl FakeGenerator {
                 quantization: "q4_1".into(),
                 dimensions: 8,
                 max_seq_len: 4096,
+                details: Default::default(),
             },
             pieces,
             step,
@@ -444,4 +449,39 @@ pub fn fake_generator_service(limits: Limits, step: Duration) -> Service {
         limits,
         meta,
     )
+}
+
+/// The tiny random cross-encoder of tests/fixtures/tiny-reranker, converted by the CLI
+/// (`lambda-inference convert --dtype DTYPE`) into a fresh file: its bytes.
+pub fn tiny_reranker_gguf(dtype: &str) -> Vec<u8> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-reranker");
+    let out = std::env::temp_dir().join(format!(
+        "tiny-reranker-{}-{}.{dtype}.gguf",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-inference"))
+        .args(["convert", "--quiet", "--dtype", dtype])
+        .arg(&fixture)
+        .arg(&out)
+        .status()
+        .expect("running lambda-inference convert");
+    assert!(status.success(), "convert --dtype {dtype} failed");
+    let bytes = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    bytes
+}
+
+/// A service on the tiny cross-encoder (q8_0) with the given limits (a real model, not a fake).
+pub fn tiny_reranker_service(limits: Limits) -> Service {
+    let engine = lambda_inference::engine::load(&tiny_reranker_gguf("q8_0")).unwrap();
+    let meta = ModelMeta {
+        id: "tiny-reranker".into(),
+        sha256: "0".repeat(64),
+        source: "tests/fixtures/tiny-reranker".into(),
+        init_ms: 0.0,
+        threads: 1,
+    };
+    Service::new(engine, limits, meta)
 }

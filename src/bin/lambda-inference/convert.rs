@@ -5,7 +5,9 @@
 //! `sentence_bert_config.json`, `special_tokens_map.json`), mapping its tensors to llama.cpp's BERT
 //! names, quantizing the matrices, and writing one self-contained GGUF whose keys and tensor names
 //! are the constants in [`lambda_inference::engine::gguf`] (the contract with the engine that
-//! reads the file).
+//! reads the file). A `BertForSequenceClassification` with one label (a cross-encoder reranker)
+//! converts too: its pooler and classifier become llama.cpp's `cls` and `cls.output` tensors,
+//! `bert.pooling_type` is 4 (rank), and CrossEncoder's activation is kept.
 //!
 //! Must not: touch the network (the folder is already on disk), or move back into the library:
 //! the function only ever reads the GGUF this writes, so `bootstrap` does not link the converter
@@ -238,6 +240,8 @@ struct BertConfig {
     max_position_embeddings: usize,
     type_vocab_size: usize,
     layer_norm_eps: f64,
+    /// A `BertForSequenceClassification` with one label: pooler + classifier kept as the head.
+    cross_encoder: bool,
 }
 
 impl BertConfig {
@@ -254,6 +258,9 @@ impl BertConfig {
             .unwrap_or_default();
         // Old checkpoints lack model_type; a Bert* architecture says the same thing.
         let bert_arch = architectures.iter().any(|a| a.starts_with("Bert"));
+        let cross_encoder = architectures
+            .iter()
+            .any(|a| a == "BertForSequenceClassification");
         if !(model_type == "bert" || (model_type.is_empty() && bert_arch)) {
             return Err(ConvertError::UnsupportedArchitecture {
                 path: path.to_owned(),
@@ -287,6 +294,26 @@ impl BertConfig {
                 ))
             }
         }
+        if cross_encoder {
+            // transformers' default is 2 labels; a reranker's head has one output.
+            let labels = match (
+                j.get("id2label").and_then(Json::as_object),
+                j.get("num_labels"),
+            ) {
+                (Some(m), _) => m.len() as u64,
+                (None, Some(n)) => n.as_u64().unwrap_or(0),
+                (None, None) => 2,
+            };
+            if labels != 1 {
+                return Err(field(
+                    "id2label",
+                    format!(
+                        "{labels} labels: only cross-encoders with one output (num_labels = 1, \
+                         a relevance score) are supported"
+                    ),
+                ));
+            }
+        }
         if let Some(pe) = j.get("position_embedding_type").and_then(Json::as_str) {
             if pe != "absolute" {
                 return Err(field(
@@ -317,6 +344,7 @@ impl BertConfig {
                     )
                 })?,
             },
+            cross_encoder,
         };
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(field(
@@ -364,6 +392,8 @@ struct SentenceTransformers {
     pooling: u32,
     max_seq_length: usize,
     normalize: bool,
+    /// A cross-encoder's activation (`sigmoid` or `identity`); `None` for embedders.
+    activation: Option<&'static str>,
 }
 
 impl SentenceTransformers {
@@ -433,6 +463,9 @@ impl SentenceTransformers {
             }
         };
 
+        if cfg.cross_encoder {
+            return Self::read_cross_encoder(dir, cfg);
+        }
         let sbert_path = dir.join("sentence_bert_config.json");
         let max_seq_length = match read_json_opt(&sbert_path)? {
             Some(j) => match j.get("max_seq_length") {
@@ -456,6 +489,61 @@ impl SentenceTransformers {
             pooling,
             max_seq_length,
             normalize,
+            activation: None,
+        })
+    }
+
+    /// What sentence-transformers' CrossEncoder does with the folder: it truncates pairs to the
+    /// tokenizer's `model_max_length` (capped by the position table), and puts the logit through
+    /// the activation its config names (`sentence_transformers.activation_fn` in config.json or
+    /// config_sentence_transformers.json, before v4 `sbert_ce_default_activation_function`), by
+    /// default a sigmoid.
+    fn read_cross_encoder(dir: &Path, cfg: &BertConfig) -> Result<Self> {
+        let tc_path = dir.join("tokenizer_config.json");
+        let max_seq_length = read_json_opt(&tc_path)?
+            .and_then(|j| j.get("model_max_length").and_then(Json::as_u64))
+            .map_or(cfg.max_position_embeddings, |n| {
+                (n as usize).min(cfg.max_position_embeddings)
+            });
+        let config_path = dir.join("config.json");
+        let config = read_json(&config_path)?;
+        let st_path = dir.join("config_sentence_transformers.json");
+        let st = read_json_opt(&st_path)?;
+        let named = [
+            (
+                &config_path,
+                config.pointer("/sentence_transformers/activation_fn"),
+            ),
+            (&st_path, st.as_ref().and_then(|j| j.get("activation_fn"))),
+            (
+                &config_path,
+                config.get("sbert_ce_default_activation_function"),
+            ),
+        ];
+        let mut activation = "sigmoid";
+        if let Some((path, v)) = named
+            .into_iter()
+            .find_map(|(p, v)| Some((p, v?)).filter(|(_, v)| !v.is_null()))
+        {
+            activation = match v.as_str().unwrap_or("") {
+                s if s.ends_with(".Sigmoid") => "sigmoid",
+                s if s.ends_with(".Identity") => "identity",
+                other => {
+                    return Err(ConvertError::Field {
+                        path: path.clone(),
+                        field: "activation_fn".into(),
+                        reason: format!(
+                            "{other:?} is not supported (only torch.nn.Sigmoid or Identity)"
+                        ),
+                    })
+                }
+            };
+        }
+        Ok(SentenceTransformers {
+            pooling: key::POOLING_RANK,
+            max_seq_length,
+            normalize: false,
+            activation: Some(activation),
         })
     }
 }
@@ -638,10 +726,11 @@ fn load_and_map(path: &Path, cfg: &BertConfig) -> Result<Vec<(String, Tensor)>> 
 
     let mut mapped: HashMap<String, Tensor> = HashMap::new();
     for (hf_name, t) in raw {
-        let Some(gguf_name) = map_name(&hf_name).map_err(|()| ConvertError::UnmappedTensor {
-            path: path.to_owned(),
-            name: hf_name.clone(),
-        })?
+        let Some(gguf_name) =
+            map_name(&hf_name, cfg.cross_encoder).map_err(|()| ConvertError::UnmappedTensor {
+                path: path.to_owned(),
+                name: hf_name.clone(),
+            })?
         else {
             continue;
         };
@@ -665,6 +754,14 @@ fn load_and_map(path: &Path, cfg: &BertConfig) -> Result<Vec<(String, Tensor)>> 
         (format!("{}.weight", tn::TOKEN_EMBD_NORM), vec![h]),
         (format!("{}.bias", tn::TOKEN_EMBD_NORM), vec![h]),
     ];
+    if cfg.cross_encoder {
+        expected.extend([
+            (format!("{}.weight", tn::CLS), vec![h, h]),
+            (format!("{}.bias", tn::CLS), vec![h]),
+            (format!("{}.weight", tn::CLS_OUTPUT), vec![1, h]),
+            (format!("{}.bias", tn::CLS_OUTPUT), vec![1]),
+        ]);
+    }
     for i in 0..cfg.num_hidden_layers {
         let linears = [
             (tn::ATTN_Q, h, h),
@@ -721,9 +818,20 @@ fn load_and_map(path: &Path, cfg: &BertConfig) -> Result<Vec<(String, Tensor)>> 
     Ok(out)
 }
 
-/// HF name -> GGUF name. `Ok(None)`: a tensor the encoder does not use; `Err`: unknown.
-fn map_name(hf: &str) -> std::result::Result<Option<String>, ()> {
+/// HF name -> GGUF name. `Ok(None)`: a tensor the encoder does not use; `Err`: unknown. A
+/// cross-encoder keeps its pooler (`cls`) and classifier (`cls.output`), as llama.cpp names them.
+fn map_name(hf: &str, cross_encoder: bool) -> std::result::Result<Option<String>, ()> {
     let n = hf.strip_prefix("bert.").unwrap_or(hf);
+    if cross_encoder {
+        let head = [("pooler.dense.", tn::CLS), ("classifier.", tn::CLS_OUTPUT)];
+        for (prefix, gguf) in head {
+            match n.strip_prefix(prefix) {
+                Some(suffix @ ("weight" | "bias")) => return Ok(Some(format!("{gguf}.{suffix}"))),
+                Some(_) => return Err(()),
+                None => {}
+            }
+        }
+    }
     // The pooler (NSP head input) and MLM/NSP heads are not part of the sentence embedding, and
     // position_ids is a constant buffer some checkpoints save.
     if n.starts_with("pooler.") || n.starts_with("cls.") || n.ends_with("position_ids") {
@@ -775,6 +883,8 @@ fn hf_name_of(gguf: &str) -> String {
         "position_embd" => "embeddings.position_embeddings".to_owned(),
         "token_types" => "embeddings.token_type_embeddings".to_owned(),
         b if b == tn::TOKEN_EMBD_NORM => "embeddings.LayerNorm".to_owned(),
+        b if b == tn::CLS => "bert.pooler.dense".to_owned(),
+        b if b == tn::CLS_OUTPUT => "classifier".to_owned(),
         b => {
             let Some((i, name)) = b.strip_prefix("blk.").and_then(|r| r.split_once('.')) else {
                 return gguf.to_owned();
@@ -805,7 +915,12 @@ fn storage_dtype(
 ) -> GgmlDType {
     // Small and precision-sensitive (norms, biases) or indexed rather than multiplied (position
     // and token-type rows): quantizing them saves almost nothing and costs accuracy.
-    if t.rank() != 2 || name == tn::POSITION_EMBD || name == tn::TOKEN_TYPES {
+    // A cross-encoder's head is as small, and its output is the score users see.
+    if t.rank() != 2
+        || name == tn::POSITION_EMBD
+        || name == tn::TOKEN_TYPES
+        || name.starts_with(&format!("{}.", tn::CLS))
+    {
         return GgmlDType::F32;
     }
     let row = t.dims()[1];
@@ -872,6 +987,9 @@ fn build_metadata(
         ),
         (key::TOKENIZER_TOKEN_TYPE_COUNT, u32v(cfg.type_vocab_size)),
     ];
+    if let Some(activation) = st.activation {
+        m.push((key::ST_CE_ACTIVATION, Value::String(activation.into())));
+    }
     // Only ids the vocabulary actually has: a made-up id would be worse than none.
     for (k, id) in [
         (key::TOKENIZER_UNK_ID, special.unk),
@@ -1263,7 +1381,7 @@ mod tests {
         assert_eq!(c.tensor_infos.len(), hf.len());
         let mut cursor = std::io::Cursor::new(&bytes[..]);
         for (hf_name, want) in &hf {
-            let gguf_name = map_name(hf_name).unwrap().unwrap();
+            let gguf_name = map_name(hf_name, false).unwrap().unwrap();
             let info = &c.tensor_infos[&gguf_name];
             assert_eq!(info.ggml_dtype, GgmlDType::F32, "{gguf_name}");
             assert_eq!(info.shape.dims(), want.dims(), "{gguf_name}");

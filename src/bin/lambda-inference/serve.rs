@@ -87,12 +87,14 @@ pub async fn serve(app: Arc<App>, opts: Options) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", opts.addr))?;
     eprintln!(
-        "serving {} on http://{} (POST {}, {}, {}, {}; GET {}, {}, {})",
+        "serving {} on http://{} (POST {}, {}, {}, {}, {}, {}; GET {}, {}, {})",
         app.service.meta().id,
         listener.local_addr()?,
         routes::CHAT_COMPLETIONS,
         routes::COMPLETIONS,
         routes::EMBEDDINGS,
+        routes::RERANK,
+        routes::TEI_RERANK,
         routes::JOBS,
         routes::MODELS,
         routes::HEALTH,
