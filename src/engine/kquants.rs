@@ -447,21 +447,8 @@ pub mod avx2 {
     //! AVX2 versions of the kernels above (the same integer sums; f32 partial sums per lane).
 
     use super::{is_k_quant, Acts, Format, MR, QK_K};
+    use crate::engine::qmatmul::x86::{f16_at, hsum};
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn f16_at(p: *const u8) -> f32 {
-        let bits = (p as *const u16).read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
 
     /// 32 bytes, byte i = 0x10 where bit i of the u32 at `p` is set, else 0.
     #[inline(always)]

@@ -499,7 +499,7 @@ fn use_avx2() -> bool {
 /// The x86 kernels. Each is written once, generic over how four adjacent u8 x i8 products are
 /// summed into an i32 lane ([`Us8`]), and compiled twice: for AVX2 and for AVX-512 VNNI.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::{QActs, MR, QK};
     use std::arch::x86_64::*;
 
@@ -525,14 +525,16 @@ mod x86 {
         }
     }
 
+    /// The f16 at `p` (unaligned) as f32, through F16C.
     #[inline(always)]
-    unsafe fn f16_at(p: *const u8) -> f32 {
+    pub(in crate::engine) unsafe fn f16_at(p: *const u8) -> f32 {
         let bits = (p as *const u16).read_unaligned();
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
+    /// The sum of the eight lanes of `v`.
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(in crate::engine) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
