@@ -78,6 +78,13 @@ pub struct InitReport {
     /// GGUF parse + weight preparation + tokenizer build.
     pub engine_ms: f64,
     pub total_ms: f64,
+    /// When the verification (hashing left to do) and the engine build began, in ms after the
+    /// load started: the init subsegments' start times (crate::xray).
+    pub verify_at_ms: f64,
+    pub engine_at_ms: f64,
+    /// When the load started (wall clock).
+    #[serde(skip)]
+    pub started: Option<std::time::SystemTime>,
     pub model_bytes: usize,
     pub fetch: FetchStats,
     pub sha256: String,
@@ -145,6 +152,7 @@ impl App {
     /// thread, so that a runtime loop sharing this executor keeps answering meanwhile.
     pub async fn load(config: &Config) -> Result<App, InitError> {
         let t0 = Instant::now();
+        let started = std::time::SystemTime::now();
         // The job clients (if RESULTS_URI / JOBS_QUEUE_URL are set) are made while the model
         // downloads; they do no I/O until the first job. The API keys are read meanwhile too.
         let (art, jobs, keys) = tokio::join!(
@@ -155,7 +163,7 @@ impl App {
         let art = art?;
         let keys = keys?;
         let config = config.clone();
-        let app = tokio::task::spawn_blocking(move || Self::build(art, &config, t0))
+        let app = tokio::task::spawn_blocking(move || Self::build(art, &config, t0, started))
             .await
             .map_err(|e| InitError::Panicked(format!("engine build: {e}")))??;
         let service = app.service.with_jobs(jobs);
@@ -168,14 +176,23 @@ impl App {
         })
     }
 
-    fn build(art: Artifact, config: &Config, t0: Instant) -> Result<App, InitError> {
+    fn build(
+        art: Artifact,
+        config: &Config,
+        t0: Instant,
+        started: std::time::SystemTime,
+    ) -> Result<App, InitError> {
         let model_bytes = art.bytes.len();
+        let since_t0 = || t0.elapsed().as_secs_f64() * 1e3;
+        let verify_at_ms = since_t0();
         // Shared with the engine: an embedder copies what it needs and lets go (the bytes are
         // freed when `bytes` drops below); a generator keeps its weights in place, as llama.cpp
         // does with its mmap, instead of holding a second copy of the file.
         let bytes: SharedBytes = Arc::new(FileBytes(art.bytes));
+        let engine_at = std::sync::OnceLock::new();
         let build = || {
             let t = Instant::now();
+            let _ = engine_at.set(since_t0());
             let engine = engine::load_shared(bytes.clone());
             (engine, t.elapsed().as_secs_f64() * 1e3)
         };
@@ -219,6 +236,9 @@ impl App {
             verify_ms,
             engine_ms,
             total_ms,
+            verify_at_ms,
+            engine_at_ms: engine_at.get().copied().unwrap_or(verify_at_ms),
+            started: Some(started),
             model_bytes,
             fetch: art.stats,
             sha256: sha256.clone(),

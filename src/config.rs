@@ -322,6 +322,12 @@ declare! {
             unset: "set by Lambda (`local` in the metrics outside it)",
             doc: "the function's name: the metrics' `FunctionName` dimension",
         }
+        xray_daemon: Option<String> {
+            name: AWS_XRAY_DAEMON_ADDRESS,
+            parse: trimmed,
+            unset: "set by Lambda when tracing is Active; unset: no subsegments",
+            doc: "the X-Ray daemon's `host:port`: a sampled invoke sends its subsegments there",
+        }
     }
     before_config {
         AWS_LAMBDA_RUNTIME_API {
@@ -469,6 +475,8 @@ pub struct Config {
     pub int8_kernel: Int8Kernel,
     /// AWS_LAMBDA_FUNCTION_NAME: the dimension of the metrics.
     pub function_name: Option<String>,
+    /// AWS_XRAY_DAEMON_ADDRESS: where a sampled invoke's subsegments go (crate::xray).
+    pub xray_daemon: Option<String>,
     /// S3_ENDPOINT_URL. Unlike the SDK's own AWS_ENDPOINT_URL_S3 (also honoured), an empty value
     /// means unset, so a SAM template can pass a parameter through as is.
     pub s3_endpoint: Option<String>,
@@ -561,6 +569,7 @@ impl Config {
             rest_api_streaming: v.rest_api_streaming,
             int8_kernel: v.int8_kernel,
             function_name: v.function_name,
+            xray_daemon: v.xray_daemon,
             s3_endpoint: v.s3_endpoint,
             results_uri: v.results_uri,
             jobs_queue_url: v.jobs_queue_url,

@@ -19,6 +19,8 @@
 //!                   (traits; jobs/aws.rs implements them on S3/SQS); never the service
 //!     -> engine     tokenizers + models (BERT embedder, llama generator), kernels, sampling,
 //!                   chat templates; no AWS/Lambda types, no I/O, nothing else of the crate
+//! xray              X-Ray subsegments of sampled invokes, as UDP datagrams to Lambda's daemon;
+//!                   entry points only
 //! artifacts         model bytes from a file or S3 (ArtifactStore) + SHA-256; used at init only
 //! threads           the compute pool's size (THREADS, Lambda's vCPU share, the cgroup quota)
 //! aws               the one place AWS SDK clients are built (default credential chain)
@@ -43,3 +45,4 @@ pub mod metrics;
 pub mod service;
 pub mod threads;
 pub mod worker;
+pub mod xray;

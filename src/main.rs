@@ -36,6 +36,7 @@ use lambda_inference::events::http::{HttpReply, SSE_HEADERS, SSE_STATUS};
 use lambda_inference::events::{self, EventReply, Invocation, Source};
 use lambda_inference::metrics;
 use lambda_inference::service::{meter, SseStream};
+use lambda_inference::xray::{Daemon, Subsegment, Trace};
 use lambda_runtime::{
     service_fn, BoxFuture, Diagnostic, Error, FunctionResponse, LambdaEvent, MetadataPrelude,
     Runtime, SnapStartResource, StreamResponse,
@@ -104,6 +105,11 @@ fn main() -> Result<(), Error> {
                 let t = Instant::now();
                 let deadline = deadline_instant(event.context.deadline());
                 let request_id = event.context.request_id.clone();
+                let traced = Traced::of(
+                    lazy.config(),
+                    event.context.xray_trace_id.as_deref(),
+                    &request_id,
+                );
                 // Requests this large leave freed memory in glibc's arenas: trimmed afterwards.
                 let large = event.payload.get().len() > 256 * 1024;
                 let payload = match serde_json::from_str::<Value>(event.payload.get()) {
@@ -115,7 +121,7 @@ fn main() -> Result<(), Error> {
                             format!("the payload is not JSON this function can read: {e}"),
                         )
                         .to_body();
-                        unmetered(lazy.config(), &request_id, Source::Direct, 400, t);
+                        unmetered(lazy.config(), &request_id, Source::Direct, 400, t, traced);
                         return Ok(FunctionResponse::BufferedResponse(body));
                     }
                 };
@@ -133,7 +139,7 @@ fn main() -> Result<(), Error> {
                     Err(e) => {
                         let function = function_name(config);
                         emit_init_error(&function, e.error_type(), &e.to_string());
-                        unmetered(config, &request_id, source, 503, t);
+                        unmetered(config, &request_id, source, 503, t, traced);
                         return load_failed(source, e.error_type(), &e.to_string())
                             .map(|reply| respond(reply, streams));
                     }
@@ -146,15 +152,21 @@ fn main() -> Result<(), Error> {
                 };
                 // The invoke's `request` metrics record is written when `meter` and every copy
                 // of it are dropped: below for a buffered answer, after a stream's last event.
+                let sent = traced.clone();
                 let meter = metrics::request_meter(
                     metrics::Invoke {
                         function: function_name(lazy.config()),
-                        request_id,
+                        request_id: request_id.clone(),
                         source: source.name(),
                         model: app.service.meta().id.clone(),
                         received: t,
                     },
-                    |line| println!("{line}"),
+                    move |line| {
+                        println!("{line}");
+                        if let Some(tr) = &sent {
+                            tr.send_inference(line);
+                        }
+                    },
                 );
                 let reply = meter::scope(
                     meter.clone(),
@@ -184,6 +196,9 @@ fn main() -> Result<(), Error> {
                         ..cold.clone()
                     };
                     emit_cold_start(&app.report, &cold, lazy.config().function_name.as_deref());
+                    if let Some(tr) = &traced {
+                        tr.send_init(lazy.config(), &app.report, restored.get().copied());
+                    }
                 }
                 drop(meter);
                 Ok::<FunctionResponse<Value, SseBody>, Diagnostic>(respond(reply, streams))
@@ -253,9 +268,118 @@ fn function_name(config: &Config) -> String {
         .unwrap_or_else(|| "local".to_owned())
 }
 
+/// A sampled invoke's trace and the daemon its subsegments go to (crate::xray).
+#[derive(Clone)]
+struct Traced {
+    trace: Trace,
+    daemon: &'static Daemon,
+    request_id: String,
+    received: SystemTime,
+}
+
+impl Traced {
+    /// `Some` when the invoke's trace header says sampled and AWS_XRAY_DAEMON_ADDRESS is usable.
+    fn of(config: &Config, header: Option<&str>, request_id: &str) -> Option<Traced> {
+        static DAEMON: OnceLock<Option<Daemon>> = OnceLock::new();
+        let received = SystemTime::now();
+        let trace = Trace::sampled(header)?;
+        let daemon = DAEMON
+            .get_or_init(|| {
+                let address = config.xray_daemon.as_deref()?;
+                let daemon = Daemon::new(address);
+                if daemon.is_none() {
+                    tracing::warn!(address, "AWS_XRAY_DAEMON_ADDRESS unusable: no subsegments");
+                }
+                daemon
+            })
+            .as_ref()?;
+        Some(Traced {
+            trace,
+            daemon,
+            request_id: request_id.to_owned(),
+            received,
+        })
+    }
+
+    /// `inference`: received -> `request` record written (answer done), annotated from the
+    /// record: route, status, source, model, tokens.
+    fn send_inference(&self, record: &str) {
+        let mut s = Subsegment::new("inference", self.received, SystemTime::now());
+        if let Ok(Value::Object(r)) = serde_json::from_str::<Value>(record) {
+            for (from, to) in [
+                ("Route", "route"),
+                ("Status", "status"),
+                ("source", "source"),
+                ("model", "model"),
+                ("InputTokens", "input_tokens"),
+                ("OutputTokens", "output_tokens"),
+                ("DeadlineStops", "deadline_stops"),
+                ("Jobs", "jobs"),
+                ("JobsFailed", "jobs_failed"),
+            ] {
+                if let Some(v) = r.get(from) {
+                    s.annotations.insert(to.into(), v.clone());
+                }
+            }
+        }
+        self.daemon
+            .send(&self.trace, &format!("{}/inference", self.request_id), &[s]);
+    }
+
+    /// The first invoke's trace: what its environment's init (or SnapStart restore) was made of,
+    /// at the times it happened. Not under provisioned concurrency: that init ran long before,
+    /// outside any invoke's trace.
+    fn send_init(
+        &self,
+        config: &Config,
+        report: &app::InitReport,
+        restored: Option<(Instant, f64)>,
+    ) {
+        let ms = |v: f64| Duration::from_secs_f64(v.max(0.0) / 1e3);
+        let subsegments = match (restored, report.started) {
+            (Some((at, restore_ms)), _) => {
+                let ago = at.elapsed();
+                vec![Subsegment::before(
+                    "restore",
+                    SystemTime::now(),
+                    ago,
+                    ms(restore_ms),
+                )]
+            }
+            _ if config.wait_for_whole_load => return,
+            (None, Some(start)) => vec![
+                Subsegment::new("fetch", start, start + ms(report.fetch_ms)),
+                Subsegment::new(
+                    "verify",
+                    start + ms(report.verify_at_ms),
+                    start + ms(report.verify_at_ms + report.verify_ms),
+                ),
+                Subsegment::new(
+                    "engine",
+                    start + ms(report.engine_at_ms),
+                    start + ms(report.engine_at_ms + report.engine_ms),
+                ),
+            ],
+            (None, None) => return,
+        };
+        self.daemon.send(
+            &self.trace,
+            &format!("{}/init", self.request_id),
+            &subsegments,
+        );
+    }
+}
+
 /// The `request` record of an invoke answered before the service saw it (a payload that is not
 /// JSON, a failed model load).
-fn unmetered(config: &Config, request_id: &str, source: Source, status: u16, t: Instant) {
+fn unmetered(
+    config: &Config,
+    request_id: &str,
+    source: Source,
+    status: u16,
+    t: Instant,
+    traced: Option<Traced>,
+) {
     let stats = meter::CallStats {
         status: Some(status),
         ..Default::default()
@@ -267,8 +391,11 @@ fn unmetered(config: &Config, request_id: &str, source: Source, status: u16, t: 
         model: String::new(),
         received: t,
     };
-    let record = metrics::request_record(&stats, &inv, t.elapsed(), metrics::unix_ms());
+    let record = metrics::request_record(&stats, &inv, t.elapsed(), metrics::unix_ms()).to_string();
     println!("{record}");
+    if let Some(tr) = traced {
+        tr.send_inference(&record);
+    }
 }
 
 /// The `init_error` record (InitErrors by ErrorType), on stdout like every EMF record.

@@ -60,6 +60,10 @@ impl Request {
     }
 }
 
+/// The trace header of a sampled invoke (the X-Ray documentation's example ids).
+pub const SAMPLED_TRACE: &str =
+    "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
+
 pub struct RuntimeApi {
     pub port: u16,
     requests: Receiver<Request>,
@@ -115,8 +119,14 @@ impl RuntimeApi {
             .map(|r| (r.method.clone(), r.path.clone()))
     }
 
-    /// Answers a held `GET /runtime/invocation/next` with `event`, as Lambda does.
+    /// Answers a held `GET /runtime/invocation/next` with `event`, as Lambda does (a sampled
+    /// trace header).
     pub fn invoke(next: Request, request_id: &str, event: &serde_json::Value) {
+        Self::invoke_traced(next, request_id, event, SAMPLED_TRACE);
+    }
+
+    /// [`RuntimeApi::invoke`] with `trace` as the invoke's `Lambda-Runtime-Trace-Id`.
+    pub fn invoke_traced(next: Request, request_id: &str, event: &serde_json::Value, trace: &str) {
         let deadline = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -132,10 +142,7 @@ impl RuntimeApi {
                     "Lambda-Runtime-Invoked-Function-Arn",
                     "arn:aws:lambda:us-east-1:123456789012:function:snap:1",
                 ),
-                (
-                    "Lambda-Runtime-Trace-Id",
-                    "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1",
-                ),
+                ("Lambda-Runtime-Trace-Id", trace),
             ],
             event.to_string().as_bytes(),
         );
