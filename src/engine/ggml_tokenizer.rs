@@ -4,7 +4,7 @@
 //! Supported `tokenizer.ggml.model`s:
 //! - `gpt2`: byte-level BPE (tokens, merges, token types), with the pre-tokenizer regex llama.cpp
 //!   picks for `tokenizer.ggml.pre`;
-//! - `llama`: SentencePiece BPE (Llama 2, Mistral v0.1, Phi-3, Gemma), llama.cpp's
+//! - `llama`: SentencePiece BPE (Llama 2, Mistral v0.1, Phi-3), llama.cpp's
 //!   `llm_tokenizer_spm`: spaces written as `▁`, a leading `▁` on every stretch of text that starts
 //!   the prompt or follows a special token (`tokenizer.ggml.add_space_prefix`, default true), pairs
 //!   merged best `tokenizer.ggml.scores` first, characters outside the vocabulary spelled as
@@ -355,7 +355,9 @@ fn byte_token(token: &str) -> Option<u8> {
 /// llama.cpp's per-token attributes that the GGUF does not carry, set by the model's name: for a
 /// `general.name` containing "phi-3" or "phi3", the whitespace after each special token but
 /// `<unk>`, `<s>` and `<|endoftext|>` is dropped (Phi-3's tokenizer.json marks them `rstrip`), so
-/// the newline the chat template writes after `<|user|>` is not a token.
+/// the newline the chat template writes after `<|user|>` is not a token. (The added tokens strip
+/// Unicode whitespace, llama.cpp ASCII whitespace only: a no-break space right after `<|user|>`
+/// would be tokenized differently.)
 fn strips_after_specials(meta: &Meta) -> bool {
     let name = meta.str(gguf::NAME).unwrap_or("").to_lowercase();
     name.contains("phi-3") || name.contains("phi3")
