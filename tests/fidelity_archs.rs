@@ -1,4 +1,4 @@
-//! Fidelity of the decoder architectures without a packaged model (qwen2, qwen3, Llama 3.x)
+//! Fidelity of the decoder architectures without a packaged model (qwen2, qwen3, Llama 3.x, phi3)
 //! against llama.cpp, on tiny random-weight Q8_0 GGUFs written by llama.cpp's own converter
 //! (tests/fixtures/archs/: the GGUFs, llama.cpp's answers as JSON, and make.py, which regenerates
 //! both; CI runs none of that, the fixtures are data).
@@ -189,6 +189,69 @@ fn llama3_matches_llama_cpp() {
 }
 
 #[test]
+fn phi3_matches_llama_cpp() {
+    check("phi3", "phi3");
+}
+
+#[test]
+fn sentencepiece_prompts_tokenize_as_llama_cpp_does() {
+    // phi3's SentencePiece vocabulary on strings chosen to break a tokenizer that is almost right:
+    // accents, digits, runs of spaces, tabs and newlines (byte tokens), characters outside the
+    // vocabulary (byte fallback), text against special tokens (the leading ▁ after one, and
+    // Phi-3's rule that drops the whitespace after most of them), literal `<s>`, `<unk>`, `▁`.
+    let (bytes, fx) = fixture("phi3");
+    let engine = engine::load_shared(bytes).unwrap();
+    let Engine::Generator(gen) = engine else {
+        panic!("phi3 loaded as an encoder")
+    };
+    let cases = fx["tokenize"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    let mut bytes_seen = false;
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want = ids(&case["ids"]);
+        assert_eq!(gen.tokenize(text).unwrap(), want, "{text:?}");
+        // <0x00>..<0xFF> are ids 3..=258 in a SentencePiece vocabulary with byte fallback.
+        bytes_seen |= want.iter().any(|&i| (3..=258).contains(&i));
+    }
+    assert!(bytes_seen, "no case exercises byte fallback");
+}
+
+#[test]
+fn sentencepiece_generation_streams_spaces_and_bytes() {
+    // The phi3 conversation whose content the vocabulary lacks (東京, 🙂): llama.cpp's greedy
+    // tokens through the service's path, the text streamed piece by piece equal to the whole.
+    let (bytes, fx) = fixture("phi3");
+    let Engine::Generator(gen) = engine::load_shared(bytes).unwrap() else {
+        panic!("phi3 loaded as an encoder")
+    };
+    for item in fx["items"].as_array().unwrap() {
+        let prompt = gen
+            .tokenize(&gen.render_chat(&messages(item)).unwrap())
+            .unwrap();
+        assert_eq!(prompt, ids(&item["prompt_ids"]));
+        let want = ids(&item["generated_ids"]);
+        let first_tie = item["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|l| margin(&floats(l)) < 2.0 * TOLERANCE)
+            .unwrap_or(want.len());
+        let params = lambda_inference::engine::GenerateParams {
+            max_tokens: want.len(),
+            ..Default::default()
+        };
+        let mut streamed = String::new();
+        let out = gen
+            .generate(&prompt, &params, &mut |s| streamed.push_str(s))
+            .unwrap();
+        let n = first_tie.min(out.token_ids.len());
+        assert_eq!(&out.token_ids[..n], &want[..n]);
+        assert_eq!(streamed, out.text);
+    }
+}
+
+#[test]
 fn generation_through_the_trait_stops_and_streams() {
     // The same greedy tokens through `Generator::generate` (the path the service uses), for the
     // architecture whose vocabulary adds BOS and whose template writes it too.
@@ -227,6 +290,7 @@ fn info_and_service_report_architecture_and_context_length() {
         ("qwen2", "qwen2", 4096),
         ("qwen3", "qwen3", 4096),
         ("llama3", "llama", 8192),
+        ("phi3", "phi3", 4096),
     ] {
         let (bytes, _) = fixture(name);
         let engine = engine::load_shared(bytes).unwrap();
@@ -268,7 +332,7 @@ fn unsupported_architecture_fails_at_load_naming_what_is_supported() {
         panic!("not InvalidModel: {err}")
     };
     assert!(msg.contains("\"gpt99\""), "{msg}");
-    for arch in ["bert", "llama", "qwen2", "qwen3"] {
+    for arch in ["bert", "llama", "qwen2", "qwen3", "phi3"] {
         assert!(msg.contains(arch), "{msg} does not name {arch}");
     }
     // The generator's own entry point refuses it the same way.
@@ -282,6 +346,31 @@ fn unsupported_architecture_fails_at_load_naming_what_is_supported() {
 }
 
 #[test]
+fn phi3_long_rope_files_are_refused_naming_what_is_missing() {
+    // A Phi-3-*-128k file carries LongRoPE factors; the phi3 fixture with one tensor renamed to
+    // `rope_factors_long.weight` (the same length, so the GGUF stays valid) stands for one.
+    let (bytes, _) = fixture("phi3");
+    let mut b = (*bytes).as_ref().to_vec();
+    let (from, to) = (b"blk.1.attn_output.weight", b"rope_factors_long.weight");
+    let at = b
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("tensor name in the header");
+    b[at..at + to.len()].copy_from_slice(to);
+    let err = match engine::load(&b) {
+        Err(e) => e,
+        Ok(_) => panic!("a LongRoPE file loaded"),
+    };
+    let EngineError::InvalidModel(msg) = &err else {
+        panic!("not InvalidModel: {err}")
+    };
+    assert!(
+        msg.contains("rope_factors_long") && msg.contains("LongRoPE"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn the_tolerance_tells_a_wrong_rope_pairing_apart() {
     // qwen2 run as if it were llama (adjacent-pair RoPE instead of halves): the one thing that
     // differs must move the logits past the tolerance, or the comparison above proves nothing.
@@ -291,9 +380,15 @@ fn the_tolerance_tells_a_wrong_rope_pairing_apart() {
     ))
     .unwrap();
     let wrong = LlamaGenerator::load_as(&content, &bytes, engine::llama::VARIANT).unwrap();
-    let item = &fx["items"][0];
+    let worst = worst_against_llama_cpp(&wrong, &fx["items"][0]);
+    eprintln!("qwen2 with adjacent-pair RoPE: largest |logit - llama.cpp| {worst:.3}");
+    assert!(worst > 3.0 * TOLERANCE, "{worst}");
+}
+
+/// Largest |logit - llama.cpp's| of `gen` over the steps of one fixture item (teacher forcing).
+fn worst_against_llama_cpp(gen: &LlamaGenerator, item: &Value) -> f32 {
     let want = ids(&item["generated_ids"]);
-    let worst = wrong.with_state(|model, state| {
+    gen.with_state(|model, state| {
         state.reset();
         let mut logits = model.forward(state, &ids(&item["prompt_ids"])).unwrap();
         let mut worst = 0f32;
@@ -302,8 +397,48 @@ fn the_tolerance_tells_a_wrong_rope_pairing_apart() {
             logits = model.forward(state, &[want[s]]).unwrap();
         }
         worst
-    });
-    eprintln!("qwen2 with adjacent-pair RoPE: largest |logit - llama.cpp| {worst:.3}");
+    })
+}
+
+#[test]
+fn the_tolerance_tells_phi3s_rope_pairing_and_gate_half_apart() {
+    // What phi3 changes must each move the logits past the tolerance: adjacent-pair RoPE instead
+    // of halves, and the fused ffn_up read as up-then-gate (its two halves swapped in the file).
+    let (bytes, fx) = fixture("phi3");
+    let read = |b: &[u8]| {
+        candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(b)).unwrap()
+    };
+    let content = read((*bytes).as_ref());
+    let adjacent = engine::llama::Variant {
+        rope: engine::llama::RopeStyle::Adjacent,
+        ..engine::phi3::VARIANT
+    };
+    let wrong = LlamaGenerator::load_as(&content, &bytes, adjacent).unwrap();
+    let worst = worst_against_llama_cpp(&wrong, &fx["items"][0]);
+    eprintln!("phi3 with adjacent-pair RoPE: largest |logit - llama.cpp| {worst:.3}");
+    assert!(worst > 3.0 * TOLERANCE, "{worst}");
+
+    let mut b = (*bytes).as_ref().to_vec();
+    let mut swapped = 0;
+    for (name, info) in &content.tensor_infos {
+        if !name.ends_with(".ffn_up.weight") {
+            continue;
+        }
+        let [rows, k] = info.shape.dims() else {
+            panic!("{name}: not a matrix")
+        };
+        let d = info.ggml_dtype;
+        let half = rows / 2 * (k / d.block_size() * d.type_size());
+        let start = content.tensor_data_offset as usize + info.offset as usize;
+        let (gate, up) = b[start..start + 2 * half].split_at_mut(half);
+        gate.swap_with_slice(up);
+        swapped += 1;
+    }
+    assert_eq!(swapped, 2, "one fused ffn_up per layer");
+    let shared: SharedBytes = Arc::new(b);
+    let wrong = LlamaGenerator::load(&read((*shared).as_ref()), &shared).unwrap();
+    let worst = worst_against_llama_cpp(&wrong, &fx["items"][0]);
+    eprintln!("phi3 with gate and up swapped: largest |logit - llama.cpp| {worst:.3}");
     assert!(worst > 3.0 * TOLERANCE, "{worst}");
 }
 

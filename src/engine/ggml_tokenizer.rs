@@ -1,16 +1,35 @@
 //! The tokenizer of a llama.cpp GGUF (`tokenizer.ggml.*`) as a `tokenizers::Tokenizer`, plus
 //! the byte pieces of every token for streaming detokenization.
 //!
-//! Supported: `tokenizer.ggml.model = gpt2` (byte-level BPE: tokens, merges, token types), with
-//! the pre-tokenizer regex llama.cpp picks for `tokenizer.ggml.pre`. Control and user-defined
-//! tokens (`<|im_start|>`) become added tokens, so they are matched in prompt text the way
-//! llama.cpp's `parse_special = true` does. The SentencePiece variant (`llama`) is refused with a
-//! clear error. Must not do I/O.
+//! Supported `tokenizer.ggml.model`s:
+//! - `gpt2`: byte-level BPE (tokens, merges, token types), with the pre-tokenizer regex llama.cpp
+//!   picks for `tokenizer.ggml.pre`;
+//! - `llama`: SentencePiece BPE (Llama 2, Mistral v0.1, Phi-3), llama.cpp's
+//!   `llm_tokenizer_spm`: spaces written as `▁`, a leading `▁` on every stretch of text that starts
+//!   the prompt or follows a special token (`tokenizer.ggml.add_space_prefix`, default true), pairs
+//!   merged best `tokenizer.ggml.scores` first, characters outside the vocabulary spelled as
+//!   `<0xXX>` byte tokens. It is expressed as a BPE whose merges are every split of a token into
+//!   two tokens, ranked by the merged token's score (Hugging Face's LlamaTokenizerFast
+//!   conversion). One difference is known: llama.cpp breaks a tie between equal scores by
+//!   position, the BPE by rank; SentencePiece gives its pieces distinct scores, so only a token
+//!   reachable by two different splits at once could tell them apart.
+//!
+//! Control, user-defined (and for SentencePiece, unknown) tokens (`<|im_start|>`, `<|end|>`)
+//! become added tokens matched on the raw text, the way llama.cpp's `parse_special = true` does,
+//! with llama.cpp's name-based rule for Phi-3 (whitespace after its special tokens is dropped).
+//! Any other model (`bert`, `t5`, ...) is refused with an error naming the supported ones. Must not
+//! do I/O.
 
 use std::collections::HashMap;
 
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -22,8 +41,14 @@ use super::gguf::{self, Meta};
 use super::EngineError;
 
 /// llama.cpp token types (`tokenizer.ggml.token_type`).
+const TYPE_NORMAL: i32 = 1;
+const TYPE_UNKNOWN: i32 = 2;
 const TYPE_CONTROL: i32 = 3;
 const TYPE_USER_DEFINED: i32 = 4;
+const TYPE_BYTE: i32 = 6;
+
+/// SentencePiece's word-boundary mark: a space in the text.
+const SPACE_MARK: char = '\u{2581}';
 
 /// Llama 3's pre-tokenizer regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -50,69 +75,80 @@ pub struct GgmlVocab {
 /// Builds the tokenizer from GGUF metadata.
 pub fn load(meta: &Meta) -> Result<GgmlVocab, EngineError> {
     let model = meta.str(gguf::TOKENIZER_MODEL)?;
-    if model != "gpt2" {
-        return Err(EngineError::InvalidModel(format!(
-            "tokenizer.ggml.model {model:?} is not supported: this build reads byte-level BPE \
-             (\"gpt2\") vocabularies; SentencePiece (\"llama\") GGUFs are not supported yet"
-        )));
-    }
+    let spm = match model {
+        "gpt2" => false,
+        "llama" => true,
+        other => {
+            return Err(EngineError::InvalidModel(format!(
+                "tokenizer.ggml.model {other:?} is not supported: this build reads byte-level BPE \
+                 (\"gpt2\") and SentencePiece (\"llama\") vocabularies"
+            )))
+        }
+    };
     let tokens = string_array(meta, gguf::TOKENIZER_TOKENS)?;
-    let merges = string_array(meta, "tokenizer.ggml.merges")?;
     let types: Vec<i32> = match meta.0.get(gguf::TOKENIZER_TOKEN_TYPE) {
         Some(v) => v
             .to_vec()
             .map_err(|e| EngineError::InvalidModel(format!("token_type: {e}")))?
             .iter()
-            .map(|t| t.to_i32().unwrap_or(1))
+            .map(|t| t.to_i32().unwrap_or(TYPE_NORMAL))
             .collect(),
-        None => vec![1; tokens.len()],
+        None => vec![TYPE_NORMAL; tokens.len()],
     };
-    let vocab: tokenizers::models::bpe::Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
-        .collect();
-    let merges: Vec<(String, String)> = merges
-        .iter()
-        .filter_map(|m| m.split_once(' '))
-        .map(|(a, b)| (a.to_owned(), b.to_owned()))
-        .collect();
-    let pre = meta.str("tokenizer.ggml.pre").unwrap_or("default");
-    let (pre_tok, ignore_merges) = pre_tokenizer(pre)?;
-    // llama.cpp adds BOS for the Llama 3 vocabularies unless the file says otherwise.
-    let add_bos_default = matches!(pre, "llama3" | "llama-bpe" | "llama-v3");
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(ignore_merges)
-        .build()
-        .map_err(|e| EngineError::Tokenizer(format!("BPE from GGUF: {e}")))?;
-    let mut tokenizer = Tokenizer::new(bpe);
-    tokenizer.with_pre_tokenizer(Some(pre_tok));
-    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    if types.len() != tokens.len() {
+        return Err(EngineError::InvalidModel(format!(
+            "{} token types for {} tokens",
+            types.len(),
+            tokens.len()
+        )));
+    }
+    let (mut tokenizer, add_bos_default) = if spm {
+        (sentencepiece(meta, &tokens, &types)?, true)
+    } else {
+        byte_level_bpe(meta, &tokens)?
+    };
+    // llama.cpp matches these in prompt text before tokenizing the rest (`parse_special`); for
+    // SentencePiece on the raw text, so that the text after one gets its leading `▁`, as llama.cpp
+    // gives it.
+    let phi3 = strips_after_specials(meta);
     let specials: Vec<AddedToken> = tokens
         .iter()
         .zip(&types)
-        .filter(|(_, &ty)| ty == TYPE_CONTROL || ty == TYPE_USER_DEFINED)
-        .map(|(t, &ty)| AddedToken::from(t.clone(), ty == TYPE_CONTROL))
+        .filter(|(_, &ty)| {
+            ty == TYPE_CONTROL || ty == TYPE_USER_DEFINED || (spm && ty == TYPE_UNKNOWN)
+        })
+        .map(|(t, &ty)| {
+            let token = AddedToken::from(t.clone(), ty != TYPE_USER_DEFINED);
+            let token = if spm { token.normalized(false) } else { token };
+            token.rstrip(phi3 && !matches!(t.as_str(), "<unk>" | "<s>" | "<|endoftext|>"))
+        })
         .collect();
     tokenizer
         .add_special_tokens(specials)
         .map_err(|e| EngineError::Tokenizer(format!("special tokens: {e}")))?;
 
-    let byte_of = unicode_to_byte();
-    let pieces = tokens
-        .iter()
-        .zip(&types)
-        .map(|(t, &ty)| match ty {
-            TYPE_CONTROL => Vec::new(),
-            TYPE_USER_DEFINED => t.as_bytes().to_vec(),
-            _ => t
-                .chars()
-                .map(|c| byte_of.get(&c).copied())
-                .collect::<Option<Vec<u8>>>()
-                .unwrap_or_else(|| t.as_bytes().to_vec()),
-        })
-        .collect();
+    let pieces = if spm {
+        tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, &ty)| spm_piece(t, ty))
+            .collect()
+    } else {
+        let byte_of = unicode_to_byte();
+        tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, &ty)| match ty {
+                TYPE_CONTROL => Vec::new(),
+                TYPE_USER_DEFINED => t.as_bytes().to_vec(),
+                _ => t
+                    .chars()
+                    .map(|c| byte_of.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .unwrap_or_else(|| t.as_bytes().to_vec()),
+            })
+            .collect()
+    };
     let id = |key: &str| -> Option<u32> { meta.usize(key).ok().map(|v| v as u32) };
     let bos_id = id("tokenizer.ggml.bos_token_id");
     let eos_id = id("tokenizer.ggml.eos_token_id");
@@ -153,6 +189,178 @@ pub fn load(meta: &Meta) -> Result<GgmlVocab, EngineError> {
         bos_text: text(bos_id),
         eos_text: text(eos_id),
     })
+}
+
+/// A byte-level BPE (`gpt2`) vocabulary, and whether llama.cpp adds BOS when the file does not say.
+fn byte_level_bpe(meta: &Meta, tokens: &[String]) -> Result<(Tokenizer, bool), EngineError> {
+    let merges = string_array(meta, "tokenizer.ggml.merges")?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let merges: Vec<(String, String)> = merges
+        .iter()
+        .filter_map(|m| m.split_once(' '))
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .collect();
+    let pre = meta.str("tokenizer.ggml.pre").unwrap_or("default");
+    let (pre_tok, ignore_merges) = pre_tokenizer(pre)?;
+    // llama.cpp adds BOS for the Llama 3 vocabularies unless the file says otherwise.
+    let add_bos_default = matches!(pre, "llama3" | "llama-bpe" | "llama-v3");
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(|e| EngineError::Tokenizer(format!("BPE from GGUF: {e}")))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(pre_tok));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok((tokenizer, add_bos_default))
+}
+
+/// A SentencePiece (`llama`) vocabulary as a BPE that gives llama.cpp's `llm_tokenizer_spm` ids.
+///
+/// llama.cpp merges, among all adjacent pairs of symbols whose concatenation is a token, the one
+/// whose token has the highest score (leftmost on a tie), until none is left; characters that
+/// are not tokens become their UTF-8 bytes' `<0xXX>` tokens. A BPE whose merges are all
+/// `(left, right)` splits of every token, ranked by the merged token's score, performs the same
+/// merges (its byte fallback covers the rest), and the normalizer writes the text as llama.cpp
+/// hands it to the merging: spaces as `▁`, one `▁` in front when `add_space_prefix`. The
+/// normalizer runs on each stretch of text between special tokens, as llama.cpp's prefix does.
+fn sentencepiece(meta: &Meta, tokens: &[String], types: &[i32]) -> Result<Tokenizer, EngineError> {
+    let scores: Vec<f32> = match meta.0.get("tokenizer.ggml.scores") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| EngineError::InvalidModel(format!("tokenizer.ggml.scores: {e}")))?
+            .iter()
+            .map(|s| s.to_f32().unwrap_or(0.0))
+            .collect(),
+        // llama.cpp: a vocabulary without scores merges as if they were all 0.
+        None => vec![0.0; tokens.len()],
+    };
+    if scores.len() != tokens.len() {
+        return Err(EngineError::InvalidModel(format!(
+            "{} tokenizer.ggml.scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let merges = spm_merges(tokens, &scores);
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true);
+    // Without byte tokens for a character, llama.cpp has no id to give it; <unk> is the honest one.
+    if let Some(unk) = tokens
+        .iter()
+        .zip(types)
+        .find(|(_, &ty)| ty == TYPE_UNKNOWN)
+        .map(|(t, _)| t.clone())
+    {
+        builder = builder.unk_token(unk);
+    }
+    let bpe = builder
+        .build()
+        .map_err(|e| EngineError::Tokenizer(format!("SentencePiece BPE from GGUF: {e}")))?;
+    let add_space_prefix = meta.bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+    let mark = SPACE_MARK.to_string();
+    let escape = Replace::new(" ", mark.as_str())
+        .map_err(|e| EngineError::Tokenizer(format!("SentencePiece normalizer: {e}")))?;
+    let unescape = Replace::new(mark.as_str(), " ")
+        .map_err(|e| EngineError::Tokenizer(format!("SentencePiece decoder: {e}")))?;
+    let mut normalizers = Vec::new();
+    let mut decoders = vec![
+        DecoderWrapper::Replace(unescape),
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+    ];
+    if add_space_prefix {
+        normalizers.push(NormalizerWrapper::Prepend(Prepend::new(mark.clone())));
+        decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+    }
+    normalizers.push(NormalizerWrapper::Replace(escape));
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer
+        .with_normalizer(Some(tokenizers::normalizers::Sequence::new(normalizers)))
+        .map_err(|e| EngineError::Tokenizer(format!("SentencePiece normalizer: {e}")))?;
+    tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(tokenizer)
+}
+
+/// Every split of a token into two tokens, as a merge, best merged-token score first. Among
+/// equal scores: by merged token id, then left token id (deterministic; see the module doc).
+fn spm_merges(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    // A NaN score never wins; -0.0 ties with 0.0 as in llama.cpp's `<` comparison.
+    let score = |i: usize| {
+        let s = scores[i];
+        if s.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            s + 0.0
+        }
+    };
+    let mut found: Vec<(f32, usize, usize, usize)> = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        // Duplicate texts: llama.cpp and the BPE both know the last id only.
+        if ids.get(t.as_str()) != Some(&i) {
+            continue;
+        }
+        for (cut, _) in t.char_indices().skip(1) {
+            let (l, r) = t.split_at(cut);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                found.push((score(i), i, li, ri));
+            }
+        }
+    }
+    found.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    found
+        .into_iter()
+        .map(|(_, _, l, r)| (tokens[l].clone(), tokens[r].clone()))
+        .collect()
+}
+
+/// The bytes a SentencePiece token stands for in generated text, as llama.cpp's `token_to_piece`
+/// without special tokens: `▁` is a space, `<0xXX>` its byte, user-defined tokens their text,
+/// control, unknown and unused tokens nothing.
+fn spm_piece(token: &str, ty: i32) -> Vec<u8> {
+    match ty {
+        TYPE_USER_DEFINED => token.as_bytes().to_vec(),
+        TYPE_BYTE => byte_token(token)
+            .map(|b| vec![b])
+            .unwrap_or_else(|| token.as_bytes().to_vec()),
+        TYPE_NORMAL => token.replace(SPACE_MARK, " ").into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+/// `<0xXX>` -> the byte.
+fn byte_token(token: &str) -> Option<u8> {
+    let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// llama.cpp's per-token attributes that the GGUF does not carry, set by the model's name: for a
+/// `general.name` containing "phi-3" or "phi3", the whitespace after each special token but
+/// `<unk>`, `<s>` and `<|endoftext|>` is dropped (Phi-3's tokenizer.json marks them `rstrip`), so
+/// the newline the chat template writes after `<|user|>` is not a token. (The added tokens strip
+/// Unicode whitespace, llama.cpp ASCII whitespace only: a no-break space right after `<|user|>`
+/// would be tokenized differently.)
+fn strips_after_specials(meta: &Meta) -> bool {
+    let name = meta.str(gguf::NAME).unwrap_or("").to_lowercase();
+    name.contains("phi-3") || name.contains("phi3")
 }
 
 fn string_array(meta: &Meta, key: &str) -> Result<Vec<String>, EngineError> {
@@ -244,6 +452,180 @@ fn unicode_to_byte() -> HashMap<char, u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::gguf_file::Value;
+
+    /// A SentencePiece vocabulary small enough to follow the merges by hand: <unk>, <s>, </s>,
+    /// the 256 byte tokens (ids 3..=258), then the pieces below, then two special tokens.
+    const PIECES: [(&str, f32); 8] = [
+        ("▁a", -1.0),
+        ("ab", -2.0),
+        ("▁ab", -3.0),
+        ("bc", -4.0),
+        ("▁", -5.0),
+        ("a", -6.0),
+        ("b", -7.0),
+        ("c", -8.0),
+    ];
+
+    fn spm_meta(extra: &[(&str, Value)]) -> HashMap<String, Value> {
+        let mut tokens = vec![
+            ("<unk>".to_owned(), TYPE_UNKNOWN, 0.0),
+            ("<s>".to_owned(), TYPE_CONTROL, 0.0),
+        ];
+        tokens.push(("</s>".to_owned(), TYPE_CONTROL, 0.0));
+        tokens.extend((0..=255u8).map(|b| (format!("<0x{b:02X}>"), TYPE_BYTE, 0.0)));
+        tokens.extend(PIECES.iter().map(|(t, s)| (t.to_string(), TYPE_NORMAL, *s)));
+        tokens.push(("<|end|>".to_owned(), TYPE_CONTROL, 0.0));
+        tokens.push(("<|tool|>".to_owned(), TYPE_USER_DEFINED, 0.0));
+        let mut m = HashMap::new();
+        let mut put = |k: &str, v: Value| {
+            m.insert(k.to_owned(), v);
+        };
+        put(gguf::TOKENIZER_MODEL, Value::String("llama".into()));
+        put(
+            gguf::TOKENIZER_TOKENS,
+            Value::Array(tokens.iter().map(|t| Value::String(t.0.clone())).collect()),
+        );
+        put(
+            gguf::TOKENIZER_TOKEN_TYPE,
+            Value::Array(tokens.iter().map(|t| Value::I32(t.1)).collect()),
+        );
+        put(
+            "tokenizer.ggml.scores",
+            Value::Array(tokens.iter().map(|t| Value::F32(t.2)).collect()),
+        );
+        put("tokenizer.ggml.bos_token_id", Value::U32(1));
+        put("tokenizer.ggml.eos_token_id", Value::U32(2));
+        for (k, v) in extra {
+            put(k, v.clone());
+        }
+        m
+    }
+
+    /// Token id of a piece of the test vocabulary.
+    fn id(t: &str) -> u32 {
+        match t {
+            "<unk>" => 0,
+            "<|end|>" => 267,
+            "<|tool|>" => 268,
+            _ => 259 + PIECES.iter().position(|(p, _)| *p == t).unwrap() as u32,
+        }
+    }
+
+    fn byte(b: u8) -> u32 {
+        3 + b as u32
+    }
+
+    fn encode(v: &GgmlVocab, text: &str) -> Vec<u32> {
+        v.tokenizer
+            .encode_fast(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec()
+    }
+
+    #[test]
+    fn sentencepiece_merges_best_score_first_and_prefixes_a_space() {
+        let meta = spm_meta(&[]);
+        let v = load(&Meta(&meta)).unwrap();
+        assert!(
+            v.add_bos,
+            "llama.cpp adds BOS to SentencePiece prompts by default"
+        );
+        assert_eq!((v.bos_id, v.bos_text.as_str()), (Some(1), "<s>"));
+        // "▁abc": ▁a (-1) first, then ▁ab (-3) beats bc (-4); merging bc first would give ▁a bc.
+        assert_eq!(encode(&v, "abc"), vec![id("▁ab"), id("c")]);
+        // No "▁▁" piece: each space of a run stays a ▁.
+        assert_eq!(
+            encode(&v, "a  b"),
+            vec![id("▁a"), id("▁"), id("▁"), id("b")]
+        );
+    }
+
+    #[test]
+    fn sentencepiece_spells_unknown_characters_as_byte_tokens() {
+        let meta = spm_meta(&[]);
+        let v = load(&Meta(&meta)).unwrap();
+        // é is not a piece: its two UTF-8 bytes; the newline too (Llama's <0x0A>).
+        assert_eq!(
+            encode(&v, "aé\n"),
+            vec![id("▁a"), byte(0xC3), byte(0xA9), byte(b'\n')]
+        );
+        let ids = encode(&v, "aé b");
+        assert_eq!(v.tokenizer.decode(&ids, false).unwrap(), "aé b");
+        // Streaming pieces: ▁ is a space, a byte token its byte, control tokens nothing.
+        let text: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| v.pieces[i as usize].clone())
+            .collect();
+        assert_eq!(text, " aé b".as_bytes());
+        assert_eq!(v.pieces[byte(b'A') as usize], b"A");
+        assert!(v.pieces[1].is_empty() && v.pieces[0].is_empty());
+        assert_eq!(v.pieces[id("<|tool|>") as usize], b"<|tool|>");
+    }
+
+    #[test]
+    fn sentencepiece_space_prefix_follows_add_space_prefix_and_special_tokens() {
+        let meta = spm_meta(&[]);
+        let v = load(&Meta(&meta)).unwrap();
+        assert_eq!(encode(&v, "ab"), vec![id("▁ab")]);
+        // Text after a special token starts a new stretch: it gets its ▁ too (llama.cpp's
+        // `is_prev_special`), user-defined tokens included.
+        assert_eq!(
+            encode(&v, "a<|end|>b"),
+            vec![id("▁a"), id("<|end|>"), id("▁"), id("b")]
+        );
+        assert_eq!(
+            encode(&v, "c<|tool|>a<unk>"),
+            vec![id("▁"), id("c"), id("<|tool|>"), id("▁a"), id("<unk>")]
+        );
+        // Without Phi-3's rule the newline after a special token is text.
+        assert_eq!(
+            encode(&v, "<|end|>\na"),
+            vec![id("<|end|>"), id("▁"), byte(b'\n'), id("a")]
+        );
+
+        let meta = spm_meta(&[("tokenizer.ggml.add_space_prefix", Value::Bool(false))]);
+        let v = load(&Meta(&meta)).unwrap();
+        assert_eq!(encode(&v, "ab"), vec![id("ab")]);
+        assert_eq!(
+            encode(&v, "a<|end|>b"),
+            vec![id("a"), id("<|end|>"), id("b")]
+        );
+        let ids = encode(&v, "ab b");
+        assert_eq!(v.tokenizer.decode(&ids, false).unwrap(), "ab b");
+    }
+
+    #[test]
+    fn phi3_drops_whitespace_after_special_tokens_but_endoftext() {
+        let meta = spm_meta(&[(gguf::NAME, Value::String("Phi-3 Mini 4k Instruct".into()))]);
+        let v = load(&Meta(&meta)).unwrap();
+        assert_eq!(encode(&v, "<|end|>\n  a"), vec![id("<|end|>"), id("▁a")]);
+        assert_eq!(
+            encode(&v, "<s> a"),
+            vec![1, id("▁"), id("▁a")],
+            "<s> keeps the space after it"
+        );
+    }
+
+    #[test]
+    fn unsupported_tokenizer_models_are_refused_naming_the_supported_ones() {
+        for model in ["t5", "bert", "rwkv"] {
+            let meta = spm_meta(&[(gguf::TOKENIZER_MODEL, Value::String(model.into()))]);
+            let err = match load(&Meta(&meta)) {
+                Err(e) => e,
+                Ok(_) => panic!("{model} loaded"),
+            };
+            let EngineError::InvalidModel(msg) = &err else {
+                panic!("not InvalidModel: {err}")
+            };
+            assert!(msg.contains(&format!("{model:?}")), "{msg}");
+            assert!(
+                msg.contains("\"gpt2\"") && msg.contains("\"llama\""),
+                "{msg}"
+            );
+        }
+    }
 
     #[test]
     fn byte_level_alphabet_is_a_bijection() {

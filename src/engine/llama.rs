@@ -1,10 +1,12 @@
 //! The llama-family decoder (SmolLM2, Llama 2/3.x, Mistral-style GQA, and through a [`Variant`]
-//! Qwen2 and Qwen3) from a GGUF as llama.cpp writes it: `token_embd`, `blk.N.{attn_norm, attn_q,
-//! attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}`, `output_norm`, `output`
-//! (absent: tied to `token_embd`), hyper-parameters under `{arch}.*`. Optional pieces are used
-//! when the file has them, as llama.cpp does: `attn_{q,k,v}.bias` (Qwen2), `rope_freqs` (the
+//! Qwen2, Qwen3 and Phi-3) from a GGUF as llama.cpp writes it: `token_embd`, `blk.N.{attn_norm,
+//! attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}`, `output_norm`,
+//! `output` (absent: tied to `token_embd`), hyper-parameters under `{arch}.*`. Optional pieces are
+//! used when the file has them, as llama.cpp does: `attn_{q,k,v}.bias` (Qwen2), `rope_freqs` (the
 //! per-pair RoPE divisors llama.cpp's converter writes for Llama 3.1+'s `llama3` rope scaling);
-//! what a [`Variant`] requires is checked at load (`attn_{q,k}_norm` for Qwen3).
+//! what a [`Variant`] requires is checked at load (`attn_{q,k}_norm` for Qwen3, the fused
+//! `attn_qkv` and gate+up `ffn_up` for Phi-3, cut into their parts at load). LongRoPE
+//! (`rope_factors_long/short`, Phi-3-*-128k) is refused at load.
 //!
 //! The shape of candle-transformers' quantized_llama (Config from GGUF metadata, `load` +
 //! `forward` per block, checkpoint names), but the forward pass runs on f32 slices with the
@@ -46,18 +48,28 @@ pub enum RopeStyle {
 }
 
 /// What a member of the llama family changes in the shared decoder. One per architecture file
-/// (`llama.rs`'s [`VARIANT`], `qwen2.rs`, `qwen3.rs`), named in `engine::DECODERS`.
+/// (`llama.rs`'s [`VARIANT`], `qwen2.rs`, `qwen3.rs`, `phi3.rs`), named in `engine::DECODERS`.
 #[derive(Debug, Clone, Copy)]
 pub struct Variant {
     pub rope: RopeStyle,
     /// Per-head RMS norms of q and k before RoPE (`blk.N.attn_{q,k}_norm`, Qwen3): required.
     pub qk_norm: bool,
+    /// q, k and v stored as one `blk.N.attn_qkv` (`[q_dim + 2 * kv_dim, n_embd]`, rows of q then k
+    /// then v; Phi-3): required. Its rows are cut into the three matrices at load, in place, so the
+    /// forward pass is the unfused one.
+    pub fused_qkv: bool,
+    /// Gate and up stored as one `blk.N.ffn_up` (`[2 * n_ff, n_embd]`) and no `ffn_gate` (Phi-3):
+    /// required. The first `n_ff` rows are the gate (llama.cpp's SwiGLU on the fused output takes
+    /// SiLU of the first half, as Phi-3's `gate_up_proj.chunk(2)` does); cut at load like q, k, v.
+    pub fused_gate_up: bool,
 }
 
-/// Llama, Llama 2/3.x, SmolLM2, Mistral: adjacent-pair RoPE, no QK-norm.
+/// Llama, Llama 2/3.x, SmolLM2, Mistral: adjacent-pair RoPE, no QK-norm, separate projections.
 pub const VARIANT: Variant = Variant {
     rope: RopeStyle::Adjacent,
     qk_norm: false,
+    fused_qkv: false,
+    fused_gate_up: false,
 };
 
 /// Hyper-parameters, from `{arch}.*` GGUF keys.
@@ -231,6 +243,13 @@ impl Tensors<'_> {
         QMatrix::new(format, n, k, self.bytes.clone(), start..start + len).map_err(bad)
     }
 
+    /// A `[sum(rows), k]` matrix cut into consecutive `[rows[i], k]` parts (a fused projection).
+    fn matrices(&self, name: &str, rows: &[usize], k: usize) -> Result<Vec<QMatrix>, EngineError> {
+        self.matrix(name, rows.iter().sum(), k)?
+            .split_rows(rows)
+            .map_err(|e| EngineError::InvalidModel(format!("{name}: {e}")))
+    }
+
     fn read(&self, name: &str) -> Result<QTensor, EngineError> {
         let info = &self.content.tensor_infos[name];
         let mut cur = std::io::Cursor::new((**self.bytes).as_ref());
@@ -301,17 +320,42 @@ impl Block {
         } else {
             None
         };
+        let (attn_q, attn_k, attn_v) = if variant.fused_qkv {
+            let [q, k, v]: [QMatrix; 3] = t
+                .matrices(&n("attn_qkv"), &[qd, kv, kv], d)?
+                .try_into()
+                .map_err(|_| EngineError::InvalidModel("attn_qkv: not three parts".into()))?;
+            (q, k, v)
+        } else {
+            (
+                t.matrix(&n("attn_q"), qd, d)?,
+                t.matrix(&n("attn_k"), kv, d)?,
+                t.matrix(&n("attn_v"), kv, d)?,
+            )
+        };
+        let (ffn_gate, ffn_up) = if variant.fused_gate_up {
+            let [gate, up]: [QMatrix; 2] = t
+                .matrices(&n("ffn_up"), &[ff, ff], d)?
+                .try_into()
+                .map_err(|_| EngineError::InvalidModel("ffn_up: not two parts".into()))?;
+            (gate, up)
+        } else {
+            (
+                t.matrix(&n("ffn_gate"), ff, d)?,
+                t.matrix(&n("ffn_up"), ff, d)?,
+            )
+        };
         Ok(Self {
             attn_norm: t.vector(&n("attn_norm"), d)?,
-            attn_q: t.matrix(&n("attn_q"), qd, d)?,
-            attn_k: t.matrix(&n("attn_k"), kv, d)?,
-            attn_v: t.matrix(&n("attn_v"), kv, d)?,
+            attn_q,
+            attn_k,
+            attn_v,
             qkv_bias,
             qk_norm,
             attn_output: t.matrix(&n("attn_output"), d, qd)?,
             ffn_norm: t.vector(&n("ffn_norm"), d)?,
-            ffn_gate: t.matrix(&n("ffn_gate"), ff, d)?,
-            ffn_up: t.matrix(&n("ffn_up"), ff, d)?,
+            ffn_gate,
+            ffn_up,
             ffn_down: t.matrix(&n("ffn_down"), d, ff)?,
         })
     }
@@ -369,6 +413,18 @@ impl LlamaModel {
         let meta = Meta::of(content);
         let mut cfg = Config::from_gguf(&meta, arch)?;
         let t = Tensors { content, bytes };
+        // LongRoPE (Phi-3-*-128k): per-pair factors that switch from short to long past the
+        // original context, and an attention scale. Running without them would be a different
+        // model, so the file is refused rather than served wrong.
+        if let Some(name) = ["rope_factors_long.weight", "rope_factors_short.weight"]
+            .into_iter()
+            .find(|n| t.has(n))
+        {
+            return Err(EngineError::InvalidModel(format!(
+                "{arch}: the file has {name}: LongRoPE (Phi-3-*-128k's rope_factors_long/short and \
+                 {arch}.rope.scaling.attn_factor) is not supported; the 4k-context models are"
+            )));
+        }
         let embd_info = content
             .tensor_infos
             .get("token_embd.weight")

@@ -2,11 +2,12 @@
 //! the llama-family generator (chat template, sampling, streaming text).
 //!
 //! The seam for a new decoder architecture: one file `engine/<arch>.rs` holding its
-//! [`llama::Variant`] (what it changes in the shared llama decoder: RoPE pairing, QK-norm; optional
-//! tensors such as q/k/v biases and `rope_freqs` are used whenever a file has them) plus one line
-//! in [`DECODERS`]. An architecture whose block the shared decoder cannot express (Gemma's extra
-//! norms and scaled embeddings, Phi-3's fused projections) needs a new `Variant` field, a branch
-//! in `llama.rs`, and a fixture in `tests/fixtures/archs/` that proves it against llama.cpp.
+//! [`llama::Variant`] (what it changes in the shared llama decoder: RoPE pairing, QK-norm, fused
+//! q/k/v and gate/up projections; optional tensors such as q/k/v biases and `rope_freqs` are used
+//! whenever a file has them) plus one line in [`DECODERS`]. An architecture whose block the shared
+//! decoder cannot express (Gemma's extra norms, scaled embeddings, GeGLU and sliding-window
+//! layers) needs a new `Variant` field, a branch in `llama.rs`, and a fixture in
+//! `tests/fixtures/archs/` that proves it against llama.cpp.
 //!
 //! Pure candle + tokenizers. This module must not import anything from AWS or Lambda, must not do
 //! I/O beyond reading the model bytes it is handed, and knows nothing about HTTP or JSON requests:
@@ -20,6 +21,7 @@ pub mod gguf;
 pub mod kquants;
 pub mod llama;
 pub mod ops;
+pub mod phi3;
 pub mod qgemm;
 pub mod qmatmul;
 pub mod qwen2;
@@ -281,6 +283,7 @@ pub const DECODERS: &[(&str, llama::Variant)] = &[
     ("llama", llama::VARIANT),
     ("qwen2", qwen2::VARIANT),
     ("qwen3", qwen3::VARIANT),
+    ("phi3", phi3::VARIANT),
 ];
 
 /// The variant of the llama decoder that runs `arch`, if this build serves it.

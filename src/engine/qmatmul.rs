@@ -147,6 +147,30 @@ impl QMatrix {
         &(*self.bytes).as_ref()[self.range.clone()]
     }
 
+    /// The rows cut into consecutive matrices of `rows[i]` rows each, sharing these bytes (no
+    /// copy): a fused projection (Phi-3's `attn_qkv`, `ffn_up`) used as its parts. Each output is
+    /// a row's dot product, so the parts compute exactly what the fused matrix would.
+    pub fn split_rows(&self, rows: &[usize]) -> Result<Vec<QMatrix>, String> {
+        if rows.iter().sum::<usize>() != self.n {
+            return Err(format!("cannot cut {} rows into {rows:?}", self.n));
+        }
+        let rb = self.row_bytes();
+        let mut start = self.range.start;
+        rows.iter()
+            .map(|&n| {
+                let m = QMatrix::new(
+                    self.format,
+                    n,
+                    self.k,
+                    self.bytes.clone(),
+                    start..start + n * rb,
+                );
+                start += n * rb;
+                m
+            })
+            .collect()
+    }
+
     fn row_bytes(&self) -> usize {
         self.format.row_bytes(self.k)
     }

@@ -10,4 +10,6 @@ use super::llama::{RopeStyle, Variant};
 pub const VARIANT: Variant = Variant {
     rope: RopeStyle::Halves,
     qk_norm: false,
+    fused_qkv: false,
+    fused_gate_up: false,
 };
