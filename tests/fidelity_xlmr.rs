@@ -163,12 +163,21 @@ fn a_long_spanish_input_is_truncated_as_sentence_transformers_truncates_it() {
     let (encs, full) = e.tokenize(&[text]).unwrap();
     assert_eq!(encs[0].get_ids(), ids(&long["input_ids"]));
     assert_eq!(full[0], untruncated);
-    let ids = encs[0].get_ids();
-    assert_eq!((ids[0], ids[ids.len() - 1]), (0, 2), "<s> ... </s>");
+    let fed = encs[0].get_ids();
+    assert_eq!((fed[0], fed[fed.len() - 1]), (0, 2), "<s> ... </s>");
     let out = e.embed(&[text], usize::MAX).unwrap();
     assert_eq!(out.token_counts[0], max_seq);
     let c = cosine(&out.embeddings[0], &floats(&long["embedding"]));
     assert!(c >= 0.999, "{c}");
+
+    // Longer than the tokenizer's window (WINDOW bytes), it is counted window by window, cut
+    // at spaces, which SentencePiece's pre-tokenizer splits at too: the same count and the same
+    // first tokens as the text tokenized whole.
+    let reps = lambda_inference::engine::bert::WINDOW / text.len() + 2;
+    let huge = vec![text; reps].join(" ");
+    let (encs, full) = e.tokenize(&[&huge]).unwrap();
+    assert_eq!(encs[0].get_ids(), ids(&long["input_ids"]));
+    assert_eq!(full[0], (untruncated - 2) * reps + 2);
 
     // Over the request limit (counted before truncation): refused, naming the input.
     let Err(err) = e.embed(&["hola", text], untruncated - 1) else {
