@@ -8,9 +8,16 @@
 //!
 //! A cross-encoder (reranker) is the same encoder with a classifier head instead of pooling
 //! (`bert.pooling_type` = 4, llama.cpp's RANK, and llama.cpp's `cls` / `cls.output` tensors): each
-//! (query, document) pair is tokenized as one sequence (`[CLS] q [SEP] d [SEP]`, token types 0
-//! then 1, longest-first truncation, as sentence-transformers' CrossEncoder does), and the first
-//! token's state goes through `cls` (dense + tanh: BERT's pooler) and `cls.output` (one logit).
+//! (query, document) pair is tokenized as one sequence by the stored tokenizer's post-processor
+//! (BERT: `[CLS] q [SEP] d [SEP]`, token types 0 then 1; XLM-R: `<s> q </s></s> d </s>`), with
+//! longest-first truncation, as sentence-transformers' CrossEncoder does, and the first token's
+//! state goes through `cls` (dense + tanh: BERT's pooler, RoBERTa's `classifier.dense`) and
+//! `cls.output` (one logit).
+//!
+//! XLM-RoBERTa runs on the same code (a BERT GGUF, as llama.cpp writes it too); what differs is
+//! data in the file: its SentencePiece Unigram tokenizer (tokenizer.json), a one-row token-type
+//! table, its LayerNorm epsilon, and positions numbered from `bert.position_offset` (RoBERTa's
+//! `padding_idx + 1`) instead of 0.
 //!
 //! Weights: the GGUF stores the big matrices quantized (q8_0 by default) so the artifact is small
 //! and fast to fetch. At load, [`WeightMode::Dense`] dequantizes the encoder matrices to f32 and
@@ -56,7 +63,14 @@ pub struct Config {
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
+    /// Positions the model can take (`bert.context_length`): the position table has
+    /// `position_offset` more rows.
     pub max_position_embeddings: usize,
+    /// The position row of a sequence's first token: 0 for BERT, `padding_idx + 1` for RoBERTa
+    /// (see [`gguf::BERT_POSITION_OFFSET`]).
+    pub position_offset: usize,
+    /// What the checkpoint was (`bert`, `xlm-roberta`): reported, not used.
+    pub model_type: String,
     pub layer_norm_eps: f64,
     /// Tokens per input fed to the model (sentence-transformers' max_seq_length).
     pub max_seq_len: usize,
@@ -136,6 +150,16 @@ impl Config {
             num_hidden_layers: meta.usize(gguf::BERT_BLOCK_COUNT)?,
             num_attention_heads: meta.usize(gguf::BERT_HEAD_COUNT)?,
             max_position_embeddings: ctx,
+            position_offset: if meta.has(gguf::BERT_POSITION_OFFSET) {
+                meta.usize(gguf::BERT_POSITION_OFFSET)?
+            } else {
+                0
+            },
+            model_type: if meta.has(gguf::BERT_MODEL_TYPE) {
+                meta.str(gguf::BERT_MODEL_TYPE)?.to_owned()
+            } else {
+                "bert".to_owned()
+            },
             layer_norm_eps: meta.f32(gguf::BERT_LAYER_NORM_EPS)? as f64,
             max_seq_len,
             pooling,
@@ -403,8 +427,8 @@ struct Embeddings {
     /// Kept quantized: 30k x 384 is the largest tensor, and a batch needs a few hundred rows.
     token: QTensor,
     position: Tensor,
-    /// The token-type table `[types, h]`: pairs (a reranker's query and document) use rows 0
-    /// and 1.
+    /// The token-type table `[types, h]`: pairs (a BERT reranker's query and document) use rows
+    /// 0 and 1. RoBERTa-family models have one row.
     token_types: Tensor,
     /// Row 0 of the token-type table: single-sentence inputs have type 0 everywhere.
     token_type0: Tensor,
@@ -422,7 +446,13 @@ impl Embeddings {
                 token.shape().dims()
             )));
         }
-        let position = w.f32(tn::POSITION_EMBD, &[cfg.max_position_embeddings, h])?;
+        let rows = cfg
+            .max_position_embeddings
+            .checked_add(cfg.position_offset)
+            .ok_or_else(|| {
+                EngineError::InvalidModel(format!("{} is too large", gguf::BERT_POSITION_OFFSET))
+            })?;
+        let position = w.f32(tn::POSITION_EMBD, &[rows, h])?;
         let types = w.qtensor(tn::TOKEN_TYPES)?.dequantize(&w.device)?;
         if types.dims().len() != 2 || types.dims()[1] != h {
             return Err(EngineError::InvalidModel(format!(
@@ -698,7 +728,7 @@ impl BertEmbedder {
             .unwrap_or_else(|_| "bert".to_owned());
         let info = ModelInfo {
             name,
-            architecture: "bert".into(),
+            architecture: cfg.model_type.clone(),
             kind: if head.is_some() {
                 ModelKind::Reranker
             } else {
@@ -773,8 +803,9 @@ impl BertEmbedder {
 
     /// The (query, document) pairs as a cross-encoder sees them, exactly as Hugging Face
     /// tokenizers encode a pair with longest-first truncation to `max_seq_len` (what
-    /// sentence-transformers' CrossEncoder asks for): `[CLS] q [SEP] d [SEP]`, token types 0
-    /// then 1. A pair of more than `max_input_tokens` tokens before truncation is refused with
+    /// sentence-transformers' CrossEncoder asks for), special tokens and token types from the
+    /// tokenizer's own post-processor (BERT: `[CLS] q [SEP] d [SEP]`, types 0 then 1; XLM-R:
+    /// `<s> q </s></s> d </s>`). A pair of more than `max_input_tokens` tokens before truncation is refused with
     /// [`EngineError::InputTooLong`] naming the document (the query alone: document 0); counting
     /// is bounded as in [`Self::tokenize_bounded`].
     pub fn tokenize_pairs(
@@ -863,7 +894,8 @@ impl BertEmbedder {
     /// Counts the tokens of a long text window by window, stopping once the count is over
     /// `stop_above`. Returns the end of the shortest prefix (made of whole windows) holding at
     /// least `keep` tokens, and the count. Windows are cut before whitespace, where BERT's
-    /// pre-tokenizer splits anyway, so the prefix's tokens are the text's first tokens.
+    /// pre-tokenizer (and SentencePiece's Metaspace, which splits at spaces too) splits anyway,
+    /// so the prefix's tokens are the text's first tokens.
     fn count_windows(
         &self,
         text: &str,
@@ -896,14 +928,35 @@ impl BertEmbedder {
         let rows: usize = lens.iter().sum();
         let mut ids = Vec::with_capacity(rows);
         let mut positions = Vec::with_capacity(rows);
+        let offset = self.cfg.position_offset as u32;
         for e in encs {
             ids.extend_from_slice(e.get_ids());
-            positions.extend(0..e.len() as u32);
+            if offset == 0 {
+                positions.extend(0..e.len() as u32);
+            } else {
+                // transformers' create_position_ids_from_input_ids: RoBERTa counts positions
+                // over the tokens that are not its pad token (id padding_idx = offset - 1),
+                // from offset on, and gives a pad token the row padding_idx. Batches here are
+                // packed, so only a literal pad token in the text is one.
+                let pad = offset - 1;
+                let mut next = offset;
+                positions.extend(e.get_ids().iter().map(|&id| {
+                    if id == pad {
+                        pad
+                    } else {
+                        next += 1;
+                        next - 1
+                    }
+                }));
+            }
         }
         // Token types only where some are not 0 (pairs): single inputs add row 0 to every token.
-        let types = if encs
-            .iter()
-            .any(|e| e.get_type_ids().iter().any(|&t| t != 0))
+        // A one-row table is RoBERTa's: its tokenizers return no token types, so transformers
+        // adds row 0 to every token whatever the post-processor numbered the segments.
+        let types = if self.embeddings.token_types.dims()[0] > 1
+            && encs
+                .iter()
+                .any(|e| e.get_type_ids().iter().any(|&t| t != 0))
         {
             let t: Vec<u32> = encs
                 .iter()

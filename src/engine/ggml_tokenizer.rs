@@ -229,10 +229,10 @@ fn byte_level_bpe(meta: &Meta, tokens: &[String]) -> Result<(Tokenizer, bool), E
 /// hands it to the merging: spaces as `▁`, one `▁` in front when `add_space_prefix`. The
 /// normalizer runs on each stretch of text between special tokens, as llama.cpp's prefix does.
 fn sentencepiece(meta: &Meta, tokens: &[String], types: &[i32]) -> Result<Tokenizer, EngineError> {
-    let scores: Vec<f32> = match meta.0.get("tokenizer.ggml.scores") {
+    let scores: Vec<f32> = match meta.0.get(gguf::TOKENIZER_SCORES) {
         Some(v) => v
             .to_vec()
-            .map_err(|e| EngineError::InvalidModel(format!("tokenizer.ggml.scores: {e}")))?
+            .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", gguf::TOKENIZER_SCORES)))?
             .iter()
             .map(|s| s.to_f32().unwrap_or(0.0))
             .collect(),
@@ -241,8 +241,9 @@ fn sentencepiece(meta: &Meta, tokens: &[String], types: &[i32]) -> Result<Tokeni
     };
     if scores.len() != tokens.len() {
         return Err(EngineError::InvalidModel(format!(
-            "{} tokenizer.ggml.scores for {} tokens",
+            "{} {} for {} tokens",
             scores.len(),
+            gguf::TOKENIZER_SCORES,
             tokens.len()
         )));
     }
@@ -491,7 +492,7 @@ mod tests {
             Value::Array(tokens.iter().map(|t| Value::I32(t.1)).collect()),
         );
         put(
-            "tokenizer.ggml.scores",
+            gguf::TOKENIZER_SCORES,
             Value::Array(tokens.iter().map(|t| Value::F32(t.2)).collect()),
         );
         put("tokenizer.ggml.bos_token_id", Value::U32(1));

@@ -1,9 +1,11 @@
 //! GGUF names shared by the converter (writer) and the engines (readers).
 //!
 //! Keys and tensor names follow llama.cpp's converter for BERT (`bert.*`, `token_embd`,
-//! `blk.N.attn_q`, ...) so that BERT GGUFs written by llama.cpp load too. Two keys are ours,
-//! because llama.cpp has no place for them: the sentence-transformers truncation length and whether
-//! the pipeline ends with a Normalize module. Must not do any I/O of its own.
+//! `blk.N.attn_q`, ...) so that BERT GGUFs written by llama.cpp load too; an XLM-RoBERTa model is
+//! a BERT GGUF as well (llama.cpp does the same). A few keys are ours, because llama.cpp has no
+//! place for them: the sentence-transformers truncation length, whether the pipeline ends with a
+//! Normalize module, a cross-encoder's activation, where RoBERTa's positions start, and the
+//! checkpoint's `model_type`. Must not do any I/O of its own.
 
 use std::collections::HashMap;
 
@@ -22,6 +24,16 @@ pub const BERT_BLOCK_COUNT: &str = "bert.block_count";
 pub const BERT_HEAD_COUNT: &str = "bert.attention.head_count";
 pub const BERT_LAYER_NORM_EPS: &str = "bert.attention.layer_norm_epsilon";
 pub const BERT_CAUSAL: &str = "bert.attention.causal";
+/// Ours: the row of `position_embd` that a sequence's first token takes; absent: 0 (BERT).
+/// RoBERTa-family checkpoints (XLM-R) number positions from `padding_idx + 1` (2) and give a
+/// literal pad token the row `padding_idx`, so this is `padding_idx + 1` and the pad token's id
+/// is one less (RoBERTa's `padding_idx` is its `pad_token_id`). The table then has
+/// `bert.context_length` + this many rows: the context length counts the usable positions, as
+/// in llama.cpp's XLM-R files (which drop the first rows instead).
+pub const BERT_POSITION_OFFSET: &str = "bert.position_offset";
+/// Ours: config.json's `model_type` when it is not `bert` (`xlm-roberta`), what `/health` and
+/// `/v1/models` report as the architecture; absent: `bert`.
+pub const BERT_MODEL_TYPE: &str = "bert.model_type";
 /// llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last, 4 rank (a cross-encoder: the `cls` head).
 pub const BERT_POOLING_TYPE: &str = "bert.pooling_type";
 /// llama.cpp: the labels of a classifier head's outputs (`id2label`), when not the dummy ones.
@@ -41,6 +53,8 @@ pub const ST_CE_ACTIVATION: &str = "sentence_transformers.cross_encoder.activati
 pub const TOKENIZER_HF_JSON: &str = "tokenizer.huggingface.json";
 pub const TOKENIZER_MODEL: &str = "tokenizer.ggml.model";
 pub const TOKENIZER_TOKENS: &str = "tokenizer.ggml.tokens";
+/// A SentencePiece Unigram vocabulary's log-probabilities, one per token.
+pub const TOKENIZER_SCORES: &str = "tokenizer.ggml.scores";
 pub const TOKENIZER_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
 pub const TOKENIZER_TOKEN_TYPE_COUNT: &str = "tokenizer.ggml.token_type_count";
 pub const TOKENIZER_UNK_ID: &str = "tokenizer.ggml.unknown_token_id";

@@ -49,7 +49,8 @@ pub enum ModelKind {
 pub struct ModelInfo {
     /// `general.name` from the GGUF (the config may override the reported id).
     pub name: String,
-    /// `general.architecture` (bert, llama, ...).
+    /// `general.architecture` (bert, llama, ...); for a BERT GGUF, the checkpoint's family
+    /// (`bert.model_type`: `xlm-roberta`; absent: `bert`).
     pub architecture: String,
     pub kind: ModelKind,
     /// Storage type of the large matrices (q8_0, f16, ...).

@@ -1,17 +1,26 @@
-//! Hugging Face BERT folder -> one GGUF file (the `convert` subcommand).
+//! Hugging Face BERT or XLM-RoBERTa folder -> one GGUF file (the `convert` subcommand).
 //!
 //! Owns: reading a sentence-transformers / Hugging Face BERT folder (`config.json`,
 //! `tokenizer.json`, `model.safetensors`, optional `modules.json`, `1_Pooling/config.json`,
-//! `sentence_bert_config.json`, `special_tokens_map.json`), mapping its tensors to llama.cpp's BERT
-//! names, quantizing the matrices, and writing one self-contained GGUF whose keys and tensor names
-//! are the constants in [`lambda_inference::engine::gguf`] (the contract with the engine that
-//! reads the file). A `BertForSequenceClassification` with one label (a cross-encoder reranker)
-//! converts too: its pooler and classifier become llama.cpp's `cls` and `cls.output` tensors,
-//! `bert.pooling_type` is 4 (rank), and CrossEncoder's activation is kept.
+//! `sentence_bert_config.json`, `tokenizer_config.json`, `special_tokens_map.json`), mapping its
+//! tensors to llama.cpp's BERT names, quantizing the matrices, and writing one self-contained GGUF
+//! whose keys and tensor names are the constants in [`lambda_inference::engine::gguf`] (the
+//! contract with the engine that reads the file). A `BertForSequenceClassification` with one
+//! label (a cross-encoder reranker) converts too: its pooler and classifier become llama.cpp's
+//! `cls` and `cls.output` tensors, `bert.pooling_type` is 4 (rank), and CrossEncoder's
+//! activation is kept.
+//!
+//! `model_type = xlm-roberta` folders (`XLMRobertaModel` embedders, and
+//! `XLMRobertaForSequenceClassification` with one label, whose `classifier.dense` and
+//! `classifier.out_proj` become `cls` and `cls.output`) are written as BERT GGUFs too, as
+//! llama.cpp does; what the engine must do differently is recorded in the file: positions start
+//! at `padding_idx + 1` (`bert.position_offset`), and `bert.model_type` names the family. The
+//! tokenizer may be WordPiece or a SentencePiece Unigram one (XLM-R's, and multilingual BERTs'
+//! such as multilingual-e5-small); either way the engine runs the stored tokenizer.json.
 //!
 //! Must not: touch the network (the folder is already on disk), or move back into the library:
 //! the function only ever reads the GGUF this writes, so `bootstrap` does not link the converter
-//! or its progress bar. Only BERT-family embedders are converted;
+//! or its progress bar. Only BERT-family encoders are converted;
 //! llama-family chat models are used as llama.cpp writes them.
 
 use std::collections::{BTreeMap, HashMap};
@@ -115,7 +124,10 @@ pub enum ConvertError {
     },
     #[error(
         "unsupported model_type {model_type:?} (architectures {architectures:?}) in {}: only \
-         BERT-family embedders are converted; llama-family GGUFs are used as llama.cpp writes them",
+         BERT-family embedders are converted (model_type bert or xlm-roberta: BertModel, \
+         XLMRobertaModel, and BertForSequenceClassification or \
+         XLMRobertaForSequenceClassification with one label as rerankers); llama-family GGUFs \
+         are used as llama.cpp writes them",
         path.display()
     )]
     UnsupportedArchitecture {
@@ -127,7 +139,7 @@ pub enum ConvertError {
     Tokenizer { path: PathBuf, reason: String },
     #[error("{}: tensor {name} is missing", path.display())]
     MissingTensor { path: PathBuf, name: String },
-    #[error("{}: tensor {name} is not part of a BERT encoder (no GGUF name for it)", path.display())]
+    #[error("{}: tensor {name} is not part of a BERT or XLM-RoBERTa encoder (no GGUF name for it)", path.display())]
     UnmappedTensor { path: PathBuf, name: String },
     #[error("{}: tensor {name} has shape {actual:?}, config.json implies {expected:?}", path.display())]
     TensorShape {
@@ -162,6 +174,19 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     let tokenizer_text = read_text(&tokenizer_path)?;
     let vocab = Vocab::from_tokenizer_json(&tokenizer_path, &tokenizer_text, cfg.vocab_size)?;
     let special = special_token_ids(dir, &vocab)?;
+    if let (Some(offset), Some(pad)) = (cfg.position_offset.checked_sub(1), special.pad) {
+        // The engine counts RoBERTa positions past the pad token by its id, padding_idx.
+        if pad as usize != offset {
+            return Err(ConvertError::Field {
+                path: config_path.clone(),
+                field: "pad_token_id".into(),
+                reason: format!(
+                    "{offset}, but the tokenizer's pad token has id {pad}: RoBERTa positions \
+                     need them equal"
+                ),
+            });
+        }
+    }
 
     let name = opts
         .name
@@ -240,8 +265,55 @@ struct BertConfig {
     max_position_embeddings: usize,
     type_vocab_size: usize,
     layer_norm_eps: f64,
-    /// A `BertForSequenceClassification` with one label: pooler + classifier kept as the head.
+    /// A `*ForSequenceClassification` with one label: its head kept as `cls` / `cls.output`.
     cross_encoder: bool,
+    family: Family,
+    /// The position row of the first token: 0 for BERT, `pad_token_id + 1` for XLM-R.
+    position_offset: usize,
+}
+
+/// The encoder families converted: the same blocks, different names and positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Bert,
+    XlmRoberta,
+}
+
+impl Family {
+    /// config.json's `model_type`.
+    fn model_type(self) -> &'static str {
+        match self {
+            Family::Bert => "bert",
+            Family::XlmRoberta => "xlm-roberta",
+        }
+    }
+
+    /// The prefix of the encoder's tensors in a `*For*` checkpoint.
+    fn prefix(self) -> &'static str {
+        match self {
+            Family::Bert => "bert.",
+            Family::XlmRoberta => "roberta.",
+        }
+    }
+
+    /// A cross-encoder's head, HF prefix -> GGUF name: the dense + tanh on the first token
+    /// (`cls`), then the projection to the score (`cls.output`).
+    fn head(self) -> [(&'static str, &'static str); 2] {
+        match self {
+            Family::Bert => [("pooler.dense", tn::CLS), ("classifier", tn::CLS_OUTPUT)],
+            Family::XlmRoberta => [
+                ("classifier.dense", tn::CLS),
+                ("classifier.out_proj", tn::CLS_OUTPUT),
+            ],
+        }
+    }
+}
+
+impl BertConfig {
+    /// Positions a sequence can take: the table's rows past the offset.
+    fn positions(&self) -> usize {
+        self.max_position_embeddings - self.position_offset
+    }
 }
 
 impl BertConfig {
@@ -257,17 +329,23 @@ impl BertConfig {
             })
             .unwrap_or_default();
         // Old checkpoints lack model_type; a Bert* architecture says the same thing.
-        let bert_arch = architectures.iter().any(|a| a.starts_with("Bert"));
-        let cross_encoder = architectures
-            .iter()
-            .any(|a| a == "BertForSequenceClassification");
-        if !(model_type == "bert" || (model_type.is_empty() && bert_arch)) {
-            return Err(ConvertError::UnsupportedArchitecture {
-                path: path.to_owned(),
-                model_type: model_type.to_owned(),
-                architectures,
-            });
-        }
+        let arch = |prefix: &str| architectures.iter().any(|a| a.starts_with(prefix));
+        let family = match model_type {
+            "bert" => Family::Bert,
+            "xlm-roberta" => Family::XlmRoberta,
+            "" if arch("Bert") => Family::Bert,
+            "" if arch("XLMRoberta") => Family::XlmRoberta,
+            _ => {
+                return Err(ConvertError::UnsupportedArchitecture {
+                    path: path.to_owned(),
+                    model_type: model_type.to_owned(),
+                    architectures,
+                })
+            }
+        };
+        let cross_encoder = architectures.iter().any(|a| {
+            a == "BertForSequenceClassification" || a == "XLMRobertaForSequenceClassification"
+        });
         let field = |field: &str, reason: String| ConvertError::Field {
             path: path.to_owned(),
             field: field.to_owned(),
@@ -322,6 +400,20 @@ impl BertConfig {
                 ));
             }
         }
+        // RoBERTa numbers positions from padding_idx + 1 (transformers'
+        // create_position_ids_from_input_ids); padding_idx is pad_token_id, 1 in XLM-R.
+        let position_offset = match family {
+            Family::Bert => 0,
+            Family::XlmRoberta => match j.get("pad_token_id") {
+                None | Some(Json::Null) => 2,
+                Some(v) => v.as_u64().map(|n| n as usize + 1).ok_or_else(|| {
+                    field(
+                        "pad_token_id",
+                        format!("expected a non-negative integer, got {v}"),
+                    )
+                })?,
+            },
+        };
         let cfg = BertConfig {
             vocab_size: int("vocab_size")?,
             hidden_size: int("hidden_size")?,
@@ -345,7 +437,18 @@ impl BertConfig {
                 })?,
             },
             cross_encoder,
+            family,
+            position_offset,
         };
+        if cfg.max_position_embeddings <= cfg.position_offset {
+            return Err(field(
+                "max_position_embeddings",
+                format!(
+                    "{} leaves no position: XLM-R positions start at pad_token_id + 1 = {}",
+                    cfg.max_position_embeddings, cfg.position_offset
+                ),
+            ));
+        }
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(field(
                 "num_attention_heads",
@@ -426,7 +529,43 @@ impl SentenceTransformers {
         let pooling = match read_json_opt(&pooling_path)? {
             None => key::POOLING_MEAN,
             Some(p) => {
-                let on = |k: &str| p.get(k).and_then(Json::as_bool).unwrap_or(false);
+                // sentence-transformers v6 writes one `pooling_mode` ("mean", or a list of
+                // modes) instead of the `pooling_mode_*_tokens` flags; it reads both.
+                let named: Vec<&str> = match p.get("pooling_mode") {
+                    None | Some(Json::Null) => Vec::new(),
+                    Some(Json::String(m)) => vec![m.as_str()],
+                    Some(Json::Array(a)) => a.iter().map(|m| m.as_str().unwrap_or("?")).collect(),
+                    Some(other) => {
+                        return Err(ConvertError::Field {
+                            path: pooling_path,
+                            field: "pooling_mode".into(),
+                            reason: format!("expected a mode name or a list of them, got {other}"),
+                        })
+                    }
+                };
+                let legacy = |mode: &str| match mode {
+                    "cls" => Some("pooling_mode_cls_token"),
+                    "mean" => Some("pooling_mode_mean_tokens"),
+                    "max" => Some("pooling_mode_max_tokens"),
+                    "mean_sqrt_len_tokens" => Some("pooling_mode_mean_sqrt_len_tokens"),
+                    "weightedmean" => Some("pooling_mode_weightedmean_tokens"),
+                    "lasttoken" => Some("pooling_mode_lasttoken"),
+                    _ => None,
+                };
+                if let Some(unknown) = named.iter().find(|m| legacy(m).is_none()) {
+                    return Err(ConvertError::Field {
+                        path: pooling_path,
+                        field: "pooling_mode".into(),
+                        reason: format!(
+                            "{unknown:?} is not a sentence-transformers pooling mode (only cls or \
+                             mean are supported)"
+                        ),
+                    });
+                }
+                let on = |k: &str| {
+                    p.get(k).and_then(Json::as_bool).unwrap_or(false)
+                        || named.iter().any(|m| legacy(m) == Some(k))
+                };
                 // The engine pools by CLS or mean only; refuse the rest here rather than at cold
                 // start.
                 let unsupported = [
@@ -467,23 +606,25 @@ impl SentenceTransformers {
             return Self::read_cross_encoder(dir, cfg);
         }
         let sbert_path = dir.join("sentence_bert_config.json");
-        let max_seq_length = match read_json_opt(&sbert_path)? {
-            Some(j) => match j.get("max_seq_length") {
-                None | Some(Json::Null) => cfg.max_position_embeddings,
-                Some(v) => v
-                    .as_u64()
-                    .filter(|n| *n > 0)
-                    .map(|n| n as usize)
-                    .ok_or_else(|| ConvertError::Field {
-                        path: sbert_path.clone(),
-                        field: "max_seq_length".into(),
-                        reason: format!("expected a positive integer, got {v}"),
-                    })?,
-            },
-            None => cfg.max_position_embeddings,
+        let max_seq_length = match read_json_opt(&sbert_path)?
+            .as_ref()
+            .and_then(|j| j.get("max_seq_length"))
+        {
+            // sentence-transformers v6 no longer writes it: the tokenizer's model_max_length.
+            None | Some(Json::Null) => model_max_length(dir)?.unwrap_or(cfg.positions()),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n > 0)
+                .map(|n| n as usize)
+                .ok_or_else(|| ConvertError::Field {
+                    path: sbert_path.clone(),
+                    field: "max_seq_length".into(),
+                    reason: format!("expected a positive integer, got {v}"),
+                })?,
         };
-        // sentence-transformers itself caps at the position table, so do the same.
-        let max_seq_length = max_seq_length.min(cfg.max_position_embeddings);
+        // sentence-transformers itself caps at the position table, so do the same (for XLM-R,
+        // at the rows past the first position).
+        let max_seq_length = max_seq_length.min(cfg.positions());
 
         Ok(SentenceTransformers {
             pooling,
@@ -499,12 +640,8 @@ impl SentenceTransformers {
     /// config_sentence_transformers.json, before v4 `sbert_ce_default_activation_function`), by
     /// default a sigmoid.
     fn read_cross_encoder(dir: &Path, cfg: &BertConfig) -> Result<Self> {
-        let tc_path = dir.join("tokenizer_config.json");
-        let max_seq_length = read_json_opt(&tc_path)?
-            .and_then(|j| j.get("model_max_length").and_then(Json::as_u64))
-            .map_or(cfg.max_position_embeddings, |n| {
-                (n as usize).min(cfg.max_position_embeddings)
-            });
+        let max_seq_length =
+            model_max_length(dir)?.map_or(cfg.positions(), |n| n.min(cfg.positions()));
         let config_path = dir.join("config.json");
         let config = read_json(&config_path)?;
         let st_path = dir.join("config_sentence_transformers.json");
@@ -548,6 +685,16 @@ impl SentenceTransformers {
     }
 }
 
+/// tokenizer_config.json's `model_max_length`, when it is a usable integer (transformers writes
+/// 1e30 for "no limit").
+fn model_max_length(dir: &Path) -> Result<Option<usize>> {
+    let tc_path = dir.join("tokenizer_config.json");
+    Ok(read_json_opt(&tc_path)?
+        .and_then(|j| j.get("model_max_length").and_then(Json::as_u64))
+        .filter(|n| *n > 0)
+        .map(|n| n as usize))
+}
+
 // ---------------------------------------------------------------------------------------------
 // tokenizer.json
 
@@ -563,6 +710,20 @@ struct Vocab {
     types: Vec<i32>,
     ids: HashMap<String, u32>,
     unk_token: Option<String>,
+    /// A Unigram vocabulary's log-probabilities (`None`: WordPiece).
+    scores: Option<Vec<f32>>,
+}
+
+impl Vocab {
+    /// llama.cpp's `tokenizer.ggml.model`: `bert` for WordPiece, `t5` for a SentencePiece
+    /// Unigram vocabulary (as llama.cpp's converter writes XLM-R's).
+    fn ggml_model(&self) -> &'static str {
+        if self.scores.is_some() {
+            "t5"
+        } else {
+            "bert"
+        }
+    }
 }
 
 impl Vocab {
@@ -580,25 +741,61 @@ impl Vocab {
         })?;
         let model = j.get("model").ok_or_else(|| err("no `model`".into()))?;
         let model_type = model.get("type").and_then(Json::as_str).unwrap_or("");
-        if model_type != "WordPiece" {
-            return Err(err(format!(
-                "model.type is {model_type:?}; BERT GGUFs need a WordPiece vocabulary"
-            )));
-        }
-        let vocab = model
-            .get("vocab")
-            .and_then(Json::as_object)
-            .ok_or_else(|| err("model.vocab is not an object of token -> id".into()))?;
-
         let mut by_id: BTreeMap<u64, (String, i32)> = BTreeMap::new();
-        for (tok, id) in vocab {
-            let id = id
-                .as_u64()
-                .ok_or_else(|| err(format!("model.vocab[{tok:?}] is not an id")))?;
-            if let Some((other, _)) = by_id.insert(id, (tok.clone(), TOKEN_TYPE_NORMAL)) {
+        let mut scores = None;
+        let unk_token;
+        match model_type {
+            "WordPiece" => {
+                let vocab = model
+                    .get("vocab")
+                    .and_then(Json::as_object)
+                    .ok_or_else(|| err("model.vocab is not an object of token -> id".into()))?;
+                for (tok, id) in vocab {
+                    let id = id
+                        .as_u64()
+                        .ok_or_else(|| err(format!("model.vocab[{tok:?}] is not an id")))?;
+                    if let Some((other, _)) = by_id.insert(id, (tok.clone(), TOKEN_TYPE_NORMAL)) {
+                        return Err(err(format!(
+                            "id {id} is used by both {other:?} and {tok:?}"
+                        )));
+                    }
+                }
+                unk_token = model
+                    .get("unk_token")
+                    .and_then(Json::as_str)
+                    .map(str::to_owned);
+            }
+            // SentencePiece: a list of [piece, log-probability], the id being the index.
+            "Unigram" => {
+                let vocab = model.get("vocab").and_then(Json::as_array).ok_or_else(|| {
+                    err("model.vocab is not a list of [piece, score] (Unigram)".into())
+                })?;
+                let mut s = Vec::with_capacity(vocab.len());
+                for (id, entry) in vocab.iter().enumerate() {
+                    let (Some(piece), Some(score)) = (
+                        entry.get(0).and_then(Json::as_str),
+                        entry.get(1).and_then(Json::as_f64),
+                    ) else {
+                        return Err(err(format!(
+                            "model.vocab[{id}] is not [piece, score]: {entry}"
+                        )));
+                    };
+                    by_id.insert(id as u64, (piece.to_owned(), TOKEN_TYPE_NORMAL));
+                    s.push(score as f32);
+                }
+                unk_token = model
+                    .get("unk_id")
+                    .and_then(Json::as_u64)
+                    .and_then(|id| vocab.get(id as usize))
+                    .and_then(|e| e.get(0).and_then(Json::as_str))
+                    .map(str::to_owned);
+                scores = Some(s);
+            }
+            other => {
                 return Err(err(format!(
-                    "id {id} is used by both {other:?} and {tok:?}"
-                )));
+                    "model.type is {other:?}; BERT GGUFs need a WordPiece or a SentencePiece \
+                     Unigram vocabulary"
+                )))
             }
         }
         for added in j
@@ -649,20 +846,21 @@ impl Vocab {
             tokens.push(format!("[PAD{id}]"));
             types.push(TOKEN_TYPE_UNUSED);
         }
+        if let Some(s) = scores.as_mut() {
+            // Added tokens past the Unigram list (XLM-R's <mask>) and padding rows: no score.
+            s.resize(tokens.len(), 0.0);
+        }
         let ids = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        let unk_token = model
-            .get("unk_token")
-            .and_then(Json::as_str)
-            .map(str::to_owned);
         Ok(Vocab {
             tokens,
             types,
             ids,
             unk_token,
+            scores,
         })
     }
 }
@@ -676,13 +874,19 @@ struct SpecialIds {
     mask: Option<u32>,
 }
 
-/// Special token ids by name: special_tokens_map.json when present, else BERT's usual names.
+/// Special token ids by name: special_tokens_map.json, else tokenizer_config.json (where
+/// transformers v5 writes them), else the usual names: BERT's for WordPiece, XLM-R's for a
+/// SentencePiece vocabulary.
 fn special_token_ids(dir: &Path, vocab: &Vocab) -> Result<SpecialIds> {
-    let map = read_json_opt(&dir.join("special_tokens_map.json"))?;
+    let maps = [
+        read_json_opt(&dir.join("special_tokens_map.json"))?,
+        read_json_opt(&dir.join("tokenizer_config.json"))?,
+    ];
     let name = |key: &str, default: &str| -> String {
-        map.as_ref()
-            .and_then(|m| m.get(key))
-            .and_then(|v| {
+        maps.iter()
+            .flatten()
+            .find_map(|m| {
+                let v = m.get(key)?;
                 // Either "[CLS]" or {"content": "[CLS]", ...}.
                 v.as_str()
                     .or_else(|| v.get("content").and_then(Json::as_str))
@@ -691,13 +895,18 @@ fn special_token_ids(dir: &Path, vocab: &Vocab) -> Result<SpecialIds> {
             .to_owned()
     };
     let id = |key: &str, default: &str| vocab.ids.get(&name(key, default)).copied();
-    let unk_default = vocab.unk_token.clone().unwrap_or_else(|| "[UNK]".into());
+    let [unk, sep, pad, cls, mask] = if vocab.scores.is_some() {
+        ["<unk>", "</s>", "<pad>", "<s>", "<mask>"]
+    } else {
+        ["[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]"]
+    };
+    let unk_default = vocab.unk_token.clone().unwrap_or_else(|| unk.into());
     Ok(SpecialIds {
         unk: id("unk_token", &unk_default),
-        sep: id("sep_token", "[SEP]"),
-        pad: id("pad_token", "[PAD]"),
-        cls: id("cls_token", "[CLS]"),
-        mask: id("mask_token", "[MASK]"),
+        sep: id("sep_token", sep),
+        pad: id("pad_token", pad),
+        cls: id("cls_token", cls),
+        mask: id("mask_token", mask),
     })
 }
 
@@ -726,11 +935,12 @@ fn load_and_map(path: &Path, cfg: &BertConfig) -> Result<Vec<(String, Tensor)>> 
 
     let mut mapped: HashMap<String, Tensor> = HashMap::new();
     for (hf_name, t) in raw {
-        let Some(gguf_name) =
-            map_name(&hf_name, cfg.cross_encoder).map_err(|()| ConvertError::UnmappedTensor {
+        let Some(gguf_name) = map_name(&hf_name, cfg.family, cfg.cross_encoder).map_err(|()| {
+            ConvertError::UnmappedTensor {
                 path: path.to_owned(),
                 name: hf_name.clone(),
-            })?
+            }
+        })?
         else {
             continue;
         };
@@ -792,12 +1002,12 @@ fn load_and_map(path: &Path, cfg: &BertConfig) -> Result<Vec<(String, Tensor)>> 
             .remove(&name)
             .ok_or_else(|| ConvertError::MissingTensor {
                 path: path.to_owned(),
-                name: hf_name_of(&name),
+                name: hf_name_of(&name, cfg.family),
             })?;
         if t.dims() != shape.as_slice() {
             return Err(ConvertError::TensorShape {
                 path: path.to_owned(),
-                name: hf_name_of(&name),
+                name: hf_name_of(&name, cfg.family),
                 expected: shape,
                 actual: t.dims().to_vec(),
             });
@@ -819,22 +1029,32 @@ fn load_and_map(path: &Path, cfg: &BertConfig) -> Result<Vec<(String, Tensor)>> 
 }
 
 /// HF name -> GGUF name. `Ok(None)`: a tensor the encoder does not use; `Err`: unknown. A
-/// cross-encoder keeps its pooler (`cls`) and classifier (`cls.output`), as llama.cpp names them.
-fn map_name(hf: &str, cross_encoder: bool) -> std::result::Result<Option<String>, ()> {
-    let n = hf.strip_prefix("bert.").unwrap_or(hf);
+/// cross-encoder keeps its head (BERT's pooler and classifier, RoBERTa's `classifier.dense` and
+/// `classifier.out_proj`) as `cls` and `cls.output`, as llama.cpp names them.
+fn map_name(
+    hf: &str,
+    family: Family,
+    cross_encoder: bool,
+) -> std::result::Result<Option<String>, ()> {
+    let n = hf.strip_prefix(family.prefix()).unwrap_or(hf);
     if cross_encoder {
-        let head = [("pooler.dense.", tn::CLS), ("classifier.", tn::CLS_OUTPUT)];
-        for (prefix, gguf) in head {
+        for (prefix, gguf) in family.head() {
             match n.strip_prefix(prefix) {
-                Some(suffix @ ("weight" | "bias")) => return Ok(Some(format!("{gguf}.{suffix}"))),
-                Some(_) => return Err(()),
-                None => {}
+                Some(".weight") => return Ok(Some(format!("{gguf}.weight"))),
+                Some(".bias") => return Ok(Some(format!("{gguf}.bias"))),
+                // `classifier.dense.*` also starts with BERT's `classifier`: not BERT's head.
+                Some(_) if family == Family::Bert => return Err(()),
+                _ => {}
             }
         }
     }
     // The pooler (NSP head input) and MLM/NSP heads are not part of the sentence embedding, and
-    // position_ids is a constant buffer some checkpoints save.
-    if n.starts_with("pooler.") || n.starts_with("cls.") || n.ends_with("position_ids") {
+    // position_ids / token_type_ids are constant buffers some checkpoints save.
+    if n.starts_with("pooler.")
+        || n.starts_with("cls.")
+        || n.ends_with("position_ids")
+        || n.ends_with("embeddings.token_type_ids")
+    {
         return Ok(None);
     }
     // Old TF-ported checkpoints name LayerNorm parameters gamma/beta.
@@ -876,15 +1096,17 @@ fn map_name(hf: &str, cross_encoder: bool) -> std::result::Result<Option<String>
 }
 
 /// GGUF name -> the HF name users see in their checkpoint, for error messages.
-fn hf_name_of(gguf: &str) -> String {
+fn hf_name_of(gguf: &str, family: Family) -> String {
     let (base, suffix) = gguf.rsplit_once('.').unwrap_or((gguf, ""));
+    let head = family.head();
     let hf = match base {
         "token_embd" => "embeddings.word_embeddings".to_owned(),
         "position_embd" => "embeddings.position_embeddings".to_owned(),
         "token_types" => "embeddings.token_type_embeddings".to_owned(),
         b if b == tn::TOKEN_EMBD_NORM => "embeddings.LayerNorm".to_owned(),
-        b if b == tn::CLS => "bert.pooler.dense".to_owned(),
-        b if b == tn::CLS_OUTPUT => "classifier".to_owned(),
+        b if b == tn::CLS && family == Family::Bert => "bert.pooler.dense".to_owned(),
+        b if b == tn::CLS => head[0].0.to_owned(),
+        b if b == tn::CLS_OUTPUT => head[1].0.to_owned(),
         b => {
             let Some((i, name)) = b.strip_prefix("blk.").and_then(|r| r.split_once('.')) else {
                 return gguf.to_owned();
@@ -959,7 +1181,8 @@ fn build_metadata(
         (key::ARCHITECTURE, Value::String("bert".into())),
         (key::NAME, Value::String(name.to_owned())),
         (key::FILE_TYPE, Value::U32(dtype.file_type())),
-        (key::BERT_CONTEXT_LENGTH, u32v(cfg.max_position_embeddings)),
+        // The positions a sequence can take; XLM-R's table has position_offset more rows.
+        (key::BERT_CONTEXT_LENGTH, u32v(cfg.positions())),
         (key::BERT_EMBEDDING_LENGTH, u32v(cfg.hidden_size)),
         (key::BERT_FEED_FORWARD_LENGTH, u32v(cfg.intermediate_size)),
         (key::BERT_BLOCK_COUNT, u32v(cfg.num_hidden_layers)),
@@ -976,7 +1199,10 @@ fn build_metadata(
             key::TOKENIZER_HF_JSON,
             Value::String(tokenizer_json.to_owned()),
         ),
-        (key::TOKENIZER_MODEL, Value::String("bert".into())),
+        (
+            key::TOKENIZER_MODEL,
+            Value::String(vocab.ggml_model().into()),
+        ),
         (
             key::TOKENIZER_TOKENS,
             Value::Array(vocab.tokens.iter().cloned().map(Value::String).collect()),
@@ -989,6 +1215,23 @@ fn build_metadata(
     ];
     if let Some(activation) = st.activation {
         m.push((key::ST_CE_ACTIVATION, Value::String(activation.into())));
+    }
+    // Written only where they differ from the defaults, so that a BERT folder converts to the
+    // same bytes as before they existed.
+    if cfg.position_offset != 0 {
+        m.push((key::BERT_POSITION_OFFSET, u32v(cfg.position_offset)));
+    }
+    if cfg.family != Family::Bert {
+        m.push((
+            key::BERT_MODEL_TYPE,
+            Value::String(cfg.family.model_type().into()),
+        ));
+    }
+    if let Some(scores) = &vocab.scores {
+        m.push((
+            key::TOKENIZER_SCORES,
+            Value::Array(scores.iter().copied().map(Value::F32).collect()),
+        ));
     }
     // Only ids the vocabulary actually has: a made-up id would be worse than none.
     for (k, id) in [
@@ -1381,7 +1624,7 @@ mod tests {
         assert_eq!(c.tensor_infos.len(), hf.len());
         let mut cursor = std::io::Cursor::new(&bytes[..]);
         for (hf_name, want) in &hf {
-            let gguf_name = map_name(hf_name, false).unwrap().unwrap();
+            let gguf_name = map_name(hf_name, Family::Bert, false).unwrap().unwrap();
             let info = &c.tensor_infos[&gguf_name];
             assert_eq!(info.ggml_dtype, GgmlDType::F32, "{gguf_name}");
             assert_eq!(info.shape.dims(), want.dims(), "{gguf_name}");
@@ -1567,6 +1810,7 @@ mod tests {
         let msg = r.unwrap_err().to_string();
         assert!(msg.contains("\"gpt2\""), "{msg}");
         assert!(msg.contains("only BERT-family"), "{msg}");
+        assert!(msg.contains("xlm-roberta"), "{msg}");
         assert!(!out.exists());
     }
 
@@ -1614,6 +1858,93 @@ mod tests {
         let msg = run(&dir.0, OutDType::F16).0.unwrap_err().to_string();
         assert!(msg.contains("hidden_act") && msg.contains("relu"), "{msg}");
         assert!(msg.contains("config.json"), "{msg}");
+    }
+
+    #[test]
+    fn xlm_roberta_names_map_to_the_bert_tensors_and_its_head_to_cls() {
+        let x = Family::XlmRoberta;
+        let map = |n: &str, ce: bool| map_name(n, x, ce).unwrap();
+        assert_eq!(
+            map("roberta.encoder.layer.1.attention.self.query.weight", true),
+            Some("blk.1.attn_q.weight".into())
+        );
+        assert_eq!(
+            map("embeddings.position_embeddings.weight", false),
+            Some(tn::POSITION_EMBD.into())
+        );
+        assert_eq!(
+            map("classifier.dense.weight", true),
+            Some("cls.weight".into())
+        );
+        assert_eq!(
+            map("classifier.out_proj.bias", true),
+            Some("cls.output.bias".into())
+        );
+        // An embedder's pooler and the constant buffers are not part of the encoder.
+        assert_eq!(map("pooler.dense.weight", false), None);
+        assert_eq!(map("embeddings.token_type_ids", false), None);
+        // A head that is neither: refused, not dropped.
+        assert!(map_name("classifier.extra.weight", x, true).is_err());
+        assert!(map_name("lm_head.dense.weight", x, false).is_err());
+        assert_eq!(
+            hf_name_of("cls.output.weight", x),
+            "classifier.out_proj.weight (GGUF cls.output.weight)"
+        );
+    }
+
+    #[test]
+    fn sentence_transformers_v6_pooling_mode_and_model_max_length_are_read() {
+        let dir = TempDir::new("st6");
+        Fixture::default().write(&dir.0);
+        // v6 writes `pooling_mode` and no max_seq_length: the tokenizer's model_max_length.
+        std::fs::write(dir.0.join("sentence_bert_config.json"), "{}").unwrap();
+        std::fs::write(
+            dir.0.join("tokenizer_config.json"),
+            json!({"model_max_length": 24}).to_string(),
+        )
+        .unwrap();
+        let pooling = dir.0.join("1_Pooling/config.json");
+        for (mode, want) in [("mean", key::POOLING_MEAN), ("cls", key::POOLING_CLS)] {
+            std::fs::write(&pooling, json!({"pooling_mode": mode}).to_string()).unwrap();
+            let (r, out) = run(&dir.0, OutDType::F32);
+            r.unwrap();
+            let (c, _) = read(&out);
+            assert_eq!(u32_of(&c, key::BERT_POOLING_TYPE), want, "{mode}");
+            assert_eq!(u32_of(&c, key::ST_MAX_SEQ_LENGTH), 24);
+        }
+        for mode in [json!("max"), json!("median"), json!(["cls", "mean"])] {
+            std::fs::write(&pooling, json!({"pooling_mode": mode}).to_string()).unwrap();
+            let msg = run(&dir.0, OutDType::F32).0.unwrap_err().to_string();
+            assert!(msg.contains("pooling_mode"), "{mode}: {msg}");
+        }
+    }
+
+    #[test]
+    fn xlm_roberta_config_offsets_positions_by_the_pad_id() {
+        let p = Path::new("config.json");
+        let base = json!({
+            "model_type": "xlm-roberta", "architectures": ["XLMRobertaModel"],
+            "hidden_act": "gelu", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 66,
+            "type_vocab_size": 1, "vocab_size": 300, "layer_norm_eps": 1e-5, "pad_token_id": 1,
+        });
+        let cfg = BertConfig::from_json(p, &base).unwrap();
+        assert_eq!(cfg.family, Family::XlmRoberta);
+        assert_eq!((cfg.position_offset, cfg.positions()), (2, 64));
+        assert!(!cfg.cross_encoder);
+        let mut ce = base.clone();
+        ce["architectures"] = json!(["XLMRobertaForSequenceClassification"]);
+        ce["id2label"] = json!({"0": "LABEL_0"});
+        assert!(BertConfig::from_json(p, &ce).unwrap().cross_encoder);
+        // A table with no row past the offset is refused naming the field.
+        let mut tiny = base.clone();
+        tiny["max_position_embeddings"] = json!(2);
+        let msg = BertConfig::from_json(p, &tiny).unwrap_err().to_string();
+        assert!(msg.contains("max_position_embeddings"), "{msg}");
+        // BERT keeps 0.
+        let mut bert = base;
+        bert["model_type"] = json!("bert");
+        assert_eq!(BertConfig::from_json(p, &bert).unwrap().position_offset, 0);
     }
 
     #[test]
