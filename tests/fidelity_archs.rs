@@ -11,6 +11,8 @@
 //! transformers in f32 show how far both engines are from the unquantized model: ours must not be
 //! further than llama.cpp is, plus the tolerance.
 
+mod common;
+
 use std::sync::Arc;
 
 use lambda_inference::engine::generate::argmax;
@@ -37,14 +39,6 @@ fn fixture(arch: &str) -> (SharedBytes, Value) {
     let bytes: SharedBytes = Arc::new(std::fs::read(format!("{dir}{arch}.gguf")).unwrap());
     let fx = serde_json::from_slice(&std::fs::read(format!("{dir}{arch}.json")).unwrap()).unwrap();
     (bytes, fx)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -103,11 +97,11 @@ fn check(fixture_name: &str, arch: &str) {
         let prompt = gen.tokenize(&text).unwrap();
         assert_eq!(
             prompt,
-            ids(&item["prompt_ids"]),
+            common::json_ids(&item["prompt_ids"]),
             "{arch} prompt {n}: token ids"
         );
 
-        let want = ids(&item["generated_ids"]);
+        let want = common::json_ids(&item["generated_ids"]);
         let refs: Vec<Vec<f32>> = item["logits"]
             .as_array()
             .unwrap()
@@ -209,7 +203,7 @@ fn sentencepiece_prompts_tokenize_as_llama_cpp_does() {
     let mut bytes_seen = false;
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let want = ids(&case["ids"]);
+        let want = common::json_ids(&case["ids"]);
         assert_eq!(gen.tokenize(text).unwrap(), want, "{text:?}");
         // <0x00>..<0xFF> are ids 3..=258 in a SentencePiece vocabulary with byte fallback.
         bytes_seen |= want.iter().any(|&i| (3..=258).contains(&i));
@@ -226,28 +220,7 @@ fn sentencepiece_generation_streams_spaces_and_bytes() {
         panic!("phi3 loaded as an encoder")
     };
     for item in fx["items"].as_array().unwrap() {
-        let prompt = gen
-            .tokenize(&gen.render_chat(&messages(item)).unwrap())
-            .unwrap();
-        assert_eq!(prompt, ids(&item["prompt_ids"]));
-        let want = ids(&item["generated_ids"]);
-        let first_tie = item["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .position(|l| margin(&floats(l)) < 2.0 * TOLERANCE)
-            .unwrap_or(want.len());
-        let params = lambda_inference::engine::GenerateParams {
-            max_tokens: want.len(),
-            ..Default::default()
-        };
-        let mut streamed = String::new();
-        let out = gen
-            .generate(&prompt, &params, &mut |s| streamed.push_str(s))
-            .unwrap();
-        let n = first_tie.min(out.token_ids.len());
-        assert_eq!(&out.token_ids[..n], &want[..n]);
-        assert_eq!(streamed, out.text);
+        greedy_through_the_trait(&*gen, item);
     }
 }
 
@@ -260,12 +233,18 @@ fn generation_through_the_trait_stops_and_streams() {
         Engine::Generator(g) => g,
         Engine::Embedder(_) | Engine::Reranker(_) => panic!("llama3 loaded as an encoder"),
     };
-    let item = &fx["items"][0];
+    greedy_through_the_trait(&*gen, &fx["items"][0]);
+}
+
+/// `item`'s prompt through `Generator::generate` (the service's path): the prompt ids and the
+/// greedy tokens up to llama.cpp's first near-tie are llama.cpp's, and the text streamed piece by
+/// piece is the whole text.
+fn greedy_through_the_trait(gen: &dyn Generator, item: &Value) {
     let prompt = gen
         .tokenize(&gen.render_chat(&messages(item)).unwrap())
         .unwrap();
-    assert_eq!(prompt, ids(&item["prompt_ids"]));
-    let want = ids(&item["generated_ids"]);
+    assert_eq!(prompt, common::json_ids(&item["prompt_ids"]));
+    let want = common::json_ids(&item["generated_ids"]);
     let first_tie = item["logits"]
         .as_array()
         .unwrap()
@@ -280,7 +259,13 @@ fn generation_through_the_trait_stops_and_streams() {
     let out = gen
         .generate(&prompt, &params, &mut |s| streamed.push_str(s))
         .unwrap();
-    assert_eq!(&out.token_ids[..first_tie], &want[..first_tie]);
+    // A stop token ends the output without being part of it.
+    let n = first_tie.min(out.token_ids.len());
+    assert!(
+        n + 1 >= first_tie,
+        "stopped after {n} tokens, llama.cpp agreed on {first_tie}"
+    );
+    assert_eq!(&out.token_ids[..n], &want[..n]);
     assert_eq!(streamed, out.text);
 }
 
@@ -387,10 +372,12 @@ fn the_tolerance_tells_a_wrong_rope_pairing_apart() {
 
 /// Largest |logit - llama.cpp's| of `gen` over the steps of one fixture item (teacher forcing).
 fn worst_against_llama_cpp(gen: &LlamaGenerator, item: &Value) -> f32 {
-    let want = ids(&item["generated_ids"]);
+    let want = common::json_ids(&item["generated_ids"]);
     gen.with_state(|model, state| {
         state.reset();
-        let mut logits = model.forward(state, &ids(&item["prompt_ids"])).unwrap();
+        let mut logits = model
+            .forward(state, &common::json_ids(&item["prompt_ids"]))
+            .unwrap();
         let mut worst = 0f32;
         for (s, r) in item["logits"].as_array().unwrap().iter().enumerate() {
             worst = worst.max(max_abs_diff(&logits, &floats(r)));

@@ -42,14 +42,6 @@ fn bert_with(bytes: &[u8], mode: WeightMode) -> BertEmbedder {
     BertEmbedder::load_with(&content, bytes, mode).unwrap()
 }
 
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
 /// Indices sorted best first (ties by index), as the API sorts.
 fn order(scores: &[f64]) -> Vec<usize> {
     let mut o: Vec<usize> = (0..scores.len()).collect();
@@ -91,7 +83,10 @@ fn check(dtype: &str, mode: WeightMode, tol: f64) -> (f64, f64) {
             assert_eq!(enc.get_ids(), want, "{name}: ids of pair {i}");
         }
         let out = e.rerank(query, &docs, usize::MAX, None).unwrap();
-        let (want_scores, want_logits) = (floats(&q["scores"]), floats(&q["logits"]));
+        let (want_scores, want_logits) = (
+            common::json_f64s(&q["scores"]),
+            common::json_f64s(&q["logits"]),
+        );
         for i in 0..docs.len() {
             let ds = (out.scores[i] as f64 - want_scores[i]).abs();
             let dl = (out.logits[i] as f64 - want_logits[i]).abs();
@@ -150,7 +145,7 @@ async fn both_routes_answer_sorted_scores_in_their_shapes() {
     let fx = reference();
     let q = &fx["queries"]["es"];
     let docs = &fx["documents"];
-    let want = floats(&q["scores"]);
+    let want = common::json_f64s(&q["scores"]);
     // The long document alone with the query is over the 100-token limit: leave it out here.
     let n = docs.as_array().unwrap().len() - 1;
     let short: Vec<Value> = docs.as_array().unwrap()[..n].to_vec();
@@ -189,7 +184,7 @@ async fn both_routes_answer_sorted_scores_in_their_shapes() {
     assert_eq!(status, 200, "{body}");
     let results = body.as_array().unwrap();
     assert_eq!(results.len(), n);
-    let logits = floats(&q["logits"]);
+    let logits = common::json_f64s(&q["logits"]);
     for (r, &i) in results.iter().zip(&best) {
         assert_eq!(r["index"], i);
         assert!(r.get("text").is_none());

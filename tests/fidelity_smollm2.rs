@@ -40,14 +40,6 @@ fn messages(item: &Value) -> Vec<ChatMessage> {
         .collect()
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn load(path: &std::path::Path) -> Arc<dyn Generator> {
     let bytes: SharedBytes = Arc::new(std::fs::read(path).unwrap());
     match engine::load_shared(bytes).unwrap() {
@@ -78,9 +70,13 @@ fn prompts_and_greedy_tokens_match_llama_cpp() {
             "prompt {n}: template"
         );
         let prompt = gen.tokenize(&text).unwrap();
-        assert_eq!(prompt, ids(&item["prompt_ids"]), "prompt {n}: token ids");
+        assert_eq!(
+            prompt,
+            common::json_ids(&item["prompt_ids"]),
+            "prompt {n}: token ids"
+        );
 
-        let want = ids(&item["generated_ids"]);
+        let want = common::json_ids(&item["generated_ids"]);
         // Steps before this one must agree exactly; from it on, llama.cpp's choice was a near-tie.
         let exact_until = item["first_step_with_margin_below_0.5"]
             .as_u64()
@@ -95,7 +91,7 @@ fn prompts_and_greedy_tokens_match_llama_cpp() {
                 got.push(id);
                 if step < exact_until && got[..] == want[..=step] {
                     let t = &top5[step];
-                    for (tid, tl) in ids(&t["top5_ids"])
+                    for (tid, tl) in common::json_ids(&t["top5_ids"])
                         .iter()
                         .zip(t["top5_logits"].as_array().unwrap())
                     {

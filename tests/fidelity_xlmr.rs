@@ -9,6 +9,8 @@
 //!
 //! Needs nothing fetched: the fixture is committed.
 
+mod common;
+
 use std::path::Path;
 
 use lambda_inference::engine::bert::{BertEmbedder, WeightMode};
@@ -33,44 +35,13 @@ fn reference() -> Value {
 
 /// `tests/fixtures/tiny-xlmr/<model>` converted by the CLI (`convert --dtype DTYPE`): its bytes.
 fn gguf(model: &str, dtype: &str) -> Vec<u8> {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let out = std::env::temp_dir().join(format!(
-        "tiny-xlmr-{model}-{}-{}.{dtype}.gguf",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-inference"))
-        .args(["convert", "--quiet", "--dtype", dtype])
-        .arg(fixture_dir().join(model))
-        .arg(&out)
-        .status()
-        .expect("running lambda-inference convert");
-    assert!(status.success(), "convert {model} --dtype {dtype} failed");
-    let bytes = std::fs::read(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
-    bytes
+    common::converted_fixture(&format!("tests/fixtures/tiny-xlmr/{model}"), dtype)
 }
 
 fn load(bytes: &[u8], mode: WeightMode) -> BertEmbedder {
     let content =
         candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(bytes)).unwrap();
     BertEmbedder::load_with(&content, bytes, mode).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
 }
 
 fn cosine(a: &[f32], b: &[f64]) -> f64 {
@@ -93,7 +64,7 @@ fn check_embedder(dtype: &str, mode: WeightMode, min_cos: f64) -> Vec<(String, f
     for ((item, enc), n) in items.iter().zip(&encs).zip(&full) {
         assert_eq!(
             enc.get_ids(),
-            ids(&item["input_ids"]),
+            common::json_ids(&item["input_ids"]),
             "token ids differ for {:?}",
             item["text"]
         );
@@ -103,7 +74,7 @@ fn check_embedder(dtype: &str, mode: WeightMode, min_cos: f64) -> Vec<(String, f
     let batched = e.embed(&texts, usize::MAX).unwrap();
     let mut worst: Vec<(String, f64)> = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let want = floats(&item["embedding"]);
+        let want = common::json_f64s(&item["embedding"]);
         let single = e.embed(&texts[i..i + 1], usize::MAX).unwrap();
         assert_eq!(
             batched.token_counts[i],
@@ -161,13 +132,13 @@ fn a_long_spanish_input_is_truncated_as_sentence_transformers_truncates_it() {
 
     // Its first max_seq - 2 pieces between <s> and </s>, the last position row used.
     let (encs, full) = e.tokenize(&[text]).unwrap();
-    assert_eq!(encs[0].get_ids(), ids(&long["input_ids"]));
+    assert_eq!(encs[0].get_ids(), common::json_ids(&long["input_ids"]));
     assert_eq!(full[0], untruncated);
     let fed = encs[0].get_ids();
     assert_eq!((fed[0], fed[fed.len() - 1]), (0, 2), "<s> ... </s>");
     let out = e.embed(&[text], usize::MAX).unwrap();
     assert_eq!(out.token_counts[0], max_seq);
-    let c = cosine(&out.embeddings[0], &floats(&long["embedding"]));
+    let c = cosine(&out.embeddings[0], &common::json_f64s(&long["embedding"]));
     assert!(c >= 0.999, "{c}");
 
     // Longer than the tokenizer's window (WINDOW bytes), it is counted window by window, cut
@@ -176,7 +147,7 @@ fn a_long_spanish_input_is_truncated_as_sentence_transformers_truncates_it() {
     let reps = lambda_inference::engine::bert::WINDOW / text.len() + 2;
     let huge = vec![text; reps].join(" ");
     let (encs, full) = e.tokenize(&[&huge]).unwrap();
-    assert_eq!(encs[0].get_ids(), ids(&long["input_ids"]));
+    assert_eq!(encs[0].get_ids(), common::json_ids(&long["input_ids"]));
     assert_eq!(full[0], (untruncated - 2) * reps + 2);
 
     // Over the request limit (counted before truncation): refused, naming the input.
@@ -210,10 +181,14 @@ fn check_reranker(dtype: &str, mode: WeightMode, tol: f64) -> f64 {
             .zip(q["input_ids"].as_array().unwrap())
             .enumerate()
         {
-            assert_eq!(enc.get_ids(), ids(want), "{name}: ids of pair {i}");
+            assert_eq!(
+                enc.get_ids(),
+                common::json_ids(want),
+                "{name}: ids of pair {i}"
+            );
         }
         let out = e.rerank(query, &docs, usize::MAX, None).unwrap();
-        let want = floats(&q["scores"]);
+        let want = common::json_f64s(&q["scores"]);
         assert_eq!(out.scores.len(), want.len());
         for (i, (&got, &want)) in out.scores.iter().zip(&want).enumerate() {
             let d = (got as f64 - want).abs();

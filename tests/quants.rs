@@ -17,6 +17,8 @@
 //! llama.cpp's non-flash attention). A layout mistake (a swapped nibble, a wrong scale or min)
 //! moves logits by several units on most of the vocabulary, which this bound catches.
 
+mod common;
+
 use std::sync::Arc;
 
 use lambda_inference::engine::generate::argmax;
@@ -31,14 +33,6 @@ const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quants");
 const TYPES: [&str; 10] = [
     "q4_0", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "Q4_K_M",
 ];
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 fn load(bytes: Vec<u8>) -> Result<LlamaGenerator, EngineError> {
     let bytes: SharedBytes = Arc::new(bytes);
@@ -60,7 +54,11 @@ fn every_quant_type_matches_llama_cpp() {
         .unwrap();
         let gen = load(gguf).unwrap_or_else(|e| panic!("{name}: {e}"));
         let prompt = gen.tokenize(fx["prompt"].as_str().unwrap()).unwrap();
-        assert_eq!(prompt, ids(&fx["prompt_ids"]), "{name}: prompt ids");
+        assert_eq!(
+            prompt,
+            common::json_ids(&fx["prompt_ids"]),
+            "{name}: prompt ids"
+        );
         let steps = fx["steps"].as_array().unwrap();
         let (worst, flips) = gen.with_state(|model, state| {
             state.reset();

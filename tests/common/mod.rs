@@ -454,10 +454,17 @@ pub fn fake_generator_service(limits: Limits, step: Duration) -> Service {
 /// The tiny random cross-encoder of tests/fixtures/tiny-reranker, converted by the CLI
 /// (`lambda-inference convert --dtype DTYPE`) into a fresh file: its bytes.
 pub fn tiny_reranker_gguf(dtype: &str) -> Vec<u8> {
+    converted_fixture("tests/fixtures/tiny-reranker", dtype)
+}
+
+/// The Hugging Face folder `dir` (relative to the repository) converted by the CLI
+/// (`lambda-inference convert --dtype DTYPE`) into a fresh file: its bytes.
+pub fn converted_fixture(dir: &str, dtype: &str) -> Vec<u8> {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-reranker");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     let out = std::env::temp_dir().join(format!(
-        "tiny-reranker-{}-{}.{dtype}.gguf",
+        "{}-{}-{}.{dtype}.gguf",
+        dir.replace('/', "-"),
         std::process::id(),
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
@@ -467,10 +474,28 @@ pub fn tiny_reranker_gguf(dtype: &str) -> Vec<u8> {
         .arg(&out)
         .status()
         .expect("running lambda-inference convert");
-    assert!(status.success(), "convert --dtype {dtype} failed");
+    assert!(status.success(), "convert {dir} --dtype {dtype} failed");
     let bytes = std::fs::read(&out).unwrap();
     let _ = std::fs::remove_file(&out);
     bytes
+}
+
+/// A JSON array of token ids.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// A JSON array of numbers.
+pub fn json_f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 /// A service on the tiny cross-encoder (q8_0) with the given limits (a real model, not a fake).
