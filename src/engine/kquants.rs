@@ -141,7 +141,7 @@ impl Acts<'_> {
 }
 
 /// Output rows per kernel call, as [`super::qmatmul`]'s.
-pub const MR: usize = 4;
+pub const MR: usize = 16;
 
 #[inline(always)]
 fn f16(b: &[u8], at: usize) -> f32 {
