@@ -33,6 +33,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use rayon::prelude::*;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 
+use super::ggml_tokenizer;
 use super::gguf::{self, tensor as tn, Meta};
 use super::ops::{AddLayerNorm, Attention, GeluErf};
 use super::qgemm::Q8Linear;
@@ -678,6 +679,25 @@ impl BertEmbedder {
     ) -> Result<Self, EngineError> {
         let meta = Meta::of(content);
         let cfg = Config::from_gguf(&meta)?;
+        // llama.cpp's converter writes neither of our sentence-transformers keys: the defaults
+        // are said, not assumed silently.
+        if !meta.has(gguf::ST_NORMALIZE) {
+            tracing::info!(
+                key = gguf::ST_NORMALIZE,
+                "absent: embeddings are L2-normalized (what sentence-transformers' Normalize \
+                 module does, and llama.cpp's embedding example by default)"
+            );
+        }
+        if !meta.has(gguf::ST_MAX_SEQ_LENGTH) {
+            tracing::warn!(
+                key = gguf::ST_MAX_SEQ_LENGTH,
+                max_seq_len = cfg.max_seq_len,
+                "absent: inputs are truncated at {}, which can be longer than the \
+                 sentence-transformers model's max_seq_length (all-MiniLM-L6-v2: 512, not 256); \
+                 inputs between the two embed differently",
+                gguf::BERT_CONTEXT_LENGTH
+            );
+        }
         let device = Device::Cpu;
         let w = Weights {
             content,
@@ -1149,20 +1169,27 @@ impl BertEmbedder {
     }
 }
 
-/// The HF tokenizer stored in the GGUF, with the file's own truncation/padding removed:
-/// all-MiniLM's tokenizer.json pads to a fixed 128 and truncates at 128, which
-/// sentence-transformers overrides (truncation at max_seq_length, no padding); we truncate
-/// ourselves in [`BertEmbedder::tokenize`] and pad per batch.
-fn load_tokenizer(meta: &Meta) -> Result<Tokenizer, EngineError> {
-    if !meta.has(gguf::TOKENIZER_HF_JSON) {
+/// The HF tokenizer stored in the GGUF (what `lambda-inference convert` writes), or, in a file
+/// written by llama.cpp's converter, the one rebuilt from its `tokenizer.ggml.*` arrays
+/// ([`ggml_tokenizer::encoder`]). The file's own truncation/padding is removed: all-MiniLM's
+/// tokenizer.json pads to a fixed 128 and truncates at 128, which sentence-transformers
+/// overrides (truncation at max_seq_length, no padding); we truncate ourselves in
+/// [`BertEmbedder::tokenize`] and pad per batch.
+pub fn load_tokenizer(meta: &Meta) -> Result<Tokenizer, EngineError> {
+    let mut tok = if meta.has(gguf::TOKENIZER_HF_JSON) {
+        let json = meta.str(gguf::TOKENIZER_HF_JSON)?;
+        Tokenizer::from_bytes(json.as_bytes())
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", gguf::TOKENIZER_HF_JSON)))?
+    } else if meta.has(gguf::TOKENIZER_MODEL) {
+        ggml_tokenizer::encoder(meta)?
+    } else {
         return Err(EngineError::InvalidModel(format!(
-            "GGUF has no {} (convert the model with `lambda-inference convert`)",
-            gguf::TOKENIZER_HF_JSON
+            "GGUF has no tokenizer: neither {} (`lambda-inference convert` writes it) nor {} \
+             (llama.cpp's converter writes it)",
+            gguf::TOKENIZER_HF_JSON,
+            gguf::TOKENIZER_MODEL
         )));
-    }
-    let json = meta.str(gguf::TOKENIZER_HF_JSON)?;
-    let mut tok = Tokenizer::from_bytes(json.as_bytes())
-        .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", gguf::TOKENIZER_HF_JSON)))?;
+    };
     tok.with_padding(None);
     tok.with_truncation(None)
         .map_err(|e| EngineError::Tokenizer(e.to_string()))?;

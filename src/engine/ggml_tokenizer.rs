@@ -17,7 +17,12 @@
 //! Control, user-defined (and for SentencePiece, unknown) tokens (`<|im_start|>`, `<|end|>`)
 //! become added tokens matched on the raw text, the way llama.cpp's `parse_special = true` does,
 //! with llama.cpp's name-based rule for Phi-3 (whitespace after its special tokens is dropped).
-//! Any other model (`bert`, `t5`, ...) is refused with an error naming the supported ones. Must not
+//! Any other model (`bert`, `t5`, ...) is refused with an error naming the supported ones.
+//!
+//! Encoders ([`encoder`]): a BERT or XLM-RoBERTa GGUF written by llama.cpp's converter holds no
+//! tokenizer.json, only these arrays (`bert`: WordPiece in llama.cpp's phantom-space form; `t5`:
+//! SentencePiece Unigram). [`encoder`] rebuilds the Hugging Face tokenizer the model was
+//! converted from, for Hugging Face's ids rather than llama.cpp's approximation of them. Must not
 //! do I/O.
 
 use std::collections::HashMap;
@@ -25,16 +30,24 @@ use std::collections::HashMap;
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::metaspace::Metaspace as MetaspaceDecoder;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
-use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace};
+use tokenizers::models::unigram::Unigram;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::{BertNormalizer, NormalizerWrapper, Precompiled, Prepend, Replace};
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::gguf::{self, Meta};
@@ -85,23 +98,7 @@ pub fn load(meta: &Meta) -> Result<GgmlVocab, EngineError> {
             )))
         }
     };
-    let tokens = string_array(meta, gguf::TOKENIZER_TOKENS)?;
-    let types: Vec<i32> = match meta.0.get(gguf::TOKENIZER_TOKEN_TYPE) {
-        Some(v) => v
-            .to_vec()
-            .map_err(|e| EngineError::InvalidModel(format!("token_type: {e}")))?
-            .iter()
-            .map(|t| t.to_i32().unwrap_or(TYPE_NORMAL))
-            .collect(),
-        None => vec![TYPE_NORMAL; tokens.len()],
-    };
-    if types.len() != tokens.len() {
-        return Err(EngineError::InvalidModel(format!(
-            "{} token types for {} tokens",
-            types.len(),
-            tokens.len()
-        )));
-    }
+    let (tokens, types) = tokens_and_types(meta)?;
     let (mut tokenizer, add_bos_default) = if spm {
         (sentencepiece(meta, &tokens, &types)?, true)
     } else {
@@ -150,8 +147,8 @@ pub fn load(meta: &Meta) -> Result<GgmlVocab, EngineError> {
             .collect()
     };
     let id = |key: &str| -> Option<u32> { meta.usize(key).ok().map(|v| v as u32) };
-    let bos_id = id("tokenizer.ggml.bos_token_id");
-    let eos_id = id("tokenizer.ggml.eos_token_id");
+    let bos_id = id(gguf::TOKENIZER_BOS_ID);
+    let eos_id = id(gguf::TOKENIZER_EOS_ID);
     let mut stop_ids: Vec<u32> = [
         eos_id,
         id("tokenizer.ggml.eot_token_id"),
@@ -364,6 +361,28 @@ fn strips_after_specials(meta: &Meta) -> bool {
     name.contains("phi-3") || name.contains("phi3")
 }
 
+/// `tokenizer.ggml.tokens` and their types (all normal when the file has none).
+fn tokens_and_types(meta: &Meta) -> Result<(Vec<String>, Vec<i32>), EngineError> {
+    let tokens = string_array(meta, gguf::TOKENIZER_TOKENS)?;
+    let types: Vec<i32> = match meta.0.get(gguf::TOKENIZER_TOKEN_TYPE) {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| EngineError::InvalidModel(format!("token_type: {e}")))?
+            .iter()
+            .map(|t| t.to_i32().unwrap_or(TYPE_NORMAL))
+            .collect(),
+        None => vec![TYPE_NORMAL; tokens.len()],
+    };
+    if types.len() != tokens.len() {
+        return Err(EngineError::InvalidModel(format!(
+            "{} token types for {} tokens",
+            types.len(),
+            tokens.len()
+        )));
+    }
+    Ok((tokens, types))
+}
+
 fn string_array(meta: &Meta, key: &str) -> Result<Vec<String>, EngineError> {
     let v = meta
         .0
@@ -448,6 +467,290 @@ fn unicode_to_byte() -> HashMap<char, u8> {
         );
     }
     map
+}
+
+/// The tokenizer of an encoder GGUF (BERT, XLM-RoBERTa) written by llama.cpp's
+/// `convert_hf_to_gguf.py`, which stores no tokenizer.json, only `tokenizer.ggml.*`: the
+/// Hugging Face tokenizer the model was converted from, rebuilt from those arrays, so that the
+/// ids are Hugging Face's (llama.cpp's own WPM and UGM tokenizers are approximations of them).
+///
+/// - `bert` (WordPiece): llama.cpp rewrites the vocabulary into "phantom space" form (a word's
+///   first piece `the` becomes `▁the`, a continuation `##ing` becomes `ing`; control tokens such
+///   as `[CLS]` stay as they are), which is inverted here exactly. The normalizer is
+///   BertNormalizer with `tokenizer.ggml.normalizer.lowercase` / `.strip_accents` (both true when
+///   absent, llama.cpp's defaults; older files always lowercased), then BertPreTokenizer, and
+///   `[CLS] $A [SEP]` / `[CLS] $A [SEP] $B [SEP]` with token types 0 then 1.
+/// - `t5` (SentencePiece Unigram, what llama.cpp writes for XLM-RoBERTa): the pieces and their
+///   scores as a Unigram model, the SentencePiece `Precompiled` normalizer when the file has
+///   `tokenizer.ggml.precompiled_charsmap`, whitespace split then Metaspace (`▁`, prepended when
+///   `tokenizer.ggml.add_space_prefix`), and RoBERTa's `<s> $A </s>` /
+///   `<s> $A </s> </s> $B </s>` (types all 0).
+///
+/// Control and unknown tokens become special added tokens (a literal `[SEP]` or `<pad>` in the
+/// text is that token, as in Hugging Face), user-defined ones ordinary added tokens. Anything
+/// else is refused with [`EngineError::InvalidModel`] naming what is supported.
+pub fn encoder(meta: &Meta) -> Result<Tokenizer, EngineError> {
+    let model = meta.str(gguf::TOKENIZER_MODEL)?;
+    let bert = match model {
+        "bert" => true,
+        "t5" => false,
+        other => {
+            return Err(EngineError::InvalidModel(format!(
+                "{} {other:?} is not supported for an encoder without {}: this build reads \
+                 WordPiece (\"bert\") and SentencePiece Unigram (\"t5\") vocabularies as \
+                 llama.cpp's converter writes them, or a Hugging Face tokenizer.json stored by \
+                 `lambda-inference convert`",
+                gguf::TOKENIZER_MODEL,
+                gguf::TOKENIZER_HF_JSON
+            )))
+        }
+    };
+    let (tokens, types) = tokens_and_types(meta)?;
+    let id = |key: &str| -> Result<Option<u32>, EngineError> {
+        match meta.has(key) {
+            true => {
+                let id = meta.usize(key)?;
+                if id >= tokens.len() {
+                    return Err(EngineError::InvalidModel(format!(
+                        "{key} = {id}, past the {} tokens",
+                        tokens.len()
+                    )));
+                }
+                Ok(Some(id as u32))
+            }
+            false => Ok(None),
+        }
+    };
+    let unk_id = id(gguf::TOKENIZER_UNK_ID)?.or_else(|| {
+        types
+            .iter()
+            .position(|&t| t == TYPE_UNKNOWN)
+            .map(|i| i as u32)
+    });
+    // llama.cpp's converter stores [CLS]/<s> as BOS and [SEP]/</s> as SEP and EOS (see
+    // gguf::TOKENIZER_BOS_ID); a file that names CLS itself is believed first.
+    let cls = id(gguf::TOKENIZER_CLS_ID)?.or(id(gguf::TOKENIZER_BOS_ID)?);
+    let sep = id(gguf::TOKENIZER_SEP_ID)?.or(id(gguf::TOKENIZER_EOS_ID)?);
+    let (Some(cls), Some(sep)) = (cls, sep) else {
+        return Err(EngineError::InvalidModel(format!(
+            "an encoder's vocabulary needs the ids of its first and separator tokens \
+             ({} or {}, and {} or {})",
+            gguf::TOKENIZER_CLS_ID,
+            gguf::TOKENIZER_BOS_ID,
+            gguf::TOKENIZER_SEP_ID,
+            gguf::TOKENIZER_EOS_ID
+        )));
+    };
+    // llama.cpp's converter writes a WordPiece vocabulary in phantom-space form, where nearly every
+    // word-start piece begins with `▁`. A vocabulary with none is already in WordPiece's own form
+    // (`lambda-inference convert` writes it that way beside its tokenizer.json).
+    let phantom = bert
+        && tokens
+            .iter()
+            .zip(&types)
+            .any(|(t, &ty)| ty != TYPE_CONTROL && t.starts_with(SPACE_MARK));
+    let texts: Vec<String> = if phantom {
+        tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, &ty)| wordpiece_token(t, ty))
+            .collect()
+    } else {
+        tokens.clone()
+    };
+    let unk_id = unk_id.ok_or_else(|| {
+        EngineError::InvalidModel(format!(
+            "the vocabulary has no unknown token ({} or a token of type unknown)",
+            gguf::TOKENIZER_UNK_ID
+        ))
+    })?;
+    let mut tokenizer = if bert {
+        // (The BPE's vocabulary type is the map WordPiece takes too; WordPiece exports none.)
+        let vocab: tokenizers::models::bpe::Vocab = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        if vocab.len() != texts.len() {
+            return Err(EngineError::InvalidModel(format!(
+                "{}: two tokens spell the same WordPiece piece once llama.cpp's phantom spaces \
+                 are undone",
+                gguf::TOKENIZER_TOKENS
+            )));
+        }
+        let wordpiece = WordPiece::builder()
+            .vocab(vocab)
+            .unk_token(texts[unk_id as usize].clone())
+            .continuing_subword_prefix(WORDPIECE_PREFIX.to_owned())
+            // Hugging Face's BertTokenizer default; llama.cpp stores none.
+            .max_input_chars_per_word(100)
+            .build()
+            .map_err(|e| EngineError::Tokenizer(format!("WordPiece from GGUF: {e}")))?;
+        let lowercase = flag(meta, gguf::TOKENIZER_LOWERCASE, true)?;
+        let strip_accents = flag(meta, gguf::TOKENIZER_STRIP_ACCENTS, lowercase)?;
+        let mut tokenizer = Tokenizer::new(wordpiece);
+        tokenizer
+            .with_normalizer(Some(BertNormalizer::new(
+                true,
+                true,
+                Some(strip_accents),
+                lowercase,
+            )))
+            .map_err(|e| EngineError::Tokenizer(format!("normalizer: {e}")))?;
+        tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
+        tokenizer.with_decoder(Some(WordPieceDecoder::new(
+            WORDPIECE_PREFIX.to_owned(),
+            true,
+        )));
+        tokenizer
+    } else {
+        let scores = scores(meta, tokens.len())?;
+        let vocab: Vec<(String, f64)> = texts
+            .iter()
+            .zip(&scores)
+            .map(|(t, &s)| (t.clone(), s as f64))
+            .collect();
+        let byte_fallback = types.contains(&TYPE_BYTE);
+        let unigram = Unigram::from(vocab, Some(unk_id as usize), byte_fallback)
+            .map_err(|e| EngineError::Tokenizer(format!("Unigram from GGUF: {e}")))?;
+        let mut tokenizer = Tokenizer::new(unigram);
+        let charsmap = u8_array(meta, gguf::TOKENIZER_PRECOMPILED_CHARSMAP)?;
+        if !charsmap.is_empty() {
+            let precompiled = Precompiled::from(&charsmap).map_err(|e| {
+                EngineError::InvalidModel(format!("{}: {e}", gguf::TOKENIZER_PRECOMPILED_CHARSMAP))
+            })?;
+            tokenizer
+                .with_normalizer(Some(precompiled))
+                .map_err(|e| EngineError::Tokenizer(format!("normalizer: {e}")))?;
+        }
+        let prepend = match flag(meta, gguf::TOKENIZER_ADD_SPACE_PREFIX, true)? {
+            true => PrependScheme::Always,
+            false => PrependScheme::Never,
+        };
+        // Runs of whitespace collapse and the ends are trimmed whatever
+        // `tokenizer.ggml.remove_extra_whitespaces` says: Hugging Face's XLM-R tokenizers always
+        // do (a `" {2,}"` replacement, or this whitespace split in transformers 5), and llama.cpp's
+        // converter writes that key from `clean_up_tokenization_spaces` (a decoding option) when
+        // it converts from tokenizer.json, so it is false for such files though the tokenizer
+        // collapses.
+        tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+            WhitespaceSplit.into(),
+            Metaspace::new(SPACE_MARK, prepend, true).into(),
+        ])));
+        tokenizer.with_decoder(Some(MetaspaceDecoder::new(SPACE_MARK, prepend, true)));
+        tokenizer
+    };
+
+    let (cls_text, sep_text) = (texts[cls as usize].clone(), texts[sep as usize].clone());
+    let (single, pair) = if bert {
+        (
+            vec!["cls:0", "$A:0", "sep:0"],
+            vec!["cls:0", "$A:0", "sep:0", "$B:1", "sep:1"],
+        )
+    } else {
+        (
+            vec!["cls:0", "$A:0", "sep:0"],
+            vec!["cls:0", "$A:0", "sep:0", "sep:0", "$B:0", "sep:0"],
+        )
+    };
+    let special = |key: &str, id: u32, text: String| {
+        tokenizers::processors::template::SpecialToken::new(key.to_owned(), vec![id], vec![text])
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    };
+    let post = TemplateProcessing::builder()
+        .try_single(single)
+        .and_then(|b| b.try_pair(pair))
+        .map_err(EngineError::Tokenizer)?
+        .special_tokens(vec![
+            special("cls", cls, cls_text)?,
+            special("sep", sep, sep_text)?,
+        ])
+        .build()
+        .map_err(|e| EngineError::Tokenizer(format!("post-processor: {e}")))?;
+    tokenizer.with_post_processor(Some(post));
+
+    // Matched on the raw text before anything else, as Hugging Face matches its added tokens.
+    let added = |special: bool| -> Vec<AddedToken> {
+        texts
+            .iter()
+            .zip(&types)
+            .filter(|(_, &ty)| match special {
+                true => ty == TYPE_CONTROL || ty == TYPE_UNKNOWN,
+                false => ty == TYPE_USER_DEFINED,
+            })
+            .map(|(t, _)| AddedToken::from(t.clone(), special).normalized(!special && bert))
+            .collect()
+    };
+    tokenizer
+        .add_special_tokens(added(true))
+        .map_err(|e| EngineError::Tokenizer(format!("special tokens: {e}")))?;
+    tokenizer
+        .add_tokens(added(false))
+        .map_err(|e| EngineError::Tokenizer(format!("added tokens: {e}")))?;
+    Ok(tokenizer)
+}
+
+/// WordPiece's mark of a piece that continues a word.
+const WORDPIECE_PREFIX: &str = "##";
+
+/// A WordPiece vocabulary entry from llama.cpp's phantom-space form (its converter's `phantom`:
+/// control tokens unchanged, `##x` -> `x`, any other `x` -> `▁x`).
+fn wordpiece_token(token: &str, ty: i32) -> String {
+    if ty == TYPE_CONTROL {
+        return token.to_owned();
+    }
+    match token.strip_prefix(SPACE_MARK) {
+        Some(word_start) => word_start.to_owned(),
+        None => format!("{WORDPIECE_PREFIX}{token}"),
+    }
+}
+
+/// A boolean key, `default` when absent.
+fn flag(meta: &Meta, key: &str, default: bool) -> Result<bool, EngineError> {
+    match meta.has(key) {
+        true => meta.bool(key),
+        false => Ok(default),
+    }
+}
+
+/// `tokenizer.ggml.scores`, one per token.
+fn scores(meta: &Meta, n: usize) -> Result<Vec<f32>, EngineError> {
+    let scores: Vec<f32> = meta
+        .0
+        .get(gguf::TOKENIZER_SCORES)
+        .ok_or_else(|| {
+            EngineError::InvalidModel(format!(
+                "a Unigram vocabulary needs {}",
+                gguf::TOKENIZER_SCORES
+            ))
+        })?
+        .to_vec()
+        .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", gguf::TOKENIZER_SCORES)))?
+        .iter()
+        .map(|s| s.to_f32())
+        .collect::<Result<_, _>>()
+        .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", gguf::TOKENIZER_SCORES)))?;
+    if scores.len() != n {
+        return Err(EngineError::InvalidModel(format!(
+            "{} {} for {n} tokens",
+            scores.len(),
+            gguf::TOKENIZER_SCORES
+        )));
+    }
+    Ok(scores)
+}
+
+/// A byte array (empty when absent).
+fn u8_array(meta: &Meta, key: &str) -> Result<Vec<u8>, EngineError> {
+    let Some(v) = meta.0.get(key) else {
+        return Ok(Vec::new());
+    };
+    v.to_vec()
+        .map_err(|e| EngineError::InvalidModel(format!("{key}: {e}")))?
+        .iter()
+        .map(|b| b.to_u8())
+        .collect::<Result<_, _>>()
+        .map_err(|e| EngineError::InvalidModel(format!("{key}: {e}")))
 }
 
 #[cfg(test)]
@@ -639,5 +942,117 @@ mod tests {
         bytes.sort_unstable();
         bytes.dedup();
         assert_eq!(bytes.len(), 256);
+    }
+
+    /// A WordPiece vocabulary as llama.cpp's converter writes it (phantom-space form) or, with
+    /// `phantom` false, as Hugging Face spells it.
+    fn wordpiece_meta(phantom: bool, extra: &[(&str, Value)]) -> HashMap<String, Value> {
+        let words: [(&str, i32); 8] = [
+            ("[PAD]", TYPE_CONTROL),
+            ("[UNK]", TYPE_CONTROL),
+            ("[CLS]", TYPE_CONTROL),
+            ("[SEP]", TYPE_CONTROL),
+            ("▁play", TYPE_NORMAL),
+            ("ing", TYPE_NORMAL),
+            ("▁hello", TYPE_NORMAL),
+            ("▁,", TYPE_NORMAL),
+        ];
+        let text = |t: &str| {
+            if phantom || t.starts_with('[') {
+                return t.to_owned();
+            }
+            match t.strip_prefix('▁') {
+                Some(w) => w.to_owned(),
+                None => format!("##{t}"),
+            }
+        };
+        let mut m = HashMap::new();
+        let mut put = |k: &str, v: Value| {
+            m.insert(k.to_owned(), v);
+        };
+        put(gguf::TOKENIZER_MODEL, Value::String("bert".into()));
+        put(
+            gguf::TOKENIZER_TOKENS,
+            Value::Array(words.iter().map(|w| Value::String(text(w.0))).collect()),
+        );
+        put(
+            gguf::TOKENIZER_TOKEN_TYPE,
+            Value::Array(words.iter().map(|w| Value::I32(w.1)).collect()),
+        );
+        put(gguf::TOKENIZER_UNK_ID, Value::U32(1));
+        put(gguf::TOKENIZER_BOS_ID, Value::U32(2));
+        put(gguf::TOKENIZER_SEP_ID, Value::U32(3));
+        for (k, v) in extra {
+            put(k, v.clone());
+        }
+        m
+    }
+
+    fn encoder_ids(meta: &HashMap<String, Value>, text: &str) -> Vec<u32> {
+        encoder(&Meta(meta))
+            .unwrap()
+            .encode(text, true)
+            .unwrap()
+            .get_ids()
+            .to_vec()
+    }
+
+    #[test]
+    fn wordpiece_undoes_llamacpp_phantom_spaces_and_lowercases_by_default() {
+        // [CLS] hello , play ##ing [SEP]; llama.cpp's default (no key) lowercases.
+        let want = [2, 6, 7, 4, 5, 3];
+        assert_eq!(
+            encoder_ids(&wordpiece_meta(true, &[]), "Hello, PLAYING"),
+            want
+        );
+        // The same vocabulary in WordPiece's own spelling gives the same ids.
+        assert_eq!(
+            encoder_ids(&wordpiece_meta(false, &[]), "Hello, PLAYING"),
+            want
+        );
+        // A cased vocabulary (lowercase false): "Hello" is not "hello".
+        let cased = wordpiece_meta(true, &[(gguf::TOKENIZER_LOWERCASE, Value::Bool(false))]);
+        assert_eq!(encoder_ids(&cased, "Hello hello"), [2, 1, 6, 3]);
+        // "ing" alone is only a continuation: a word of its own is unknown.
+        assert_eq!(encoder_ids(&wordpiece_meta(true, &[]), "ing"), [2, 1, 3]);
+        // A pair: [CLS] a [SEP] b [SEP], types 0 then 1.
+        let enc = encoder(&Meta(&wordpiece_meta(true, &[])))
+            .unwrap()
+            .encode(("hello", "playing"), true)
+            .unwrap();
+        assert_eq!(enc.get_ids(), [2, 6, 3, 4, 5, 3]);
+        assert_eq!(enc.get_type_ids(), [0, 0, 0, 1, 1, 1]);
+    }
+
+    #[test]
+    fn encoder_vocabularies_other_than_wordpiece_and_unigram_are_refused() {
+        for model in ["gpt2", "llama", "rwkv"] {
+            let meta = wordpiece_meta(
+                true,
+                &[(gguf::TOKENIZER_MODEL, Value::String(model.into()))],
+            );
+            let err = match encoder(&Meta(&meta)) {
+                Err(e) => e,
+                Ok(_) => panic!("{model} loaded as an encoder vocabulary"),
+            };
+            let EngineError::InvalidModel(msg) = &err else {
+                panic!("not InvalidModel: {err}")
+            };
+            assert!(msg.contains(&format!("{model:?}")), "{msg}");
+            assert!(msg.contains("\"bert\"") && msg.contains("\"t5\""), "{msg}");
+        }
+        // Without the ids of its separators or its unknown token, a vocabulary is refused too.
+        let mut meta = wordpiece_meta(true, &[]);
+        meta.remove(gguf::TOKENIZER_SEP_ID);
+        assert!(matches!(
+            encoder(&Meta(&meta)),
+            Err(EngineError::InvalidModel(m)) if m.contains(gguf::TOKENIZER_SEP_ID)
+        ));
+        let mut meta = wordpiece_meta(true, &[]);
+        meta.remove(gguf::TOKENIZER_UNK_ID);
+        assert!(matches!(
+            encoder(&Meta(&meta)),
+            Err(EngineError::InvalidModel(m)) if m.contains("unknown token")
+        ));
     }
 }

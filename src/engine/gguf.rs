@@ -49,8 +49,12 @@ pub const ST_NORMALIZE: &str = "sentence_transformers.normalize";
 /// `identity`); absent: `sigmoid`, its default for one output.
 pub const ST_CE_ACTIVATION: &str = "sentence_transformers.cross_encoder.activation";
 
-/// The Hugging Face tokenizer.json, verbatim (standard GGUF key).
+/// The Hugging Face tokenizer.json, verbatim (standard GGUF key). `lambda-inference convert`
+/// writes it; llama.cpp's converter does not (its files carry only the `tokenizer.ggml.*` keys
+/// below, from which `ggml_tokenizer::encoder` rebuilds the tokenizer).
 pub const TOKENIZER_HF_JSON: &str = "tokenizer.huggingface.json";
+/// The vocabulary's kind: `gpt2`, `llama` (generators); `bert` (WordPiece), `t5` (SentencePiece
+/// Unigram, what llama.cpp writes for XLM-RoBERTa) for encoders.
 pub const TOKENIZER_MODEL: &str = "tokenizer.ggml.model";
 pub const TOKENIZER_TOKENS: &str = "tokenizer.ggml.tokens";
 /// A SentencePiece Unigram vocabulary's log-probabilities, one per token.
@@ -63,6 +67,18 @@ pub const TOKENIZER_SEP_ID: &str = "tokenizer.ggml.seperator_token_id";
 pub const TOKENIZER_PAD_ID: &str = "tokenizer.ggml.padding_token_id";
 pub const TOKENIZER_CLS_ID: &str = "tokenizer.ggml.cls_token_id";
 pub const TOKENIZER_MASK_ID: &str = "tokenizer.ggml.mask_token_id";
+/// llama.cpp's converter writes a BERT's [CLS] and [SEP] as BOS and EOS (and SEP): its
+/// `SpecialVocab` has no handler for `cls`, so `tokenizer.ggml.cls_token_id` is usually absent.
+pub const TOKENIZER_BOS_ID: &str = "tokenizer.ggml.bos_token_id";
+pub const TOKENIZER_EOS_ID: &str = "tokenizer.ggml.eos_token_id";
+/// A WordPiece vocabulary's BertNormalizer flags (llama.cpp's defaults when absent: lowercase
+/// true, strip_accents = lowercase, as Hugging Face's `strip_accents: null`).
+pub const TOKENIZER_LOWERCASE: &str = "tokenizer.ggml.normalizer.lowercase";
+pub const TOKENIZER_STRIP_ACCENTS: &str = "tokenizer.ggml.normalizer.strip_accents";
+/// SentencePiece's normalization rules (the `Precompiled` normalizer's bytes), a u8 array.
+pub const TOKENIZER_PRECOMPILED_CHARSMAP: &str = "tokenizer.ggml.precompiled_charsmap";
+/// Whether SentencePiece puts a `▁` in front of the text (default true).
+pub const TOKENIZER_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
 
 /// llama.cpp pooling types.
 pub const POOLING_NONE: u32 = 0;
