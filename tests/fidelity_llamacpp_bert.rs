@@ -400,3 +400,49 @@ fn xlmr_q8_0_in_llamacpp_layout_matches_sentence_transformers_and_llamacpp() {
     check_xlmr("q8_0", WeightMode::Int8, 0.999, 0.999);
     check_xlmr("q8_0", WeightMode::Dense, 0.999, 0.999);
 }
+
+/// llama.cpp writes no pooling type for a cross-encoder, only its head: the file loads as a
+/// reranker (not as an embedder that would answer wrongly), and scores as sentence-transformers'
+/// CrossEncoder (f32 reference) and as llama.cpp (its logits, rank pooling).
+#[test]
+fn xlmr_cross_encoder_in_llamacpp_layout_is_a_reranker_matching_crossencoder_and_llamacpp() {
+    let bytes = std::fs::read(dir().join("tiny-xlmr-reranker.f32.gguf")).unwrap();
+    assert!(!Meta::of(&content(&bytes)).has(gguf::BERT_POOLING_TYPE));
+    let Engine::Reranker(r) = engine::load(&bytes).unwrap() else {
+        panic!("a cross-encoder must load as a reranker")
+    };
+    assert_eq!(r.info().details.pooling, "rank");
+    let st = json(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-xlmr/reference.json"),
+    );
+    let fx = json(&dir().join("xlmr.json"));
+    let docs: Vec<&str> = st["reranker"]["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    let (mut worst_st, mut worst_llama) = (0f64, 0f64);
+    for (name, q) in st["reranker"]["queries"].as_object().unwrap() {
+        let out = r
+            .rerank(q["query"].as_str().unwrap(), &docs, usize::MAX, None)
+            .unwrap();
+        let want = common::json_f64s(&q["scores"]);
+        let llama = common::json_f64s(&fx["reranker"][name]["llama_cpp_logits"]);
+        for i in 0..docs.len() {
+            worst_st = worst_st.max((out.scores[i] as f64 - want[i]).abs());
+            worst_llama = worst_llama.max((out.logits[i] as f64 - llama[i]).abs());
+        }
+        let mut order: Vec<usize> = (0..docs.len()).collect();
+        order.sort_by(|&a, &b| out.scores[b].total_cmp(&out.scores[a]));
+        let mut want_order: Vec<usize> = (0..docs.len()).collect();
+        want_order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+        assert_eq!(order, want_order, "{name}: order");
+    }
+    eprintln!(
+        "tiny-xlmr reranker f32: max |score - CrossEncoder| {worst_st:.2e}, max |logit - \
+         llama.cpp| {worst_llama:.2e}"
+    );
+    assert!(worst_st <= 1e-3, "{worst_st}");
+    assert!(worst_llama <= 1e-3, "{worst_llama}");
+}

@@ -678,7 +678,21 @@ impl BertEmbedder {
         mode: WeightMode,
     ) -> Result<Self, EngineError> {
         let meta = Meta::of(content);
-        let cfg = Config::from_gguf(&meta)?;
+        let mut cfg = Config::from_gguf(&meta)?;
+        // llama.cpp's converter writes no pooling type for a cross-encoder (llama.cpp is told
+        // `--pooling rank` when it runs one), only its head: `cls` / `cls.output` tensors, which
+        // it never keeps for an embedder (BERT's pooler and MLM head are dropped). Served as an
+        // embedder, such a file would answer, wrongly; its head makes it a reranker.
+        let has_head = [tn::CLS, tn::CLS_OUTPUT]
+            .iter()
+            .any(|n| content.tensor_infos.contains_key(&format!("{n}.weight")));
+        if !meta.has(gguf::BERT_POOLING_TYPE) && has_head {
+            tracing::info!(
+                key = gguf::BERT_POOLING_TYPE,
+                "absent, and the file has a classifier head: a cross-encoder (rank pooling)"
+            );
+            cfg.pooling = Pooling::Rank;
+        }
         // llama.cpp's converter writes neither of our sentence-transformers keys: the defaults
         // are said, not assumed silently.
         if !meta.has(gguf::ST_NORMALIZE) {
