@@ -446,3 +446,42 @@ fn xlmr_cross_encoder_in_llamacpp_layout_is_a_reranker_matching_crossencoder_and
     assert!(worst_st <= 1e-3, "{worst_st}");
     assert!(worst_llama <= 1e-3, "{worst_llama}");
 }
+
+/// `lambda-inference convert` writes `tokenizer.ggml.*` beside the tokenizer.json (for llama.cpp,
+/// which reads only those): with the tokenizer.json taken away, the WordPiece files give the same
+/// ids from the arrays alone. The tiny cross-encoder's 3,000-token vocabulary converted now (the
+/// arrays in llama.cpp's phantom-space form), and models/all-MiniLM-L6-v2.q8_0.gguf when present
+/// (a file from before that form was written: the plain WordPiece spelling is read as such).
+#[test]
+fn our_wordpiece_files_give_the_same_ids_from_their_ggml_arrays_as_from_their_tokenizer_json() {
+    let fx = json(&dir().join("minilm.json"));
+    let mut texts: Vec<String> = fx["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["text"].as_str().unwrap().to_owned())
+        .collect();
+    texts.push("playing runs unbelievably, THE Cat sat".into());
+    let mut files = vec![("tiny-reranker", common::tiny_reranker_gguf("f32"))];
+    if let Some(p) =
+        common::needed_file("models/all-MiniLM-L6-v2.q8_0.gguf", "scripts/fetch-models")
+    {
+        files.push(("all-MiniLM-L6-v2.q8_0", std::fs::read(p).unwrap()));
+    }
+    for (name, bytes) in files {
+        let mut c = content(&bytes);
+        let from_json = bert::load_tokenizer(&Meta::of(&c)).unwrap();
+        c.metadata.remove(gguf::TOKENIZER_HF_JSON);
+        let from_ggml = bert::load_tokenizer(&Meta::of(&c)).unwrap();
+        for t in &texts {
+            let want = from_json.encode(t.as_str(), true).unwrap();
+            let got = from_ggml.encode(t.as_str(), true).unwrap();
+            assert_eq!(got.get_ids(), want.get_ids(), "{name}: {t:?}");
+        }
+        let pair = ("the cat", "runs");
+        assert_eq!(
+            from_ggml.encode(pair, true).unwrap().get_type_ids(),
+            from_json.encode(pair, true).unwrap().get_type_ids()
+        );
+    }
+}

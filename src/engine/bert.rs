@@ -694,15 +694,17 @@ impl BertEmbedder {
             cfg.pooling = Pooling::Rank;
         }
         // llama.cpp's converter writes neither of our sentence-transformers keys: the defaults
-        // are said, not assumed silently.
-        if !meta.has(gguf::ST_NORMALIZE) {
+        // are said, not assumed silently (an embedder's; a cross-encoder's window is its
+        // positions, as CrossEncoder's, and it is not normalized).
+        let embedder = cfg.pooling != Pooling::Rank;
+        if embedder && !meta.has(gguf::ST_NORMALIZE) {
             tracing::info!(
                 key = gguf::ST_NORMALIZE,
                 "absent: embeddings are L2-normalized (what sentence-transformers' Normalize \
                  module does, and llama.cpp's embedding example by default)"
             );
         }
-        if !meta.has(gguf::ST_MAX_SEQ_LENGTH) {
+        if embedder && !meta.has(gguf::ST_MAX_SEQ_LENGTH) {
             tracing::warn!(
                 key = gguf::ST_MAX_SEQ_LENGTH,
                 max_seq_len = cfg.max_seq_len,

@@ -724,6 +724,26 @@ impl Vocab {
             "bert"
         }
     }
+
+    /// `tokenizer.ggml.tokens` as llama.cpp's converter writes them, so that llama.cpp tokenizes
+    /// our files as its own: a WordPiece vocabulary in llama.cpp's "phantom space" form (control
+    /// tokens unchanged, `##x` -> `x`, any other `x` -> `▁x`; llama.cpp's WPM tokenizer looks
+    /// words up with a leading `▁`, and finds nothing but [UNK] in the plain form); SentencePiece
+    /// pieces as they are. The engine reads the tokenizer.json beside them.
+    fn ggml_tokens(&self) -> Vec<String> {
+        if self.scores.is_some() {
+            return self.tokens.clone();
+        }
+        self.tokens
+            .iter()
+            .zip(&self.types)
+            .map(|(t, &ty)| match (ty, t.strip_prefix("##")) {
+                (TOKEN_TYPE_CONTROL, _) => t.clone(),
+                (_, Some(rest)) => rest.to_owned(),
+                (_, None) => format!("\u{2581}{t}"),
+            })
+            .collect()
+    }
 }
 
 impl Vocab {
@@ -1205,7 +1225,7 @@ fn build_metadata(
         ),
         (
             key::TOKENIZER_TOKENS,
-            Value::Array(vocab.tokens.iter().cloned().map(Value::String).collect()),
+            Value::Array(vocab.ggml_tokens().into_iter().map(Value::String).collect()),
         ),
         (
             key::TOKENIZER_TOKEN_TYPE,
@@ -1604,7 +1624,19 @@ mod tests {
             .iter()
             .map(|v| v.to_string().unwrap().as_str())
             .collect();
-        assert_eq!(tokens, VOCAB);
+        // llama.cpp's phantom-space form: control tokens as they are, word starts with `▁`,
+        // continuations without `##`.
+        let phantom: Vec<String> = VOCAB
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.strip_prefix("##") {
+                _ if i < 5 => t.to_string(),
+                Some(rest) => rest.to_owned(),
+                None => format!("\u{2581}{t}"),
+            })
+            .collect();
+        assert_eq!(tokens, phantom);
+        assert_eq!((tokens[5], tokens[12]), ("\u{2581}the", "s"));
         let types: Vec<i32> = m[key::TOKENIZER_TOKEN_TYPE]
             .to_vec()
             .unwrap()
