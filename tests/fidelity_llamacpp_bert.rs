@@ -328,6 +328,39 @@ fn xlmr_tokenizer_from_llamacpp_metadata_gives_hugging_face_ids() {
     assert_eq!(ids.iter().filter(|&&i| i == 2).count(), 3, "{ids:?}");
 }
 
+/// The metadata llama.cpp writes when the checkpoint ships its sentencepiece.bpe.model (real
+/// XLM-R checkpoints do, and the converter then reads it rather than tokenizer.json): fairseq's
+/// layout rebuilt, with a `[PADn]` placeholder of type unused in the mask's slot, which the
+/// engine names `<mask>` again. The same ids as Hugging Face on every input, a literal `<mask>`
+/// included.
+#[test]
+fn xlmr_from_the_sentencepiece_model_route_gives_hugging_face_ids_and_its_mask() {
+    let c = content(&std::fs::read(dir().join("tiny-xlmr-spm-meta.gguf")).unwrap());
+    let meta = Meta::of(&c);
+    let mask = meta.usize(gguf::TOKENIZER_MASK_ID).unwrap();
+    let Some(candle_core::quantized::gguf_file::Value::Array(tokens)) =
+        c.metadata.get(gguf::TOKENIZER_TOKENS)
+    else {
+        panic!("no tokens")
+    };
+    assert!(
+        tokens[mask].to_string().unwrap().starts_with("[PAD"),
+        "the placeholder"
+    );
+    let tok = bert::load_tokenizer(&meta).unwrap();
+    assert_eq!(tok.token_to_id("<mask>"), Some(mask as u32));
+    let fx = json(&dir().join("xlmr.json"));
+    let items = fx["items"].as_array().unwrap();
+    assert!(items
+        .iter()
+        .any(|i| common::json_ids(&i["input_ids"]).contains(&(mask as u32))));
+    let same = check_ids(&tok, items);
+    eprintln!(
+        "tiny-xlmr (sentencepiece model route): {same}/{} inputs",
+        items.len()
+    );
+}
+
 /// The whole file through `engine::load`, as the service loads it; embeddings against
 /// sentence-transformers (tiny-xlmr/reference.json, same inputs in the same order) and llama.cpp.
 fn check_xlmr(dtype: &str, mode: WeightMode, min_st: f64, min_llama: f64) {

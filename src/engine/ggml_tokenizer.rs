@@ -58,6 +58,7 @@ const TYPE_NORMAL: i32 = 1;
 const TYPE_UNKNOWN: i32 = 2;
 const TYPE_CONTROL: i32 = 3;
 const TYPE_USER_DEFINED: i32 = 4;
+const TYPE_UNUSED: i32 = 5;
 const TYPE_BYTE: i32 = 6;
 
 /// SentencePiece's word-boundary mark: a space in the text.
@@ -505,7 +506,7 @@ pub fn encoder(meta: &Meta) -> Result<Tokenizer, EngineError> {
             )))
         }
     };
-    let (tokens, types) = tokens_and_types(meta)?;
+    let (tokens, mut types) = tokens_and_types(meta)?;
     let id = |key: &str| -> Result<Option<u32>, EngineError> {
         match meta.has(key) {
             true => {
@@ -549,7 +550,7 @@ pub fn encoder(meta: &Meta) -> Result<Tokenizer, EngineError> {
             .iter()
             .zip(&types)
             .any(|(t, &ty)| ty != TYPE_CONTROL && t.starts_with(SPACE_MARK));
-    let texts: Vec<String> = if phantom {
+    let mut texts: Vec<String> = if phantom {
         tokens
             .iter()
             .zip(&types)
@@ -558,6 +559,25 @@ pub fn encoder(meta: &Meta) -> Result<Tokenizer, EngineError> {
     } else {
         tokens.clone()
     };
+    let mut scores = match bert {
+        true => Vec::new(),
+        false => scores(meta, tokens.len())?,
+    };
+    // llama.cpp's converter, when it reads a sentencepiece.bpe.model (what XLM-R checkpoints
+    // ship, and so bge-m3, multilingual-e5...), lays the pieces out as fairseq does but has no
+    // piece for the mask, which fairseq appends after them: that slot holds a placeholder
+    // `[PADn]` of type unused, scored -10000. Every fairseq-layout vocabulary names it `<mask>`,
+    // a special token to Hugging Face (score 0): restored, so a literal `<mask>` is that token
+    // and the placeholder's score does not lower the Unigram's unknown-token score.
+    if !bert {
+        if let Some(m) = id(gguf::TOKENIZER_MASK_ID)?.map(|m| m as usize) {
+            if types[m] == TYPE_UNUSED && texts[m].starts_with("[PAD") {
+                texts[m] = "<mask>".to_owned();
+                types[m] = TYPE_CONTROL;
+                scores[m] = 0.0;
+            }
+        }
+    }
     let unk_id = unk_id.ok_or_else(|| {
         EngineError::InvalidModel(format!(
             "the vocabulary has no unknown token ({} or a token of type unknown)",
@@ -604,7 +624,6 @@ pub fn encoder(meta: &Meta) -> Result<Tokenizer, EngineError> {
         )));
         tokenizer
     } else {
-        let scores = scores(meta, tokens.len())?;
         let vocab: Vec<(String, f64)> = texts
             .iter()
             .zip(&scores)
