@@ -5,7 +5,8 @@
 //! weights stay 8-bit (4x less memory traffic than f32), each input row is quantized once to
 //! q8_0-style blocks, and the dot products run on int8 (`maddubs` + `madd`: 32 multiply-adds per
 //! instruction pair, i32 accumulation, exact). Each weight block loaded is reused across 4 input
-//! rows, and the per-block scale `d_w * d_x` is applied once per 4 rows in f32.
+//! rows (AVX2; 8 rows x 16 columns per `vpdpbusd` group with AVX-512 VNNI, bf16 tiles with AMX),
+//! and the per-block scale `d_w * d_x` is applied once per block and row in f32.
 //!
 //! Accuracy: the weights are used exactly as stored; the only extra error is the 8-bit
 //! quantization of the activations (per 32 values, `scale = max|x| / 127`), the same scheme
@@ -63,17 +64,17 @@ enum Packed {
         /// `[n, k / 32]` block scales, f16 widened to f32 once at load.
         ds: Vec<f32>,
     },
-    /// Interleaved for AVX-512 VNNI (`vpdpbusd`, 256-bit form), used when the CPU has it (Zen 4,
-    /// Ice Lake, Cascade Lake, Sapphire Rapids: most x86 Lambda hosts). Per group of 8 columns and
-    /// per block, 8 runs of `[column][4 quants]`: one load gives 4 consecutive quants of 8 columns,
-    /// and one `vpdpbusd` against 4 broadcast activation bytes (an embedded-broadcast memory
-    /// operand) adds 32 products into 8 column lanes, already reduced. `vpdpbusd` multiplies
+    /// Interleaved for AVX-512 VNNI (`vpdpbusd`, 512-bit form), used when the CPU has it (Zen 4,
+    /// Ice Lake, Cascade Lake, Sapphire Rapids: most x86 Lambda hosts). Per group of 16 columns
+    /// and per block, 8 runs of `[column][4 quants]`: one load gives 4 consecutive quants of 16
+    /// columns, and one `vpdpbusd` against 4 broadcast activation bytes (an embedded-broadcast
+    /// memory operand) adds 64 products into 16 column lanes, already reduced. `vpdpbusd` multiplies
     /// unsigned by signed bytes, so the weights are stored offset (`q + 128`, exact) and
     /// `128 · Σ x` per row and block, computed while quantizing, undoes the offset exactly.
     Vnni {
-        /// `[n / 8][k / 32][8 runs][8 columns][4]` quants + 128.
+        /// `[n / 16][k / 32][8 runs][16 columns][4]` quants + 128.
         w: Vec<u8>,
-        /// `[n / 8][k / 32][8 columns]` block scales.
+        /// `[n / 16][k / 32][16 columns]` block scales.
         ds: Vec<f32>,
     },
     /// bf16 for the AMX tile unit (Sapphire Rapids and newer), used where the CPU has it and the
@@ -311,7 +312,7 @@ impl Q8Linear {
         let _ = (w, rows, ys, &mut c);
     }
 
-    /// The VNNI path: quantize the rows (up to [`VNNI_ROWS`]) once, then per group of 8 columns
+    /// The VNNI path: quantize the rows (up to [`VNNI_ROWS`]) once, then per group of 16 columns
     /// every MRV-row tile in turn, so the group's weights (`k` bytes per column) are read from
     /// memory once and from L1 for the tiles after the first.
     fn tile_rows_vnni(
