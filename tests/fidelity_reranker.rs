@@ -252,6 +252,61 @@ async fn limits_and_wrong_kinds_are_refused() {
         .contains("a reranker"));
 }
 
+#[tokio::test]
+async fn tei_truncate_false_refuses_a_pair_longer_than_the_window() {
+    // MAX_INPUT_TOKENS well above the model's 128-token window: only `truncate` decides.
+    let s = common::tiny_reranker_service(Limits {
+        max_input_tokens: 10_000,
+        ..Limits::default()
+    });
+    let fx = reference();
+    let long = fx["documents"].as_array().unwrap().last().unwrap().clone();
+    let docs = json!(["a short document", long]);
+    for truncate in [json!(null), json!(true)] {
+        let body = json!({"query": "passport", "texts": docs, "truncate": truncate});
+        let (status, body) = post(&s, "/rerank", body).await;
+        assert_eq!(status, 200, "truncate {truncate}: {body}");
+        assert_eq!(body.as_array().unwrap().len(), 2);
+    }
+    let (status, body) = post(
+        &s,
+        "/rerank",
+        json!({"query": "passport", "texts": docs, "truncate": false}),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["param"], "documents");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("documents[1]") && msg.contains("128") && msg.contains("truncate: false"),
+        "{msg}"
+    );
+    // Pairs that fit are answered with truncate: false as without it.
+    let (status, body) = post(
+        &s,
+        "/v1/rerank",
+        json!({"query": "passport", "documents": ["a short document", "another"], "truncate": false}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // Only the right end is cut; asking for the left is refused, not ignored.
+    let (status, body) = post(
+        &s,
+        "/rerank",
+        json!({"query": "passport", "texts": docs, "truncation_direction": "Left"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "truncation_direction");
+    let (status, body) = post(
+        &s,
+        "/rerank",
+        json!({"query": "passport", "texts": docs, "truncation_direction": "Right"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// A service on an embedder that is not a reranker: the same fixture's encoder served as a FAKE
 /// embedder would do, so the kind check is all that answers.
 fn common_embedder_service() -> Service {

@@ -56,6 +56,14 @@ struct RerankRequest {
     /// TEI: the head's logit instead of the model's score.
     #[serde(default)]
     raw_scores: Option<bool>,
+    /// TEI: `false` refuses a pair longer than the model's window (413) instead of cutting it.
+    /// Absent: cut, as sentence-transformers' CrossEncoder does.
+    #[serde(default)]
+    truncate: Option<bool>,
+    /// TEI: which end a cut removes. Only `right` (the end of the longer text, what CrossEncoder
+    /// does) is served; `left` is a 400 rather than an answer cut at the other end.
+    #[serde(default)]
+    truncation_direction: Option<String>,
     #[serde(default)]
     #[allow(dead_code)]
     // accepted for compatibility; the loaded model answers regardless
@@ -68,6 +76,8 @@ struct Answer {
     top_n: usize,
     echo: bool,
     raw: bool,
+    /// Pairs longer than the model's window are cut (else refused).
+    truncate: bool,
 }
 
 /// Step 1: the body as a rerank request (400 for bad JSON, 422 for a wrong shape).
@@ -152,8 +162,32 @@ fn validate(
         )
         .with_param("return_documents"));
     }
+    match req.truncation_direction.as_deref() {
+        None => {}
+        Some(d) if d.eq_ignore_ascii_case("right") => {}
+        Some(d) => {
+            return Err(invalid(
+                "truncation_direction",
+                format!(
+                    "truncation_direction {d:?} is not served: pairs are cut at the right end \
+                     (\"right\"), as sentence-transformers' CrossEncoder cuts them; send \
+                     truncate: false to be told instead when a pair does not fit"
+                ),
+            ))
+        }
+    }
     let raw = req.raw_scores.unwrap_or(false);
-    Ok((req.query, docs, Answer { top_n, echo, raw }))
+    let truncate = req.truncate.unwrap_or(true);
+    Ok((
+        req.query,
+        docs,
+        Answer {
+            top_n,
+            echo,
+            raw,
+            truncate,
+        },
+    ))
 }
 
 /// The length of `s` as a JSON string's contents, at most (what serde_json writes or less).
@@ -198,10 +232,16 @@ impl Service {
             opts.budget,
             opts.deadline,
         )?;
-        let max_tokens = self.limits.max_input_tokens;
+        // `truncate: false`: the model's window becomes the pair limit, so a pair that would be
+        // cut is refused by the same count that refuses one over MAX_INPUT_TOKENS.
+        let limit = if !answer.truncate && window < self.limits.max_input_tokens {
+            (window, "the model's window, with truncate: false")
+        } else {
+            (self.limits.max_input_tokens, "MAX_INPUT_TOKENS")
+        };
         let out = run(
             reranker.clone(),
-            max_tokens,
+            limit,
             &self.cost,
             query,
             &docs,
@@ -239,7 +279,7 @@ fn limit(
 /// costs per token what an embedder's does).
 async fn run(
     reranker: Arc<dyn Reranker>,
-    max_input_tokens: usize,
+    (max_input_tokens, which): (usize, &str),
     cost: &CostModel,
     query: String,
     docs: &[String],
@@ -265,7 +305,7 @@ async fn run(
             "documents",
             format!("the query with documents[{index}] has at least {tokens} tokens"),
             limit,
-            "MAX_INPUT_TOKENS",
+            which,
         ),
         EngineError::DeadlineReached { tokens_done } => {
             cost.observe_embed(t.elapsed(), tokens_done);
@@ -390,6 +430,7 @@ mod tests {
             top_n: 3,
             echo: true,
             raw: false,
+            truncate: true,
         };
         let v = encode(Shape::Cohere, "m", answer, &docs, out.clone());
         let idx: Vec<u64> = v["results"]
@@ -405,6 +446,7 @@ mod tests {
             top_n: 4,
             echo: false,
             raw: true,
+            truncate: true,
         };
         let v = encode(Shape::Tei, "m", raw, &docs, out);
         let got: Vec<(u64, f64)> = v
