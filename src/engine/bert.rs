@@ -35,7 +35,7 @@ use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 
 use super::ggml_tokenizer;
 use super::gguf::{self, tensor as tn, Meta};
-use super::ops::{AddLayerNorm, Attention, GeluErf};
+use super::ops::{self, AddLayerNorm, Attention, GeluErf};
 use super::qgemm::Q8Linear;
 use super::{
     EmbedOutput, Embedder, EngineError, ModelDetails, ModelInfo, ModelKind, RerankOutput, Reranker,
@@ -368,6 +368,12 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// Whether `rows` input rows run on the calling thread (only the int8 GEMM says so; candle's
+    /// matmuls may split any size).
+    fn serial_at(&self, rows: usize) -> bool {
+        matches!(&self.weight, LinearWeight::Int8(q) if q.serial_at(rows))
+    }
+
     /// `x`: `[n, in]` -> `[n, out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor, EngineError> {
         let y = match &self.weight {
@@ -638,6 +644,10 @@ pub struct BertEmbedder {
     head: Option<ClassifierHead>,
     device: Device,
 }
+
+/// One input of at most this many bytes is tokenized on the calling thread (see `embed_until`),
+/// and run there too if [`BertEmbedder::runs_serially`] says so.
+const SERIAL_INPUT_BYTES: usize = 256;
 
 /// Inputs per forward pass; also bounds the padded activations of one pass.
 const MAX_BATCH: usize = 32;
@@ -915,10 +925,19 @@ impl BertEmbedder {
         }
         // Tokenize without specials; the callers truncate, then post-process: the same order
         // tokenizers' own `encode` uses, but they also learn the untruncated length.
-        let raw = self
-            .tokenizer
-            .encode_batch(texts, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let raw = if let [text] = texts.as_slice() {
+            // One text: encoded here. `encode_batch` hands even one text to the compute pool,
+            // which from outside it (the one-short-input path of `embed_until`) is a thread
+            // wake-up each way; `encode_batch` encodes each text with this same call.
+            vec![self
+                .tokenizer
+                .encode_char_offsets(*text, false)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))?]
+        } else {
+            self.tokenizer
+                .encode_batch(texts, false)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+        };
         let counts = raw
             .iter()
             .zip(&counted)
@@ -1032,6 +1051,19 @@ impl BertEmbedder {
         head.forward(&cls)
     }
 
+    /// Whether a forward pass over `tokens` packed tokens of one sequence would run every op on
+    /// one thread even on the pool: each int8 GEMM is under its split threshold, GELU and the
+    /// norms fit one chunk (attention splits by sequence only).
+    fn runs_serially(&self, tokens: usize) -> bool {
+        tokens <= ops::NORM_ROWS
+            && tokens * self.cfg.intermediate_size <= ops::GELU_CHUNK
+            && self.layers.iter().all(|l| {
+                [&l.qkv, &l.attn_output, &l.ffn_up, &l.ffn_down]
+                    .iter()
+                    .all(|x| x.serial_at(tokens))
+            })
+    }
+
     /// One forward pass over a batch of inputs: `[n][h]` sentence vectors.
     fn forward_batch(&self, encs: &[&Encoding]) -> Result<Vec<Vec<f32>>, EngineError> {
         let lens: Vec<usize> = encs.iter().map(|e| e.len()).collect();
@@ -1075,11 +1107,7 @@ impl Embedder for BertEmbedder {
     }
 
     fn embed(&self, inputs: &[&str], max_input_tokens: usize) -> Result<EmbedOutput, EngineError> {
-        // Run the whole call on a compute-pool worker: every parallel op inside (gemm, attention,
-        // layer norm) then forks from a worker, instead of each one handing its work from the
-        // caller's thread to the pool and sleeping until it is done (a wake-up per op, hundreds
-        // per forward pass).
-        rayon::scope(|_| self.embed_on_pool(inputs, max_input_tokens, None))
+        self.embed_until(inputs, max_input_tokens, None)
     }
 
     fn embed_until(
@@ -1088,6 +1116,30 @@ impl Embedder for BertEmbedder {
         max_input_tokens: usize,
         deadline: Option<std::time::Instant>,
     ) -> Result<EmbedOutput, EngineError> {
+        // One short input (a search query, the usual warm request): every op of its forward
+        // pass runs on one thread anyway (the int8 GEMMs do not split under ~12M multiply-adds,
+        // GELU and the norms work in chunks larger than its rows), so it runs on the calling
+        // thread, without handing the call to the pool and sleeping until a worker is done.
+        if let [one] = inputs {
+            if one.len() <= SERIAL_INPUT_BYTES {
+                let (encs, _) = self.tokenize_bounded(inputs, max_input_tokens)?;
+                let run = || -> Result<EmbedOutput, EngineError> {
+                    Ok(EmbedOutput {
+                        embeddings: self.in_batches(&encs, deadline, |b| self.forward_batch(b))?,
+                        token_counts: vec![encs[0].len()],
+                    })
+                };
+                return if self.runs_serially(encs[0].len()) {
+                    run()
+                } else {
+                    rayon::scope(|_| run())
+                };
+            }
+        }
+        // Anything else runs on a compute-pool worker: every parallel op inside (gemm,
+        // attention, layer norm) then forks from a worker, instead of each one handing its work
+        // from the caller's thread to the pool and sleeping until it is done (a wake-up per op,
+        // hundreds per forward pass).
         rayon::scope(|_| self.embed_on_pool(inputs, max_input_tokens, deadline))
     }
 }

@@ -193,9 +193,8 @@ impl CustomOp2 for AddLayerNorm {
             candle_core::bail!("add-layer-norm: inputs do not match [rows, {h}]")
         }
         let mut out = vec![0f32; a.len()];
-        const ROWS: usize = 16;
-        out.par_chunks_mut(ROWS * h)
-            .zip(a.par_chunks(ROWS * h).zip(b.par_chunks(ROWS * h)))
+        out.par_chunks_mut(NORM_ROWS * h)
+            .zip(a.par_chunks(NORM_ROWS * h).zip(b.par_chunks(NORM_ROWS * h)))
             .for_each(|(o, (a, b))| {
                 for (o, (a, b)) in o
                     .chunks_exact_mut(h)
@@ -219,6 +218,13 @@ impl CustomOp2 for AddLayerNorm {
     }
 }
 
+/// Values per GELU task: a 32-row batch of a 1536-wide layer is about 12 of them, and a short
+/// input's few rows stay on one thread, where a split costs more than it saves.
+pub const GELU_CHUNK: usize = 64 * 1024;
+
+/// Rows per layer-norm task (as [`GELU_CHUNK`]).
+pub const NORM_ROWS: usize = 32;
+
 /// GELU, `x * (1 + erf(x / sqrt 2)) / 2`, the form BERT was trained with.
 pub struct GeluErf;
 
@@ -230,8 +236,8 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let src = contiguous_f32(storage, layout, self.name())?;
         let mut out = vec![0f32; src.len()];
-        out.par_chunks_mut(16 * 1024)
-            .zip(src.par_chunks(16 * 1024))
+        out.par_chunks_mut(GELU_CHUNK)
+            .zip(src.par_chunks(GELU_CHUNK))
             .for_each(|(o, x)| {
                 for (o, &x) in o.iter_mut().zip(x) {
                     *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));

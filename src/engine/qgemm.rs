@@ -198,7 +198,7 @@ impl Q8Linear {
         let tiles = m.div_ceil(mr);
         let threads = rayon::current_num_threads();
         let simd = use_avx2();
-        if m * n * k < self.min_parallel_macs() || threads == 1 {
+        if self.serial_at(m) || threads == 1 {
             // Too little work to share: the second thread's start and the two halves' meeting
             // cost more than they save.
             for (y, x) in y.chunks_mut(mr * n).zip(x.chunks(mr * k)) {
@@ -237,6 +237,11 @@ impl Q8Linear {
             }
         }
         y
+    }
+
+    /// Whether `m` input rows run on the calling thread (too little work to split).
+    pub fn serial_at(&self, m: usize) -> bool {
+        m * self.n * self.k < self.min_parallel_macs()
     }
 
     /// The smallest product `m * n * k` worth splitting over the pool: about 50 µs of one
