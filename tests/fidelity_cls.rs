@@ -55,12 +55,11 @@ fn check(dtype: &str, mode: WeightMode, min_cos: f64, max_len_err: f64) {
             let want = common::json_f64s(want);
             let single = e.embed(&texts[i..i + 1], usize::MAX).unwrap();
             for got in [&single.embeddings[0], &batched.embeddings[i]] {
-                let dot: f64 = got.iter().zip(&want).map(|(a, b)| *a as f64 * b).sum();
                 let (ng, nw) = (
                     norm(got.iter().map(|&a| a as f64)),
                     norm(want.iter().copied()),
                 );
-                worst_cos = worst_cos.min(dot / (ng * nw));
+                worst_cos = worst_cos.min(common::cosine(got, &want));
                 worst_len = worst_len.max((ng - nw).abs() / nw);
             }
         }

@@ -35,13 +35,6 @@ fn content(bytes: &[u8]) -> Content {
     Content::read(&mut std::io::Cursor::new(bytes)).unwrap()
 }
 
-fn cosine(a: &[f32], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
 /// llama.cpp's metadata of all-MiniLM-L6-v2 (no tensors).
 fn minilm_meta() -> Content {
     content(&std::fs::read(dir().join("minilm-meta.gguf")).unwrap())
@@ -206,9 +199,9 @@ fn check_minilm(dtype: &str, mode: WeightMode, min_st: f64, min_llama: f64) {
     for (i, item) in items.iter().enumerate() {
         let single = e.embed(&texts[i..i + 1], usize::MAX).unwrap();
         for got in [&single.embeddings[0], &batched.embeddings[i]] {
-            worst_st = worst_st.min(cosine(got, &common::json_f64s(&item["embedding"])));
+            worst_st = worst_st.min(common::cosine(got, &common::json_f64s(&item["embedding"])));
             let llama = common::json_f64s(&item[format!("llama_cpp_{dtype}").as_str()]);
-            worst_llama = worst_llama.min(cosine(got, &llama));
+            worst_llama = worst_llama.min(common::cosine(got, &llama));
         }
     }
     eprintln!(
@@ -236,7 +229,7 @@ fn check_minilm(dtype: &str, mode: WeightMode, min_st: f64, min_llama: f64) {
             "{text:?}"
         );
         let got = e.embed(&[text], usize::MAX).unwrap();
-        let c = cosine(&got.embeddings[0], &common::json_f64s(&item["embedding"]));
+        let c = common::cosine(&got.embeddings[0], &common::json_f64s(&item["embedding"]));
         assert!(c >= min_st, "{dtype} minilm_public {text:?}: {c}");
         n += 1;
     }
@@ -413,7 +406,7 @@ fn check_xlmr(dtype: &str, mode: WeightMode, min_st: f64, min_llama: f64) {
         assert_eq!(encs[i].get_ids(), common::json_ids(&st_item["input_ids"]));
         let single = e.embed(&texts[i..i + 1], usize::MAX).unwrap();
         for got in [&single.embeddings[0], &batched.embeddings[i]] {
-            let c = cosine(got, &common::json_f64s(&st_item["embedding"]));
+            let c = common::cosine(got, &common::json_f64s(&st_item["embedding"]));
             // A literal <pad> in the text: transformers gives it the position row padding_idx,
             // which llama.cpp's file no longer has, and numbers the tokens after it one lower;
             // the engine numbers positions as llama.cpp does (checked against llama.cpp below).
@@ -426,7 +419,7 @@ fn check_xlmr(dtype: &str, mode: WeightMode, min_st: f64, min_llama: f64) {
                 worst_st = worst_st.min(c);
             }
             if let Some(l) = item.get(format!("llama_cpp_{dtype}").as_str()) {
-                worst_llama = worst_llama.min(cosine(got, &common::json_f64s(l)));
+                worst_llama = worst_llama.min(common::cosine(got, &common::json_f64s(l)));
             }
         }
     }

@@ -33,13 +33,6 @@ fn fixture() -> Value {
     serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
 }
 
-fn cosine(a: &[f32], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
 /// Token ids identical, then the minimum cosine over sentences, one at a time and batched.
 fn check(file: &str, min_cos: f64) {
     check_mode(file, WeightMode::default(), min_cos)
@@ -81,8 +74,8 @@ fn check_mode(file: &str, mode: WeightMode, min_cos: f64) {
             .map(|v| v.as_f64().unwrap())
             .collect();
         let single = e.embed(&texts[i..i + 1], 8192).unwrap();
-        let c1 = cosine(&single.embeddings[0], &want);
-        let c2 = cosine(&batched.embeddings[i], &want);
+        let c1 = common::cosine(&single.embeddings[0], &want);
+        let c2 = common::cosine(&batched.embeddings[i], &want);
         let norm: f32 = single.embeddings[0]
             .iter()
             .map(|x| x * x)

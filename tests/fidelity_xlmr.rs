@@ -44,13 +44,6 @@ fn load(bytes: &[u8], mode: WeightMode) -> BertEmbedder {
     BertEmbedder::load_with(&content, bytes, mode).unwrap()
 }
 
-fn cosine(a: &[f32], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
 /// Token ids identical to the reference's, then each input's cosine to sentence-transformers'
 /// embedding, one at a time and batched; returns the worst cosine per language group.
 fn check_embedder(dtype: &str, mode: WeightMode, min_cos: f64) -> Vec<(String, f64)> {
@@ -80,7 +73,8 @@ fn check_embedder(dtype: &str, mode: WeightMode, min_cos: f64) -> Vec<(String, f
             batched.token_counts[i],
             item["input_ids"].as_array().unwrap().len()
         );
-        let c = cosine(&single.embeddings[0], &want).min(cosine(&batched.embeddings[i], &want));
+        let c = common::cosine(&single.embeddings[0], &want)
+            .min(common::cosine(&batched.embeddings[i], &want));
         let group = item["group"].as_str().unwrap().to_owned();
         match worst.iter_mut().find(|(g, _)| *g == group) {
             Some((_, w)) => *w = w.min(c),
@@ -138,7 +132,7 @@ fn a_long_spanish_input_is_truncated_as_sentence_transformers_truncates_it() {
     assert_eq!((fed[0], fed[fed.len() - 1]), (0, 2), "<s> ... </s>");
     let out = e.embed(&[text], usize::MAX).unwrap();
     assert_eq!(out.token_counts[0], max_seq);
-    let c = cosine(&out.embeddings[0], &common::json_f64s(&long["embedding"]));
+    let c = common::cosine(&out.embeddings[0], &common::json_f64s(&long["embedding"]));
     assert!(c >= 0.999, "{c}");
 
     // Longer than the tokenizer's window (WINDOW bytes), it is counted window by window, cut

@@ -510,3 +510,11 @@ pub fn tiny_reranker_service(limits: Limits) -> Service {
     };
     Service::new(engine, limits, meta)
 }
+
+/// The cosine of an embedding (ours, f32) and a reference vector (f64, from the fixtures' JSON).
+pub fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
