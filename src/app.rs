@@ -119,8 +119,12 @@ pub fn configure(config: &Config) {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
     use crate::config::Int8Kernel;
-    engine::qgemm::allow_vnni(config.int8_kernel != Int8Kernel::Avx2);
-    engine::qgemm::allow_amx(config.int8_kernel == Int8Kernel::Auto);
+    engine::qgemm::cap_kernel(match config.int8_kernel {
+        Int8Kernel::Auto => engine::qgemm::Kernel::Amx,
+        Int8Kernel::Vnni => engine::qgemm::Kernel::Vnni,
+        Int8Kernel::Avx2 => engine::qgemm::Kernel::Avx2,
+        Int8Kernel::AmxBf16 => engine::qgemm::Kernel::AmxBf16,
+    });
     configure_threads(crate::threads::pool_size(config).threads);
 }
 

@@ -273,10 +273,11 @@ declare! {
                 "auto" => Ok(Int8Kernel::Auto),
                 "vnni" => Ok(Int8Kernel::Vnni),
                 "avx2" => Ok(Int8Kernel::Avx2),
-                _ => Err(format!("expected auto, vnni or avx2, got {v:?}")),
+                "amx-bf16" => Ok(Int8Kernel::AmxBf16),
+                _ => Err(format!("expected auto, vnni, avx2 or amx-bf16, got {v:?}")),
             },
             default: "auto",
-            doc: "the int8 kernels: `auto` the fastest this CPU runs (embedder: AMX, AVX-512 VNNI, AVX2; generator: AVX-512 VNNI, AVX2); `vnni` never AMX; `avx2` never AVX-512",
+            doc: "the int8 kernels: `auto` the fastest this CPU runs (embedder: AMX-INT8, AVX-512 VNNI, AVX2; generator: AVX-512 VNNI, AVX2); `vnni` never AMX; `avx2` never AVX-512; `amx-bf16` the embedder's weights rounded to bf16 for AMX-BF16 (faster on large batches, slower on one short input, twice the weights' memory)",
         }
         api_keys_secret_arn: Option<String> {
             name: API_KEYS_SECRET_ARN,
@@ -413,6 +414,8 @@ pub enum Int8Kernel {
     Vnni,
     /// AVX2 only: what every x86_64 Lambda host runs (comparisons).
     Avx2,
+    /// The embedder on AMX-BF16 (bf16 weights) where AMX works: for batch-heavy deployments.
+    AmxBf16,
 }
 
 /// A configuration error: which variable, and what is wrong with it.
@@ -470,8 +473,7 @@ pub struct Config {
     /// RestApiStreaming), so every REST API answer goes out through response streaming and
     /// `stream: true` streams there; API Gateway could not read a buffered answer from it.
     pub rest_api_streaming: bool,
-    /// INT8_KERNEL=auto (AVX-512 VNNI where the CPU has it, else AVX2); false: force AVX2, to
-    /// compare the two on one machine.
+    /// INT8_KERNEL: which int8 kernels may run (see [`Int8Kernel`]).
     pub int8_kernel: Int8Kernel,
     /// AWS_LAMBDA_FUNCTION_NAME: the dimension of the metrics.
     pub function_name: Option<String>,

@@ -50,8 +50,8 @@ pub enum WeightMode {
     /// slower than Dense on batches, it re-reads each weight row for every input row).
     Quantized,
     /// The default: q8_0 weights multiplied by our own GEMM ([`super::qgemm`]): kept as int8 for
-    /// the AVX2 and AVX-512 VNNI kernels, or rounded once to bf16 for AMX where the CPU and the
-    /// kernel grant it. Faster and smaller than Dense (`bench embeddings` prints both); other
+    /// the AVX2, AVX-512 VNNI and AMX-INT8 kernels (or rounded once to bf16 for AMX-BF16 when
+    /// INT8_KERNEL=amx-bf16 asks for it). Faster and smaller than Dense (`bench embeddings` prints both); other
     /// stored types load as Dense.
     #[default]
     Int8,

@@ -5,8 +5,9 @@
 //! weights stay 8-bit (4x less memory traffic than f32), each input row is quantized once to
 //! q8_0-style blocks, and the dot products run on int8 (`maddubs` + `madd`: 32 multiply-adds per
 //! instruction pair, i32 accumulation, exact). Each weight block loaded is reused across 4 input
-//! rows (AVX2; 8 rows x 16 columns per `vpdpbusd` group with AVX-512 VNNI, bf16 tiles with AMX),
-//! and the per-block scale `d_w * d_x` is applied once per block and row in f32.
+//! rows (AVX2; 8 rows x 16 columns per `vpdpbusd` group with AVX-512 VNNI; one 16 x 16 int8 tile
+//! product per block with AMX), and the per-block scale `d_w * d_x` is applied once per block and
+//! row in f32. INT8_KERNEL=amx-bf16 swaps in bf16 weights for AMX-BF16 (see [`Kernel::AmxBf16`]).
 //!
 //! Accuracy: the weights are used exactly as stored; the only extra error is the 8-bit
 //! quantization of the activations (per 32 values, `scale = max|x| / 127`), the same scheme
@@ -34,16 +35,21 @@ const MRV: usize = 8;
 /// in L1, so the weights are streamed once per this many rows instead of once per MRV.
 const VNNI_ROWS: usize = 8 * MRV;
 
-/// The kernels, slowest first: a matrix uses the fastest one that is allowed and that the CPU
-/// runs.
+/// The kernels, in the order a cap ([`cap_kernel`], INT8_KERNEL) admits them: a matrix uses the
+/// last one admitted that the CPU runs and that fits its shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum Kernel {
     /// AVX2 where present, else the scalar reference.
     Avx2,
     /// AVX-512 VNNI.
     Vnni,
-    /// AMX-BF16.
+    /// AMX-INT8 on the VNNI layout: the default where the CPU and Linux grant the tile unit.
     Amx,
+    /// AMX-BF16 on weights rounded to bf16 at load: only when asked for (INT8_KERNEL=amx-bf16).
+    /// Faster than AMX-INT8 on large batches (no per-block epilogue), slower on one short input
+    /// (twice the weight bytes), and twice the weights' memory.
+    AmxBf16,
 }
 
 /// A q8_0 matrix `[n, k]` repacked for the kernel, plus the layer's bias.
@@ -76,9 +82,13 @@ enum Packed {
         w: Vec<u8>,
         /// `[n / 16][k / 32][16 columns]` block scales.
         ds: Vec<f32>,
+        /// Run on the AMX tile unit (`tdpbssd`) instead of `vpdpbusd`. The same layout with the
+        /// quants as stored (no offset: `tdpbssd` multiplies signed by signed bytes), the same
+        /// integer dot products and the same float epilogue, so the same bits out.
+        amx: bool,
     },
-    /// bf16 for the AMX tile unit (Sapphire Rapids and newer), used where the CPU has it and the
-    /// kernel grants the tile state. Each q8_0 weight `q · d` is rounded to bf16 once at load
+    /// bf16 for the AMX tile unit (Sapphire Rapids and newer), used where INT8_KERNEL=amx-bf16
+    /// asks for it, the CPU has it and the kernel grants the tile state. Each q8_0 weight `q · d` is rounded to bf16 once at load
     /// (8 significant bits: `q` has 7, so only `d`'s low bits are lost) and the activations are
     /// rounded to bf16 per call instead of quantized to 8 bits per block: no per-block scales,
     /// so one `tdpbf16ps` sums a whole 32-value chunk for 16 x 16 outputs in f32, and the
@@ -95,14 +105,7 @@ impl Q8Linear {
     /// From raw GGUF q8_0 bytes (`n * k / 32` blocks of {f16 d, 32 x i8}) and an f32 bias, in
     /// the layout of the fastest kernel this CPU has.
     pub fn from_q8_0(raw: &[u8], n: usize, k: usize, bias: Vec<f32>) -> Result<Self> {
-        let best = if !VNNI_ALLOWED.load(std::sync::atomic::Ordering::Relaxed) {
-            Kernel::Avx2
-        } else if !AMX_ALLOWED.load(std::sync::atomic::Ordering::Relaxed) {
-            Kernel::Vnni
-        } else {
-            Kernel::Amx
-        };
-        Self::from_q8_0_with(raw, n, k, bias, best)
+        Self::from_q8_0_with(raw, n, k, bias, cap())
     }
 
     /// As [`Q8Linear::from_q8_0`], with the fastest kernel allowed capped at `best` (tests and the
@@ -119,7 +122,7 @@ impl Q8Linear {
         }
         let kb = k / BLOCK;
         let block = |c: usize, b: usize| &raw[(c * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
-        let packed = if best >= Kernel::Amx && amx::usable() && n.is_multiple_of(amx::NC) {
+        let packed = if best >= Kernel::AmxBf16 && amx::usable() && n.is_multiple_of(amx::NC) {
             // Written in tile order (sequential stores, no zero-fill first): per 16-column group
             // and block, pair row `r` holds each column's values `2r` and `2r + 1`.
             let mut w = Vec::with_capacity(n * k);
@@ -141,6 +144,9 @@ impl Q8Linear {
             }
             Packed::Amx { w }
         } else if best >= Kernel::Vnni && use_vnni() && n.is_multiple_of(NV) {
+            let amx = best >= Kernel::Amx && amx::usable();
+            // `vpdpbusd` takes unsigned weights (offset by 128); `tdpbssd` takes them as stored.
+            let flip = if amx { 0 } else { 0x80 };
             let mut w = Vec::with_capacity(n * k);
             let mut ds = Vec::with_capacity(n * kb);
             for cg in 0..n / NV {
@@ -148,7 +154,7 @@ impl Q8Linear {
                     for g in 0..BLOCK / 4 {
                         for j in 0..NV {
                             let q = &block(cg * NV + j, b)[2 + g * 4..2 + g * 4 + 4];
-                            w.extend(q.iter().map(|&v| v ^ 0x80));
+                            w.extend(q.iter().map(|&v| v ^ flip));
                         }
                     }
                     for j in 0..NV {
@@ -157,7 +163,7 @@ impl Q8Linear {
                     }
                 }
             }
-            Packed::Vnni { w, ds }
+            Packed::Vnni { w, ds, amx }
         } else {
             let mut qs = Vec::with_capacity(n * k);
             let mut ds = Vec::with_capacity(n * kb);
@@ -174,6 +180,7 @@ impl Q8Linear {
     pub fn kernel_name(&self) -> &'static str {
         match (&self.packed, use_avx2()) {
             (Packed::Amx { .. }, _) => "amx-bf16",
+            (Packed::Vnni { amx: true, .. }, _) => "amx-int8",
             (Packed::Vnni { .. }, _) => "avx512-vnni",
             (Packed::Rows { .. }, true) => "avx2",
             (Packed::Rows { .. }, false) => "scalar",
@@ -261,7 +268,7 @@ impl Q8Linear {
     fn tile_rows(&self, x: &[f32], y: &mut [f32], cols: std::ops::Range<usize>, simd: bool) {
         match &self.packed {
             Packed::Rows { qs, ds } => self.tile_rows_avx2(qs, ds, x, y, cols, simd),
-            Packed::Vnni { w, ds } => self.tile_rows_vnni(w, ds, x, y, cols),
+            Packed::Vnni { w, ds, amx } => self.tile_rows_vnni(w, ds, *amx, x, y, cols),
             Packed::Amx { w } => self.tile_rows_amx(w, x, y, cols),
         }
     }
@@ -324,6 +331,7 @@ impl Q8Linear {
         &self,
         w: &[u8],
         ds: &[f32],
+        amx: bool,
         x: &[f32],
         y: &mut [f32],
         cols: std::ops::Range<usize>,
@@ -331,48 +339,63 @@ impl Q8Linear {
         let (k, ys) = (self.k, cols.len());
         let kb = k / BLOCK;
         let rows = x.len() / k;
-        let tiles = rows.div_ceil(MRV);
+        // Row tiles: MRV rows for `vpdpbusd`, 16 for an AMX A tile.
+        let mt = if amx { amx::MI } else { MRV };
+        let tiles = rows.div_ceil(mt);
         // Padding rows stay 0 with scale 0: they contribute nothing.
-        let mut xq = vec![0i8; tiles * MRV * k];
-        let mut xd = vec![0f32; tiles * MRV * kb];
-        let mut xc = vec![0i32; tiles * MRV * kb];
+        let mut xq = vec![0i8; tiles * mt * k];
+        let mut xd = vec![0f32; tiles * mt * kb];
+        // The offset correction (`vpdpbusd` only).
+        let mut xc = vec![0i32; if amx { 0 } else { tiles * mt * kb }];
         for r in 0..rows {
             let q = &mut xq[r * k..(r + 1) * k];
             quantize_row(&x[r * k..(r + 1) * k], q, |b, d| xd[r * kb + b] = d);
+            if amx {
+                continue;
+            }
             for (b, qb) in q.chunks_exact(BLOCK).enumerate() {
                 xc[r * kb + b] = 128 * qb.iter().map(|&v| v as i32).sum::<i32>();
             }
         }
-        let mut out = [[0f32; NV]; MRV];
+        #[cfg(target_arch = "x86_64")]
+        if amx {
+            // SAFETY: `amx` is only set when `amx::usable` ran the tile unit on this CPU.
+            unsafe { amx::configure_i8() };
+        }
         for cg in cols.start / NV..cols.end / NV {
             let wg = &w[cg * kb * NV * BLOCK..(cg + 1) * kb * NV * BLOCK];
             let dg = &ds[cg * kb * NV..(cg + 1) * kb * NV];
+            let bias = &self.bias[cg * NV..(cg + 1) * NV];
             for t in 0..tiles {
-                // SAFETY: Packed::Vnni is only built when `use_vnni` saw the features; the
-                // slices hold one column group's `kb` blocks, and MRV rows of `k` quants / `kb`
-                // scales from row `t * MRV` on.
+                let valid = (rows - t * mt).min(mt);
+                let yt = &mut y[t * mt * ys + cg * NV - cols.start..];
+                // SAFETY: Packed::Vnni is only built when `use_vnni` saw the features (and with
+                // `amx` when the tile unit ran); the slices hold one column group's `kb` blocks,
+                // `mt` rows of `k` quants / `kb` scales from row `t * mt` on, 16 biases, and
+                // `valid` output rows `ys` apart.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    vnni::tile(
-                        &xq[t * MRV * k..],
-                        &xd[t * MRV * kb..],
-                        &xc[t * MRV * kb..],
-                        wg,
-                        dg,
-                        k,
-                        &mut out,
-                    );
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = (&wg, &dg, &xq, &xc);
-                for (r, o) in out.iter().take(rows - t * MRV).enumerate() {
-                    let at = (t * MRV + r) * ys + cg * NV - cols.start;
-                    let dst = &mut y[at..at + NV];
-                    for ((d, v), b) in dst.iter_mut().zip(o).zip(&self.bias[cg * NV..]) {
-                        *d = v + b;
+                    let (q, d) = (&xq[t * mt * k..], &xd[t * mt * kb..]);
+                    let out = Out {
+                        y: yt,
+                        stride: ys,
+                        rows: valid,
+                        bias,
+                    };
+                    if amx {
+                        amx::tile_i8(q, d, wg, dg, k, out);
+                    } else {
+                        vnni::tile(q, d, &xc[t * mt * kb..], wg, dg, k, out);
                     }
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (&wg, &dg, &xq, &xc, bias, yt, valid, ys);
             }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if amx {
+            // SAFETY: as for configure_i8.
+            unsafe { amx::release() };
         }
     }
 
@@ -413,6 +436,38 @@ impl Q8Linear {
                 }
             }
             j += nr;
+        }
+    }
+}
+
+/// Where a 512-bit kernel writes one tile: `rows` rows of 16 outputs, `stride` apart, each plus
+/// the 16 biases (the same single f32 add per output as the other kernels' callers do).
+struct Out<'a> {
+    y: &'a mut [f32],
+    stride: usize,
+    rows: usize,
+    bias: &'a [f32],
+}
+
+impl Out<'_> {
+    fn fits(&self, max_rows: usize) -> bool {
+        self.bias.len() >= 16
+            && (1..=max_rows).contains(&self.rows)
+            && self.y.len() >= (self.rows - 1) * self.stride + 16
+    }
+
+    /// # Safety
+    /// AVX-512F; `self.fits(acc.len())`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(self, acc: &[std::arch::x86_64::__m512]) {
+        use std::arch::x86_64::*;
+        let b = _mm512_loadu_ps(self.bias.as_ptr());
+        for (r, a) in acc.iter().take(self.rows).enumerate() {
+            _mm512_storeu_ps(
+                self.y.as_mut_ptr().add(r * self.stride),
+                _mm512_add_ps(*a, b),
+            );
         }
     }
 }
@@ -458,21 +513,23 @@ fn use_avx2() -> bool {
     }
 }
 
-/// Off: the AVX2 kernel even where VNNI exists (INT8_KERNEL=avx2, read by config.rs; for
+/// The last kernel new matrices may use (INT8_KERNEL, set by app.rs; avx2 and vnni are for
 /// comparisons). Matrices loaded before a change keep their layout.
-static VNNI_ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+static CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(Kernel::Amx as u8);
 
-/// Allows or forbids the VNNI kernel (and with it AMX) for matrices loaded from now on.
-pub fn allow_vnni(on: bool) {
-    VNNI_ALLOWED.store(on, std::sync::atomic::Ordering::Relaxed);
+/// Caps the kernels of matrices loaded from now on (and, below [`Kernel::Vnni`], the generator's
+/// VNNI dot products).
+pub fn cap_kernel(k: Kernel) {
+    CAP.store(k as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Off: the VNNI kernel even where AMX works (INT8_KERNEL=vnni; for comparisons).
-static AMX_ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Allows or forbids the AMX kernel for matrices loaded from now on.
-pub fn allow_amx(on: bool) {
-    AMX_ALLOWED.store(on, std::sync::atomic::Ordering::Relaxed);
+fn cap() -> Kernel {
+    match CAP.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => Kernel::Avx2,
+        1 => Kernel::Vnni,
+        2 => Kernel::Amx,
+        _ => Kernel::AmxBf16,
+    }
 }
 
 /// Whether the AVX-512 VNNI kernel may run on this CPU (decided at run time: the binary is built
@@ -484,7 +541,7 @@ pub(crate) fn use_vnni() -> bool {
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
-            && VNNI_ALLOWED.load(std::sync::atomic::Ordering::Relaxed)
+            && cap() >= Kernel::Vnni
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -664,7 +721,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{BLOCK, MRV, NV};
+    use super::{Out, BLOCK, MRV, NV};
     use std::arch::x86_64::*;
 
     /// MRV rows times one group of 16 columns over `k`, into `out[r][column]`.
@@ -688,11 +745,12 @@ mod vnni {
         w: &[u8],
         ds: &[f32],
         k: usize,
-        out: &mut [[f32; NV]; MRV],
+        out: Out,
     ) {
         let kb = k / BLOCK;
         debug_assert!(xq.len() >= MRV * k && xd.len() >= MRV * kb && xc.len() >= MRV * kb);
         debug_assert!(w.len() >= kb * NV * BLOCK && ds.len() >= kb * NV);
+        debug_assert!(out.fits(MRV));
         let mut accf = [_mm512_setzero_ps(); MRV];
         let xp = xq.as_ptr();
         for b in 0..kb {
@@ -724,13 +782,12 @@ mod vnni {
                 accf[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, accf[r]);
             }
         }
-        for (a, o) in accf.iter().zip(out.iter_mut()) {
-            _mm512_storeu_ps(o.as_mut_ptr(), *a);
-        }
+        out.store(&accf);
     }
 }
 
-/// The AMX tile unit: bf16 `tdpbf16ps` on 16 x 16 f32 accumulators.
+/// The AMX tile unit: int8 `tdpbssd` per q8_0 block (the default), or bf16 `tdpbf16ps` on
+/// 16 x 16 f32 accumulators (INT8_KERNEL=amx-bf16).
 ///
 /// Tiles are used only inside [`tile`], between [`configure`] and [`release`] on the same
 /// thread, so no other code ever sees tile state. Tile registers: 0-3 the 2 x 2 accumulators
@@ -743,7 +800,7 @@ mod amx {
     /// Columns per B tile.
     pub const NT: usize = 16;
 
-    /// Whether AMX-BF16 may run: the CPU has it (and AVX-512 VNNI, for the other layers), Linux
+    /// Whether AMX (INT8 and BF16) may run: the CPU has it (and AVX-512 VNNI, for the other layers), Linux
     /// granted this
     /// process the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`: without it the first
     /// tile instruction faults), and one tile multiply in a forked child gave the right answer
@@ -755,10 +812,10 @@ mod amx {
 
     #[cfg(target_arch = "x86_64")]
     fn probe() -> bool {
-        // CPUID.(EAX=7, ECX=0):EDX bit 24 AMX-TILE, bit 22 AMX-BF16 (std's feature detection of
+        // CPUID.(EAX=7, ECX=0):EDX bit 24 AMX-TILE, bit 22 AMX-BF16, bit 25 AMX-INT8 (std's feature detection of
         // AMX is not stable yet). Whether the OS enables the state is what arch_prctl answers.
         let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
-        if edx & (1 << 24) == 0 || edx & (1 << 22) == 0 {
+        if edx & (1 << 24) == 0 || edx & (1 << 22) == 0 || edx & (1 << 25) == 0 {
             return false;
         }
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
@@ -791,7 +848,27 @@ mod amx {
                         &mut c,
                     );
                     release();
-                    libc::_exit(if c.iter().all(|&v| v == 32.0) { 0 } else { 1 })
+                    let bf16_ok = c.iter().all(|&v| v == 32.0);
+                    // The int8 tile: 16 rows of 32 twos times 16 columns of 32 threes, scales
+                    // 1 and 0.5, bias 1: 32 · 6 · 0.5 + 1 = 97 in each of the 16 x 16 outputs.
+                    let mut y = [0f32; MI * 16];
+                    configure_i8();
+                    tile_i8(
+                        &[2i8; MI * 32],
+                        &[1.0; MI],
+                        &[3u8; 512],
+                        &[0.5; 16],
+                        32,
+                        super::Out {
+                            y: &mut y,
+                            stride: 16,
+                            rows: MI,
+                            bias: &[1.0; 16],
+                        },
+                    );
+                    release();
+                    let int8_ok = y.iter().all(|&v| v == 97.0);
+                    libc::_exit(if bf16_ok && int8_ok { 0 } else { 1 })
                 }
                 -1 => false,
                 child => {
@@ -841,6 +918,97 @@ mod amx {
     #[cfg(target_arch = "x86_64")]
     pub unsafe fn release() {
         std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// Rows per int8 A tile.
+    pub const MI: usize = 16;
+
+    /// The int8 kernel's palette: tiles 0-1 the i32 results (16 x 16), 2 the activations (16
+    /// rows x one 32-byte block), 3 the weights (8 rows of 16 columns x 4 bytes).
+    const CONFIG_I8: Config = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let shapes = [(16u8, 64u8), (16, 64), (16, 32), (8, 64)];
+        let mut t = 0;
+        while t < 4 {
+            c[16 + 2 * t] = shapes[t].1;
+            c[48 + t] = shapes[t].0;
+            t += 1;
+        }
+        Config(c)
+    };
+
+    /// Loads the int8 kernel's tile configuration on this thread.
+    ///
+    /// # Safety
+    /// [`usable`] must have returned true.
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn configure_i8() {
+        std::arch::asm!("ldtilecfg [{0}]", in(reg) CONFIG_I8.0.as_ptr(), options(nostack));
+    }
+
+    /// 16 rows times one group of 16 columns over `k`, into `out[r][column]`, on the VNNI
+    /// layout (quants not offset): per block one `tdpbssd` (16 x 16 x 32 signed products, i32),
+    /// stored, then per row the VNNI kernel's epilogue without its offset correction (convert,
+    /// FMA with `d_w · d_x`): the same integers and float operations, so the same bits. The
+    /// per-block store and epilogue, not the tile multiply, bound its speed: the tile unit runs
+    /// the products of 4 blocks ahead of the epilogue that reads them.
+    ///
+    /// # Safety
+    /// [`configure_i8`] ran on this thread; `xq` holds `16 * k` quants, `xd` and `xc` `16 * k/32`
+    /// values (`[row][block]`), `w` `k/32 * 512` quants, `ds` `k/32 * 16` scales.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn tile_i8(xq: &[i8], xd: &[f32], w: &[u8], ds: &[f32], k: usize, out: super::Out) {
+        use std::arch::x86_64::*;
+        let kb = k / super::BLOCK;
+        debug_assert!(xq.len() >= MI * k && xd.len() >= MI * kb);
+        debug_assert!(w.len() >= kb * 512 && ds.len() >= kb * 16);
+        debug_assert!(out.fits(MI));
+        // Results of CH blocks, twice: the tile unit fills one half while the epilogue reads
+        // the other, so neither waits on the other's latency.
+        const CH: usize = 4;
+        #[repr(C, align(64))]
+        struct Buf([[[i32; 16]; MI]; 2 * CH]);
+        let mut buf = std::mem::MaybeUninit::<Buf>::uninit();
+        let bp = buf.as_mut_ptr() as *mut [[i32; 16]; MI];
+        let issue = |chunk: usize| {
+            for b in chunk * CH..((chunk + 1) * CH).min(kb) {
+                let c = bp.add((chunk % 2) * CH + b % CH);
+                std::arch::asm!(
+                    "tileloadd tmm2, [{a} + {sa}*1]",
+                    "tileloadd tmm3, [{w} + {sw}*1]",
+                    "tilezero tmm0",
+                    "tdpbssd tmm0, tmm2, tmm3",
+                    "tilestored [{c} + {sw}*1], tmm0",
+                    a = in(reg) xq.as_ptr().add(b * super::BLOCK),
+                    sa = in(reg) k,
+                    w = in(reg) w.as_ptr().add(b * 512),
+                    sw = in(reg) 64usize,
+                    c = in(reg) c,
+                    options(nostack)
+                );
+            }
+        };
+        let mut accf = [_mm512_setzero_ps(); MI];
+        let chunks = kb.div_ceil(CH);
+        issue(0);
+        for chunk in 0..chunks {
+            if chunk + 1 < chunks {
+                issue(chunk + 1);
+            }
+            for b in chunk * CH..((chunk + 1) * CH).min(kb) {
+                let c = &*bp.add((chunk % 2) * CH + b % CH);
+                let dw = _mm512_loadu_ps(ds.as_ptr().add(b * 16));
+                for (r, acc) in accf.iter_mut().enumerate() {
+                    let i = r * kb + b;
+                    let dot = _mm512_load_si512(c[r].as_ptr() as *const _);
+                    let s = _mm512_mul_ps(dw, _mm512_set1_ps(*xd.get_unchecked(i)));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *acc);
+                }
+            }
+        }
+        out.store(&accf);
     }
 
     /// `c[32][32] = a[32 rows][k] · W[cp * 32 .. cp * 32 + 32 columns]^T`, f32.
@@ -1000,15 +1168,16 @@ mod tests {
             (131, 48, 64),
             (37, 144, 1536),
         ];
-        let kernels = [Kernel::Avx2, Kernel::Vnni, Kernel::Amx];
+        let kernels = [Kernel::Avx2, Kernel::Vnni, Kernel::Amx, Kernel::AmxBf16];
         for (&(m, n, k), best) in cases.iter().flat_map(|c| kernels.map(|kn| (c, kn))) {
             let (raw, wf) = q8_matrix(n, k, &mut r);
             let bias: Vec<f32> = (0..n).map(|_| r()).collect();
             let x: Vec<f32> = (0..m * k).map(|_| r() * 3.0).collect();
             let lin = Q8Linear::from_q8_0_with(&raw, n, k, bias.clone(), best).unwrap();
             let expected = match best {
-                Kernel::Amx if amx::usable() && n % amx::NC == 0 => "amx-bf16",
-                Kernel::Amx | Kernel::Vnni if use_vnni() && n % NV == 0 => "avx512-vnni",
+                Kernel::AmxBf16 if amx::usable() && n % amx::NC == 0 => "amx-bf16",
+                Kernel::Amx | Kernel::AmxBf16 if amx::usable() && n % NV == 0 => "amx-int8",
+                _ if best >= Kernel::Vnni && use_vnni() && n % NV == 0 => "avx512-vnni",
                 _ if use_avx2() => "avx2",
                 _ => "scalar",
             };
@@ -1046,6 +1215,13 @@ mod tests {
             }
             let rel = (err2 / ref2).sqrt();
             assert!(rel < 1e-2, "m{m} n{n} k{k}: relative error {rel}");
+            if expected == "amx-int8" {
+                // The tile unit sums the same integers and runs the same float epilogue.
+                let v = Q8Linear::from_q8_0_with(&raw, n, k, bias.clone(), Kernel::Vnni).unwrap();
+                let yv = v.forward_slice(&x);
+                let same = y.iter().zip(&yv).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "m{m} n{n} k{k}: amx-int8 differs from avx512-vnni");
+            }
         }
     }
 }
