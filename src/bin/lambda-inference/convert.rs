@@ -1,7 +1,7 @@
 //! Hugging Face BERT or XLM-RoBERTa folder -> one GGUF file (the `convert` subcommand).
 //!
 //! Owns: reading a sentence-transformers / Hugging Face BERT folder (`config.json`,
-//! `tokenizer.json`, `model.safetensors`, optional `modules.json`, `1_Pooling/config.json`,
+//! `tokenizer.json`, the weights (see [`weight_files`]), optional `modules.json`, `1_Pooling/config.json`,
 //! `sentence_bert_config.json`, `tokenizer_config.json`, `special_tokens_map.json`), mapping its
 //! tensors to llama.cpp's BERT names, quantizing the matrices, and writing one self-contained GGUF
 //! whose keys and tensor names are the constants in [`lambda_inference::engine::gguf`] (the
@@ -194,8 +194,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         .or_else(|| name_from_config(&config))
         .unwrap_or_else(|| name_from_dir(dir));
 
-    let weights_path = dir.join("model.safetensors");
-    let named = load_and_map(&weights_path, &cfg)?;
+    let named = load_and_map(&weight_files(dir)?, &cfg)?;
 
     let progress = if opts.progress {
         let pb = ProgressBar::new(named.len() as u64);
@@ -933,31 +932,84 @@ fn special_token_ids(dir: &Path, vocab: &Vocab) -> Result<SpecialIds> {
 // ---------------------------------------------------------------------------------------------
 // tensors
 
-/// Loads model.safetensors and returns its tensors under their GGUF names, in GGUF order
+/// The checkpoint's weight files, looked for as `transformers` does: `model.safetensors`, else the
+/// shards `model.safetensors.index.json` lists, else `pytorch_model.bin`, else the shards
+/// `pytorch_model.bin.index.json` lists. A `.bin` is read by candle's pickle reader, which only
+/// rebuilds tensors (it runs no code from the file, unlike `torch.load`). An index may only name
+/// plain files in the folder.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    for single in ["model.safetensors", "pytorch_model.bin"] {
+        let index = dir.join(format!("{single}.index.json"));
+        if dir.join(single).is_file() {
+            return Ok(vec![dir.join(single)]);
+        }
+        if !index.is_file() {
+            continue;
+        }
+        let j = read_json(&index)?;
+        let bad = |reason: String| ConvertError::Field {
+            path: index.clone(),
+            field: "weight_map".into(),
+            reason,
+        };
+        let map = j
+            .get("weight_map")
+            .and_then(Json::as_object)
+            .ok_or_else(|| bad("missing or not an object".into()))?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for (tensor, file) in map {
+            let f = file
+                .as_str()
+                .ok_or_else(|| bad(format!("{tensor}: not a file name")))?;
+            let plain = Path::new(f).file_name().is_some_and(|n| n == f) && f != "..";
+            if !plain || !dir.join(f).is_file() {
+                return Err(bad(format!("{tensor}: {f:?} is not a file in the folder")));
+            }
+            if !files.iter().any(|p| p.ends_with(f)) {
+                files.push(dir.join(f));
+            }
+        }
+        files.sort();
+        if files.is_empty() {
+            return Err(bad("names no files".into()));
+        }
+        return Ok(files);
+    }
+    Err(ConvertError::Io {
+        path: dir.to_owned(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no weights: expected model.safetensors, model.safetensors.index.json + shards, \
+             pytorch_model.bin or pytorch_model.bin.index.json + shards",
+        ),
+    })
+}
+
+/// Reads the weight files and returns their tensors under their GGUF names, in GGUF order
 /// (embeddings first, then block by block), after checking every expected tensor is present with
 /// the shape config.json implies.
-fn load_and_map(path: &Path, cfg: &BertConfig) -> Result<Vec<(String, Tensor)>> {
-    if !path.is_file() {
-        return Err(ConvertError::Io {
-            path: path.to_owned(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "not found (only a single model.safetensors is supported; no .bin, no shards)",
-            ),
-        });
-    }
-    let raw = candle_core::safetensors::load(path, &Device::Cpu).map_err(|source| {
-        ConvertError::Candle {
-            context: format!("reading {}", path.display()),
+fn load_and_map(files: &[PathBuf], cfg: &BertConfig) -> Result<Vec<(String, Tensor)>> {
+    let mut raw: Vec<(String, Tensor, &Path)> = Vec::new();
+    for file in files {
+        let read = if file.extension().is_some_and(|e| e == "bin") {
+            candle_core::pickle::read_all(file)
+        } else {
+            candle_core::safetensors::load(file, &Device::Cpu).map(|m| m.into_iter().collect())
+        };
+        let tensors = read.map_err(|source| ConvertError::Candle {
+            context: format!("reading {}", file.display()),
             source,
-        }
-    })?;
+        })?;
+        raw.extend(tensors.into_iter().map(|(n, t)| (n, t, file.as_path())));
+    }
+    // Errors about the whole set name the first file (the only one unless sharded).
+    let path = files.first().map(PathBuf::as_path).unwrap_or(Path::new(""));
 
     let mut mapped: HashMap<String, Tensor> = HashMap::new();
-    for (hf_name, t) in raw {
+    for (hf_name, t, file) in raw {
         let Some(gguf_name) = map_name(&hf_name, cfg.family, cfg.cross_encoder).map_err(|()| {
             ConvertError::UnmappedTensor {
-                path: path.to_owned(),
+                path: file.to_owned(),
                 name: hf_name.clone(),
             }
         })?
@@ -966,7 +1018,7 @@ fn load_and_map(path: &Path, cfg: &BertConfig) -> Result<Vec<(String, Tensor)>> 
         };
         if mapped.insert(gguf_name.clone(), t).is_some() {
             return Err(ConvertError::Field {
-                path: path.to_owned(),
+                path: file.to_owned(),
                 field: hf_name,
                 reason: format!("a second tensor maps to {gguf_name}"),
             });
@@ -1843,6 +1895,116 @@ mod tests {
         assert!(msg.contains("\"gpt2\""), "{msg}");
         assert!(msg.contains("only BERT-family"), "{msg}");
         assert!(msg.contains("xlm-roberta"), "{msg}");
+        assert!(!out.exists());
+    }
+
+    /// Converts `dir` to q8_0 under a fixed name (the folder name would differ between copies).
+    fn convert_bytes(dir: &Path) -> Vec<u8> {
+        let output = dir.join("out.gguf");
+        convert(&ConvertOptions {
+            input_dir: dir.to_owned(),
+            output: output.clone(),
+            dtype: OutDType::Q8_0,
+            progress: false,
+            name: Some("same".into()),
+        })
+        .unwrap();
+        std::fs::read(output).unwrap()
+    }
+
+    /// Copies the files of `from` (and its subfolders but `skip`) into `to`.
+    fn copy_folder(from: &Path, to: &Path, skip: &[&str]) {
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name();
+            if skip.iter().any(|s| name == *s) {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(to.join(&name)).unwrap();
+                copy_folder(&e.path(), &to.join(&name), &[]);
+            } else {
+                std::fs::copy(e.path(), to.join(&name)).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn sharded_safetensors_convert_to_the_same_file_as_one() {
+        let one = TempDir::new("one");
+        Fixture::default().write(&one.0);
+        let sharded = TempDir::new("sharded");
+        copy_folder(&one.0, &sharded.0, &["model.safetensors"]);
+        // Two shards split by tensor name, and the index transformers writes beside them.
+        let all =
+            candle_core::safetensors::load(one.0.join("model.safetensors"), &Device::Cpu).unwrap();
+        let mut map = serde_json::Map::new();
+        let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+        for (i, (name, t)) in all.into_iter().enumerate() {
+            let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+            map.insert(name.clone(), json!(file));
+            shards[i % 2].insert(name, t);
+        }
+        for (i, shard) in shards.iter().enumerate() {
+            let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+            candle_core::safetensors::save(shard, sharded.0.join(file)).unwrap();
+        }
+        let index = json!({"metadata": {"total_size": 0}, "weight_map": map});
+        std::fs::write(
+            sharded.0.join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        assert_eq!(convert_bytes(&sharded.0), convert_bytes(&one.0));
+
+        // An index may only name files in the folder.
+        map.insert(
+            "embeddings.word_embeddings.weight".into(),
+            json!("../model.safetensors"),
+        );
+        let index = json!({"weight_map": map});
+        std::fs::write(
+            sharded.0.join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let (r, out) = run(&sharded.0, OutDType::Q8_0);
+        let err = r.unwrap_err();
+        assert!(matches!(err, ConvertError::Field { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("is not a file in the folder"),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn pytorch_model_bin_converts_to_the_same_file_as_safetensors() {
+        // tests/fixtures/tiny-bert-cls/make_bin.py wrote its .bin with torch.save from the
+        // folder's model.safetensors.
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bert-cls");
+        let st = TempDir::new("st");
+        copy_folder(&fixture, &st.0, &["pytorch"]);
+        let bin = TempDir::new("bin");
+        copy_folder(&fixture, &bin.0, &["pytorch", "model.safetensors"]);
+        std::fs::copy(
+            fixture.join("pytorch/pytorch_model.bin"),
+            bin.0.join("pytorch_model.bin"),
+        )
+        .unwrap();
+        assert_eq!(convert_bytes(&bin.0), convert_bytes(&st.0));
+    }
+
+    #[test]
+    fn a_folder_without_weights_names_what_it_looked_for() {
+        let dir = TempDir::new("noweights");
+        Fixture::default().write(&dir.0);
+        std::fs::remove_file(dir.0.join("model.safetensors")).unwrap();
+        let (r, out) = run(&dir.0, OutDType::Q8_0);
+        let err = r.unwrap_err().to_string();
+        for f in ["model.safetensors", "pytorch_model.bin", "index.json"] {
+            assert!(err.contains(f), "{err}");
+        }
         assert!(!out.exists());
     }
 

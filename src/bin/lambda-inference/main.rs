@@ -42,8 +42,8 @@ enum Cmd {
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
         max_connections: u64,
     },
-    /// Converts a Hugging Face BERT or XLM-RoBERTa folder (config.json, tokenizer.json,
-    /// model.safetensors) to GGUF.
+    /// Converts a Hugging Face BERT or XLM-RoBERTa folder (config.json, tokenizer.json, and
+    /// model.safetensors, safetensors shards with their index, or pytorch_model.bin) to GGUF.
     Convert {
         /// Storage type of the weight matrices.
         #[arg(long, value_enum, default_value = "q8_0")]
