@@ -296,6 +296,12 @@ fn simd() -> Simd {
     }
 }
 
+/// Weight rows (output columns) per call of the 16-column prefill kernel: one zmm of i32 lanes.
+const GROUP: usize = 16;
+/// Activation rows from which prefill uses it: below, unpacking a group's nibbles costs more than
+/// the per-row kernel loses.
+const MIN_GROUP_ROWS: usize = 8;
+
 /// Weight rows per decode kernel call: two independent FMA chains overlap (one alone waits on
 /// its accumulator every block); four measured no faster (decode waits on memory).
 const DECODE_ROWS: usize = 2;
@@ -312,7 +318,11 @@ fn matmul_with(simd: Simd, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f3
     let threads = rayon::current_num_threads().max(1);
     let total_rows: usize = mats.iter().map(|w| w.n).sum();
     // ~8 tasks per thread: enough to balance, few enough that dispatch stays cheap.
-    let rows_per_task = (total_rows / (threads * 8)).clamp(8, 512);
+    let mut rows_per_task = (total_rows / (threads * 8)).clamp(8, 512);
+    if m > 1 {
+        // Whole groups of 16 weight rows for the 16-column prefill kernel.
+        rows_per_task = rows_per_task.next_multiple_of(GROUP);
+    }
     // Each task owns a contiguous run of weight rows and writes a disjoint slice: of the output
     // itself for decode (m = 1), else of a transposed `[n, m]` buffer copied back afterwards.
     let mut tbufs: Vec<Vec<f32>> = if m == 1 {
@@ -383,7 +393,19 @@ fn matmul_with(simd: Simd, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f3
             }
             return;
         }
-        for jj in 0..rows {
+        // Prefill on AVX-512 VNNI: Q4_1 rows 16 at a time through the 16-column kernel.
+        let mut first = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd == Simd::Vnni && w.format == Format::Q4_1 && m >= MIN_GROUP_ROWS {
+            first = rows / GROUP * GROUP;
+            for (g, o) in out[..first * m].chunks_exact_mut(GROUP * m).enumerate() {
+                // SAFETY: `simd` came from `simd()`, which saw AVX-512 F/VNNI; `data` holds
+                // `rows` whole rows of `rb` bytes, so group `g`'s 16 rows exist; `o` is their
+                // `[16, m]` slice of the transposed buffer.
+                unsafe { x86::q4_1_group16_vnni(&data[g * GROUP * rb..], rb, acts, o) };
+            }
+        }
+        for jj in first..rows {
             let row = &data[jj * rb..(jj + 1) * rb];
             let o = &mut out[jj * m..(jj + 1) * m];
             let mut r = 0;
@@ -734,6 +756,89 @@ pub(super) mod x86 {
         q8_0_rows::<Dpbusd>(row, a, r0, nr, res)
     }
 
+    /// Prefill: 16 Q4_1 weight rows (output columns) times all `a.m` activation rows, into
+    /// `out` (`[16][m]`, the transposed buffer's rows).
+    ///
+    /// The group's nibbles are unpacked once into runs of `[16 columns][4 values]` (values
+    /// `4g..4g + 3` of every column side by side), so that one `vpdpbusd` against 4 broadcast
+    /// activation bytes adds 64 products into the 16 column lanes (u8 nibbles x i8 activations:
+    /// exact, no offset). The float sums are llama.cpp's (`ggml_vec_dot_q4_1_q8_1`) and the
+    /// per-row kernel's, operation for operation, so the results are the same bits: per run of 4
+    /// values a float lane `+= d_w·d_x · Σ4`, over the blocks; the 8 lanes summed in `hsum`'s
+    /// order; plus `Σ m_w·s_x` (multiply, then add). SmolLM2's logits move by up to 0.3 under a
+    /// mere reordering of these sums (the fidelity test's bound against llama.cpp is 0.5), which
+    /// is why the order is kept rather than summing each block's 32 products in i32 first.
+    ///
+    /// # Safety
+    /// AVX-512 F/VNNI; `w` holds 16 rows of `rb` bytes (Q4_1 blocks of `a.k` values); `out`
+    /// holds `16 * a.m` values.
+    #[inline(never)]
+    #[allow(clippy::needless_range_loop)] // rows and runs index two arrays each
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn q4_1_group16_vnni(w: &[u8], rb: usize, a: &QActs, out: &mut [f32]) {
+        const RT: usize = 3;
+        let (m, k) = (a.m, a.k);
+        let kb = k / QK;
+        debug_assert!(w.len() >= 16 * rb && out.len() >= 16 * m && m > 0);
+        // [block][run][column] u32 (4 nibble values each), and [block][column] d and m.
+        let mut wq = vec![0u32; kb * 8 * 16];
+        let mut dw = vec![0f32; kb * 16];
+        let mut mw = vec![0f32; kb * 16];
+        let mut runs = [0u32; 8];
+        for c in 0..16 {
+            for b in 0..kb {
+                let blk = w.as_ptr().add(c * rb + b * 20);
+                dw[b * 16 + c] = f16_at(blk);
+                mw[b * 16 + c] = f16_at(blk.add(2));
+                _mm256_storeu_si256(runs.as_mut_ptr() as *mut __m256i, nibbles(blk));
+                for (g, &v) in runs.iter().enumerate() {
+                    *wq.get_unchecked_mut((b * 8 + g) * 16 + c) = v;
+                }
+            }
+        }
+        for r0 in (0..m).step_by(RT) {
+            let nr = (m - r0).min(RT);
+            // Rows past `m` repeat the last one; their results are not written.
+            let row = |r: usize| (r0 + r).min(m - 1);
+            // Per row and run, a float accumulator over the blocks: llama.cpp's 8 lanes.
+            let mut accf = [[_mm512_setzero_ps(); 8]; RT];
+            let mut summ = [_mm512_setzero_ps(); RT];
+            for b in 0..kb {
+                let dv = _mm512_loadu_ps(dw.as_ptr().add(b * 16));
+                let mv = _mm512_loadu_ps(mw.as_ptr().add(b * 16));
+                let mut d = [_mm512_setzero_ps(); RT];
+                for r in 0..RT {
+                    let i = row(r) * kb + b;
+                    d[r] = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.get_unchecked(i)));
+                    // Not fused, as the per-row kernel (and llama.cpp's scalar sum) does it.
+                    let ms = _mm512_mul_ps(mv, _mm512_set1_ps(*a.s.get_unchecked(i)));
+                    summ[r] = _mm512_add_ps(summ[r], ms);
+                }
+                for g in 0..8 {
+                    let wv = _mm512_loadu_si512(wq.as_ptr().add((b * 8 + g) * 16) as *const _);
+                    for r in 0..RT {
+                        let xr = a.qs.as_ptr().add(row(r) * k + b * QK + g * 4);
+                        let x = _mm512_set1_epi32((xr as *const i32).read_unaligned());
+                        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, x);
+                        accf[r][g] = _mm512_fmadd_ps(d[r], _mm512_cvtepi32_ps(p), accf[r][g]);
+                    }
+                }
+            }
+            for (r, (l, sm)) in accf.iter().zip(&summ).enumerate().take(nr) {
+                // `hsum`'s order over the 8 lanes: ((0+4) + (2+6)) + ((1+5) + (3+7)).
+                let h = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6])),
+                    _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7])),
+                );
+                let mut res = [0f32; 16];
+                _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(h, *sm));
+                for (c, v) in res.iter().enumerate() {
+                    *out.get_unchecked_mut(c * m + r0 + r) = *v;
+                }
+            }
+        }
+    }
+
     #[inline(never)]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     pub unsafe fn q4_1_decode_vnni<const R: usize>(
@@ -795,7 +900,8 @@ mod tests {
             let bytes = random_matrix(format, n, k, &mut r);
             let len = bytes.len();
             let w = QMatrix::new(format, n, k, Arc::new(bytes), 0..len).unwrap();
-            for m in [1, 3, 6] {
+            // 19 and 40: the 16-column prefill kernel on whole groups, plus a partial row tile.
+            for m in [1, 3, 6, 19, 40] {
                 let x: Vec<f32> = (0..m * k).map(|_| r()).collect();
                 let a = QActs::quantize(&x, k);
                 let mut y = vec![0f32; m * n];
@@ -838,7 +944,9 @@ mod tests {
 
     /// Every instruction set this CPU has gives the same bits as AVX2 (the integer sums are
     /// exact, the float operations the same in the same order), and the scalar reference within
-    /// rounding; decode shapes with tails (row counts not a multiple of the rows per call).
+    /// rounding; decode shapes with tails (row counts not a multiple of the rows per call), and
+    /// prefill shapes (m = 19: VNNI's 16-column Q4_1 kernel on whole groups, the per-row kernel
+    /// on the rest, a partial row tile).
     #[test]
     fn every_instruction_set_agrees() {
         let mut r = rng(11);
@@ -854,7 +962,7 @@ mod tests {
                 let bytes = random_matrix(format, n, k, &mut r);
                 let len = bytes.len();
                 let w = QMatrix::new(format, n, k, Arc::new(bytes), 0..len).unwrap();
-                for m in [1, 5] {
+                for m in [1, 5, 19] {
                     let x: Vec<f32> = (0..m * k).map(|_| r()).collect();
                     let a = QActs::quantize(&x, k);
                     let run = |l: Simd| {
