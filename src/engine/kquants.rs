@@ -465,8 +465,11 @@ pub mod avx2 {
     }
 
     /// The 32 unsigned values of a legacy block (nibbles | fifth bit), as bytes.
+    ///
+    /// # Safety
+    /// AVX2; `blk` points at one whole block of `f` (Q4_0, Q5_0 or Q5_1).
     #[inline(always)]
-    unsafe fn legacy_u(f: Format, blk: *const u8) -> __m256i {
+    pub(in crate::engine) unsafe fn legacy_u(f: Format, blk: *const u8) -> __m256i {
         let (qs, qh) = match f {
             Format::Q4_0 => (blk.add(2), None),
             Format::Q5_0 => (blk.add(6), Some(blk.add(2))),

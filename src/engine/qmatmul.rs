@@ -221,6 +221,9 @@ pub struct QActs {
     s: Vec<f32>,
     /// The same rows as llama.cpp's Q8_K (for K-quant weights), when `k` is a multiple of 256.
     k8: Option<kquants::Q8K>,
+    /// `[m, k / 4]` sums of 4 consecutive quants: the offset correction of the 16-column prefill
+    /// kernel for formats stored with an offset. Computed on its first use (never in decode).
+    runs: std::sync::OnceLock<Vec<i32>>,
 }
 
 impl QActs {
@@ -237,6 +240,7 @@ impl QActs {
             k8: k
                 .is_multiple_of(kquants::QK_K)
                 .then(|| kquants::Q8K::quantize(x)),
+            runs: std::sync::OnceLock::new(),
         };
         for (((xb, qb), d), s) in x
             .chunks_exact(QK)
@@ -258,6 +262,16 @@ impl QActs {
             *s = half::f16::from_f32(dd * sum as f32).to_f32();
         }
         a
+    }
+
+    /// Sums of each 4 consecutive quants (`[m, k / 4]`).
+    fn run_sums(&self) -> &[i32] {
+        self.runs.get_or_init(|| {
+            self.qs
+                .chunks_exact(4)
+                .map(|q| q.iter().map(|&v| v as i32).sum())
+                .collect()
+        })
     }
 
     /// The borrowed view [`super::kquants`]' kernels take.
@@ -393,16 +407,17 @@ fn matmul_with(simd: Simd, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f3
             }
             return;
         }
-        // Prefill on AVX-512 VNNI: Q4_1 rows 16 at a time through the 16-column kernel.
+        // Prefill on AVX-512 VNNI: rows of the 32-value block formats 16 at a time through the
+        // 16-column kernel.
         let mut first = 0;
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Vnni && w.format == Format::Q4_1 && m >= MIN_GROUP_ROWS {
+        if simd == Simd::Vnni && x86::groups16(w.format) && m >= MIN_GROUP_ROWS {
             first = rows / GROUP * GROUP;
             for (g, o) in out[..first * m].chunks_exact_mut(GROUP * m).enumerate() {
                 // SAFETY: `simd` came from `simd()`, which saw AVX-512 F/VNNI; `data` holds
                 // `rows` whole rows of `rb` bytes, so group `g`'s 16 rows exist; `o` is their
                 // `[16, m]` slice of the transposed buffer.
-                unsafe { x86::q4_1_group16_vnni(&data[g * GROUP * rb..], rb, acts, o) };
+                unsafe { x86::group16_vnni(w.format, &data[g * GROUP * rb..], rb, acts, o) };
             }
         }
         for jj in first..rows {
@@ -546,7 +561,7 @@ fn use_avx2() -> bool {
 /// summed into an i32 lane ([`Us8`]), and compiled twice: for AVX2 and for AVX-512 VNNI.
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::{QActs, MR, QK};
+    use super::{Format, QActs, MR, QK};
     use std::arch::x86_64::*;
 
     /// Sums of four adjacent `u8 x i8` products per i32 lane, exact (no i16 saturation can
@@ -756,26 +771,36 @@ pub(super) mod x86 {
         q8_0_rows::<Dpbusd>(row, a, r0, nr, res)
     }
 
-    /// Prefill: 16 Q4_1 weight rows (output columns) times all `a.m` activation rows, into
-    /// `out` (`[16][m]`, the transposed buffer's rows).
+    /// Whether [`group16_vnni`] takes the format: the 32-value block formats.
+    pub fn groups16(f: Format) -> bool {
+        matches!(
+            f,
+            Format::Q4_1 | Format::Q8_0 | Format::Q4_0 | Format::Q5_0 | Format::Q5_1
+        )
+    }
+
+    /// Prefill: 16 weight rows (output columns) of a 32-value block format times all `a.m`
+    /// activation rows, into `out` (`[16][m]`, the transposed buffer's rows).
     ///
-    /// The group's nibbles are unpacked once into runs of `[16 columns][4 values]` (values
-    /// `4g..4g + 3` of every column side by side), so that one `vpdpbusd` against 4 broadcast
-    /// activation bytes adds 64 products into the 16 column lanes (u8 nibbles x i8 activations:
-    /// exact, no offset). The float sums are llama.cpp's (`ggml_vec_dot_q4_1_q8_1`) and the
-    /// per-row kernel's, operation for operation, so the results are the same bits: per run of 4
+    /// The group's values are unpacked once, as unsigned bytes `u = q + off` (Q8_0: `q + 128`;
+    /// Q4_0: the nibble, `off` 8; Q5_0: nibble | fifth bit, `off` 16; Q4_1, Q5_1: `off` 0), into
+    /// runs of `[16 columns][4 values]` (values `4g..4g + 3` of every column side by side), so
+    /// that one `vpdpbusd` against 4 broadcast activation bytes adds 64 products into the 16
+    /// column lanes, started at `-off · Σ x` of those 4 activations: exact, the same i32 as the
+    /// signed products. The float sums are llama.cpp's (`ggml_vec_dot_*_q8_0/1`) and the per-row
+    /// kernels', operation for operation, so the results are the same bits: per run of 4
     /// values a float lane `+= d_w·d_x · Σ4`, over the blocks; the 8 lanes summed in `hsum`'s
-    /// order; plus `Σ m_w·s_x` (multiply, then add). SmolLM2's logits move by up to 0.3 under a
+    /// order; plus `Σ m_w·s_x` (multiply, then add) for the formats with a minimum. SmolLM2's logits move by up to 0.3 under a
     /// mere reordering of these sums (the fidelity test's bound against llama.cpp is 0.5), which
     /// is why the order is kept rather than summing each block's 32 products in i32 first.
     ///
     /// # Safety
-    /// AVX-512 F/VNNI; `w` holds 16 rows of `rb` bytes (Q4_1 blocks of `a.k` values); `out`
-    /// holds `16 * a.m` values.
+    /// AVX-512 F/VNNI; `f` passes [`groups16`]; `w` holds 16 rows of `rb` bytes (blocks of `f`,
+    /// `a.k` values); `out` holds `16 * a.m` values.
     #[inline(never)]
     #[allow(clippy::needless_range_loop)] // rows and runs index two arrays each
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn q4_1_group16_vnni(w: &[u8], rb: usize, a: &QActs, out: &mut [f32]) {
+    pub unsafe fn group16_vnni(f: Format, w: &[u8], rb: usize, a: &QActs, out: &mut [f32]) {
         const RT: usize = 3;
         let (m, k) = (a.m, a.k);
         let kb = k / QK;
@@ -784,18 +809,41 @@ pub(super) mod x86 {
         let mut wq = vec![0u32; kb * 8 * 16];
         let mut dw = vec![0f32; kb * 16];
         let mut mw = vec![0f32; kb * 16];
+        let (off, has_min) = match f {
+            Format::Q8_0 => (128, false),
+            Format::Q4_0 => (8, false),
+            Format::Q5_0 => (16, false),
+            _ => (0, true),
+        };
+        let bb = f.block_bytes();
         let mut runs = [0u32; 8];
         for c in 0..16 {
             for b in 0..kb {
-                let blk = w.as_ptr().add(c * rb + b * 20);
+                let blk = w.as_ptr().add(c * rb + b * bb);
                 dw[b * 16 + c] = f16_at(blk);
-                mw[b * 16 + c] = f16_at(blk.add(2));
-                _mm256_storeu_si256(runs.as_mut_ptr() as *mut __m256i, nibbles(blk));
+                let u = match f {
+                    Format::Q4_1 => {
+                        mw[b * 16 + c] = f16_at(blk.add(2));
+                        nibbles(blk)
+                    }
+                    Format::Q8_0 => _mm256_xor_si256(
+                        _mm256_loadu_si256(blk.add(2) as *const __m256i),
+                        _mm256_set1_epi8(-128),
+                    ),
+                    _ => {
+                        if f == Format::Q5_1 {
+                            mw[b * 16 + c] = f16_at(blk.add(2));
+                        }
+                        super::kquants::avx2::legacy_u(f, blk)
+                    }
+                };
+                _mm256_storeu_si256(runs.as_mut_ptr() as *mut __m256i, u);
                 for (g, &v) in runs.iter().enumerate() {
                     *wq.get_unchecked_mut((b * 8 + g) * 16 + c) = v;
                 }
             }
         }
+        let sums: &[i32] = if off == 0 { &[] } else { a.run_sums() };
         for r0 in (0..m).step_by(RT) {
             let nr = (m - r0).min(RT);
             // Rows past `m` repeat the last one; their results are not written.
@@ -810,16 +858,24 @@ pub(super) mod x86 {
                 for r in 0..RT {
                     let i = row(r) * kb + b;
                     d[r] = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.get_unchecked(i)));
-                    // Not fused, as the per-row kernel (and llama.cpp's scalar sum) does it.
-                    let ms = _mm512_mul_ps(mv, _mm512_set1_ps(*a.s.get_unchecked(i)));
-                    summ[r] = _mm512_add_ps(summ[r], ms);
+                    if has_min {
+                        // Not fused, as the per-row kernels (and llama.cpp's scalar sum) do it.
+                        let ms = _mm512_mul_ps(mv, _mm512_set1_ps(*a.s.get_unchecked(i)));
+                        summ[r] = _mm512_add_ps(summ[r], ms);
+                    }
                 }
                 for g in 0..8 {
                     let wv = _mm512_loadu_si512(wq.as_ptr().add((b * 8 + g) * 16) as *const _);
                     for r in 0..RT {
                         let xr = a.qs.as_ptr().add(row(r) * k + b * QK + g * 4);
                         let x = _mm512_set1_epi32((xr as *const i32).read_unaligned());
-                        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, x);
+                        let start = if off == 0 {
+                            _mm512_setzero_si512()
+                        } else {
+                            let run = (row(r) * k + b * QK) / 4 + g;
+                            _mm512_set1_epi32(-off * *sums.get_unchecked(run))
+                        };
+                        let p = _mm512_dpbusd_epi32(start, wv, x);
                         accf[r][g] = _mm512_fmadd_ps(d[r], _mm512_cvtepi32_ps(p), accf[r][g]);
                     }
                 }
@@ -831,7 +887,8 @@ pub(super) mod x86 {
                     _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7])),
                 );
                 let mut res = [0f32; 16];
-                _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(h, *sm));
+                let h = if has_min { _mm512_add_ps(h, *sm) } else { h };
+                _mm512_storeu_ps(res.as_mut_ptr(), h);
                 for (c, v) in res.iter().enumerate() {
                     *out.get_unchecked_mut(c * m + r0 + r) = *v;
                 }
@@ -886,6 +943,14 @@ mod tests {
                     out.extend((0..16).map(|_| ((r() + 1.0) * 127.0) as u8));
                 }
                 Format::Q8_0 => out.extend((0..32).map(|_| (r() * 127.0) as i8 as u8)),
+                // Legacy blocks: {d, [m], [qh], nibbles}; any bytes after the scales are valid.
+                Format::Q4_0 | Format::Q5_0 | Format::Q5_1 => {
+                    if format == Format::Q5_1 {
+                        out.extend(half::f16::from_f32(r() * 0.3).to_le_bytes());
+                    }
+                    let rest = format.block_bytes() - if format == Format::Q5_1 { 4 } else { 2 };
+                    out.extend((0..rest).map(|_| ((r() + 1.0) * 127.0) as u8));
+                }
                 _ => unreachable!("kquants has its own tests"),
             }
         }
@@ -957,7 +1022,14 @@ mod tests {
                 _ => use_avx2() && crate::engine::qgemm::use_vnni(),
             })
             .collect();
-        for format in [Format::Q4_1, Format::Q8_0] {
+        let formats = [
+            Format::Q4_1,
+            Format::Q8_0,
+            Format::Q4_0,
+            Format::Q5_0,
+            Format::Q5_1,
+        ];
+        for format in formats {
             for (n, k) in [(1, 32), (7, 64), (45, 160)] {
                 let bytes = random_matrix(format, n, k, &mut r);
                 let len = bytes.len();
