@@ -78,7 +78,7 @@ enum Packed {
     /// unsigned by signed bytes, so the weights are stored offset (`q + 128`, exact) and
     /// `128 · Σ x` per row and block, computed while quantizing, undoes the offset exactly.
     Vnni {
-        /// `[n / 16][k / 32][8 runs][16 columns][4]` quants + 128.
+        /// `[n / 16][k / 32][8 runs][16 columns][4]` quants + 128 (as stored with `amx`).
         w: Vec<u8>,
         /// `[n / 16][k / 32][16 columns]` block scales.
         ds: Vec<f32>,
@@ -724,7 +724,7 @@ mod vnni {
     use super::{Out, BLOCK, MRV, NV};
     use std::arch::x86_64::*;
 
-    /// MRV rows times one group of 16 columns over `k`, into `out[r][column]`.
+    /// MRV rows times one group of 16 columns over `k`, plus the bias, into `out`.
     ///
     /// Per block: 8 runs of 4 quants; per run one weight load (16 columns x 4 bytes, one zmm)
     /// serves the MRV rows, each adding `u8(w) · i8(x)` over 4 bytes into its 16 column lanes
@@ -736,7 +736,8 @@ mod vnni {
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA, AVX-512F/VNNI. `xq` holds `MRV * k` quants, `xd` and `xc`
-    /// `MRV * k/32` values (`[row][block]`), `w` `k/32 * 512` quants, `ds` `k/32 * 16` scales.
+    /// `MRV * k/32` values (`[row][block]`), `w` `k/32 * 512` quants, `ds` `k/32 * 16` scales;
+    /// `out` fits MRV rows.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vnni")]
     pub unsafe fn tile(
         xq: &[i8],
@@ -886,29 +887,42 @@ mod amx {
         false
     }
 
-    /// Palette 1, all 8 tiles 16 rows x 64 bytes.
+    /// A tile configuration (`ldtilecfg`'s 64-byte operand).
     #[repr(C, align(64))]
     struct Config([u8; 64]);
 
-    const CONFIG: Config = {
+    /// Palette 1 with tiles `0..shapes.len()` of `(rows, bytes per row)`.
+    const fn palette(shapes: &[(u8, u8)]) -> Config {
         let mut c = [0u8; 64];
         c[0] = 1;
         let mut t = 0;
-        while t < 8 {
-            c[16 + 2 * t] = 64;
-            c[48 + t] = 16;
+        while t < shapes.len() {
+            c[16 + 2 * t] = shapes[t].1;
+            c[48 + t] = shapes[t].0;
             t += 1;
         }
         Config(c)
-    };
+    }
 
-    /// Loads the tile configuration on this thread.
+    /// The bf16 kernel's: all 8 tiles 16 rows x 64 bytes.
+    const CONFIG: Config = palette(&[(16, 64); 8]);
+
+    /// Loads `c` on this thread.
+    ///
+    /// # Safety
+    /// [`usable`] must have returned true.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load(c: &Config) {
+        std::arch::asm!("ldtilecfg [{0}]", in(reg) c.0.as_ptr(), options(nostack));
+    }
+
+    /// Loads the bf16 kernel's tile configuration on this thread.
     ///
     /// # Safety
     /// [`usable`] must have returned true.
     #[cfg(target_arch = "x86_64")]
     pub unsafe fn configure() {
-        std::arch::asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
+        load(&CONFIG)
     }
 
     /// Releases the tile state of this thread.
@@ -925,18 +939,7 @@ mod amx {
 
     /// The int8 kernel's palette: tiles 0-1 the i32 results (16 x 16), 2 the activations (16
     /// rows x one 32-byte block), 3 the weights (8 rows of 16 columns x 4 bytes).
-    const CONFIG_I8: Config = {
-        let mut c = [0u8; 64];
-        c[0] = 1;
-        let shapes = [(16u8, 64u8), (16, 64), (16, 32), (8, 64)];
-        let mut t = 0;
-        while t < 4 {
-            c[16 + 2 * t] = shapes[t].1;
-            c[48 + t] = shapes[t].0;
-            t += 1;
-        }
-        Config(c)
-    };
+    const CONFIG_I8: Config = palette(&[(16, 64), (16, 64), (16, 32), (8, 64)]);
 
     /// Loads the int8 kernel's tile configuration on this thread.
     ///
@@ -944,10 +947,10 @@ mod amx {
     /// [`usable`] must have returned true.
     #[cfg(target_arch = "x86_64")]
     pub unsafe fn configure_i8() {
-        std::arch::asm!("ldtilecfg [{0}]", in(reg) CONFIG_I8.0.as_ptr(), options(nostack));
+        load(&CONFIG_I8)
     }
 
-    /// 16 rows times one group of 16 columns over `k`, into `out[r][column]`, on the VNNI
+    /// 16 rows times one group of 16 columns over `k`, plus the bias, into `out`, on the VNNI
     /// layout (quants not offset): per block one `tdpbssd` (16 x 16 x 32 signed products, i32),
     /// stored, then per row the VNNI kernel's epilogue without its offset correction (convert,
     /// FMA with `d_w · d_x`): the same integers and float operations, so the same bits. The
@@ -955,8 +958,8 @@ mod amx {
     /// the products of 4 blocks ahead of the epilogue that reads them.
     ///
     /// # Safety
-    /// [`configure_i8`] ran on this thread; `xq` holds `16 * k` quants, `xd` and `xc` `16 * k/32`
-    /// values (`[row][block]`), `w` `k/32 * 512` quants, `ds` `k/32 * 16` scales.
+    /// [`configure_i8`] ran on this thread; `xq` holds `16 * k` quants, `xd` `16 * k/32` scales
+    /// (`[row][block]`), `w` `k/32 * 512` quants, `ds` `k/32 * 16` scales; `out` fits 16 rows.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,avx512f")]
     pub unsafe fn tile_i8(xq: &[i8], xd: &[f32], w: &[u8], ds: &[f32], k: usize, out: super::Out) {
