@@ -790,9 +790,10 @@ pub(super) mod x86 {
     /// signed products. The float sums are llama.cpp's (`ggml_vec_dot_*_q8_0/1`) and the per-row
     /// kernels', operation for operation, so the results are the same bits: per run of 4
     /// values a float lane `+= d_w·d_x · Σ4`, over the blocks; the 8 lanes summed in `hsum`'s
-    /// order; plus `Σ m_w·s_x` (multiply, then add) for the formats with a minimum. SmolLM2's logits move by up to 0.3 under a
-    /// mere reordering of these sums (the fidelity test's bound against llama.cpp is 0.5), which
-    /// is why the order is kept rather than summing each block's 32 products in i32 first.
+    /// order; plus `Σ m_w·s_x` (multiply, then add) for the formats with a minimum. Why not sum
+    /// each block's 32 products in i32 first (fewer instructions, as accurate): that mere
+    /// reordering moved SmolLM2's logits past fidelity_smollm2's bound against llama.cpp
+    /// (docs/performance.md has the figures).
     ///
     /// # Safety
     /// AVX-512 F/VNNI; `f` passes [`groups16`]; `w` holds 16 rows of `rb` bytes (blocks of `f`,
@@ -805,7 +806,7 @@ pub(super) mod x86 {
         let (m, k) = (a.m, a.k);
         let kb = k / QK;
         debug_assert!(w.len() >= 16 * rb && out.len() >= 16 * m && m > 0);
-        // [block][run][column] u32 (4 nibble values each), and [block][column] d and m.
+        // [block][run][column] u32 (4 unsigned values each), and [block][column] d and m.
         let mut wq = vec![0u32; kb * 8 * 16];
         let mut dw = vec![0f32; kb * 16];
         let mut mw = vec![0f32; kb * 16];

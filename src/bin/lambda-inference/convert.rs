@@ -1,8 +1,9 @@
 //! Hugging Face BERT or XLM-RoBERTa folder -> one GGUF file (the `convert` subcommand).
 //!
 //! Owns: reading a sentence-transformers / Hugging Face BERT folder (`config.json`,
-//! `tokenizer.json`, the weights (see [`weight_files`]), optional `modules.json`, `1_Pooling/config.json`,
-//! `sentence_bert_config.json`, `tokenizer_config.json`, `special_tokens_map.json`), mapping its
+//! `tokenizer.json`, the weights (see [`weight_files`]), optional `modules.json`,
+//! `1_Pooling/config.json`, `sentence_bert_config.json`, `tokenizer_config.json`,
+//! `special_tokens_map.json`), mapping its
 //! tensors to llama.cpp's BERT names, quantizing the matrices, and writing one self-contained GGUF
 //! whose keys and tensor names are the constants in [`lambda_inference::engine::gguf`] (the
 //! contract with the engine that reads the file). A `BertForSequenceClassification` with one
