@@ -16,8 +16,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    engine_error, limits, meter, parse_body, trim_heap, CallOptions, CostModel, Limits, Service,
-    MAX_RESPONSE_BYTES, NOT_STARTED_CODE, TRIM_ABOVE_BYTES,
+    engine_error, limits, meter, parse_body, trim_after, CallOptions, CostModel, Limits, Service,
+    MAX_RESPONSE_BYTES, NOT_STARTED_CODE,
 };
 use crate::api::routes;
 use crate::engine::{EmbedOutput, Embedder, Engine, EngineError};
@@ -359,6 +359,7 @@ async fn run(
         if let EngineError::DeadlineReached { tokens_done } = e {
             // What was done still tells what the rest would cost.
             cost.observe_embed(t.elapsed(), tokens_done);
+            trim_after(text_bytes, 0, tokens_done);
         }
         engine_error(e)
     })?;
@@ -367,9 +368,11 @@ async fn run(
         s.input_tokens += out.token_counts.iter().sum::<usize>() as u64;
         s.engine += t.elapsed();
     });
-    if text_bytes > TRIM_ABOVE_BYTES || out.embeddings.len() > 256 {
-        trim_heap();
-    }
+    trim_after(
+        text_bytes,
+        out.embeddings.len(),
+        out.token_counts.iter().sum(),
+    );
     Ok(out)
 }
 

@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    engine_error, limits, meter, not_started, parse_body, trim_heap, ApiResponse, CallOptions,
-    CostModel, Limits, Reply, Service, SseStream, Streaming, DEADLINE_MARGIN, TRIM_ABOVE_BYTES,
+    engine_error, limits, meter, not_started, parse_body, trim_after, ApiResponse, CallOptions,
+    CostModel, Limits, Reply, Service, SseStream, Streaming, DEADLINE_MARGIN,
 };
 use crate::api::routes;
 use crate::engine::{
@@ -598,10 +598,9 @@ fn prompt_ids(
         ));
     }
     let ids = gen.tokenize(&text).map_err(engine_error);
-    if text.len() > TRIM_ABOVE_BYTES {
-        drop(text);
-        trim_heap();
-    }
+    let text_bytes = text.len();
+    drop(text);
+    trim_after(text_bytes, 0, 0);
     let ids = ids?;
     if ids.len() > limit {
         return Err(limits::too_many_tokens(

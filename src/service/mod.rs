@@ -278,13 +278,25 @@ fn engine_error(e: EngineError) -> ApiError {
     }
 }
 
-/// Requests with more text than this hand their freed memory back to the OS afterwards.
+/// Requests past any of these hand their freed memory back to the OS afterwards: the text (token
+/// records), the items (one output each) or the tokens run (activations grow with tokens x width;
+/// 32 full 256-token windows left 13-24 MB behind at random in tests/memory.rs, where glibc's
+/// dynamic trim threshold, up to 64 MB, kept the top of the heap).
 const TRIM_ABOVE_BYTES: usize = 256 * 1024;
+const TRIM_ABOVE_ITEMS: usize = 256;
+const TRIM_ABOVE_TOKENS: usize = 2048;
+
+/// Trims the heap ([`trim_heap`]) after a request this large; a no-op for ordinary requests,
+/// whose millisecond the trim would add to.
+pub fn trim_after(text_bytes: usize, items: usize, tokens: usize) {
+    if text_bytes > TRIM_ABOVE_BYTES || items > TRIM_ABOVE_ITEMS || tokens > TRIM_ABOVE_TOKENS {
+        trim_heap();
+    }
+}
 
 /// Returns freed heap memory to the OS. glibc keeps what a large request freed (token records,
-/// activations) in its arenas, one per thread that allocated, so RSS would stay at the request's
-/// peak for the environment's life, and Lambda bills memory by the configured size but kills at
-/// it. Costs about a millisecond; called only after large requests.
+/// activations) in its arena, so RSS would stay at the request's peak for the environment's life,
+/// and Lambda bills memory by the configured size but kills at it. Costs about a millisecond.
 pub fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.

@@ -20,8 +20,8 @@ use serde_json::{json, Value};
 
 use super::embeddings::f32_json;
 use super::{
-    engine_error, limits, meter, parse_body, trim_heap, CallOptions, CostModel, Limits, Service,
-    MAX_RESPONSE_BYTES, TRIM_ABOVE_BYTES,
+    engine_error, limits, meter, parse_body, trim_after, CallOptions, CostModel, Limits, Service,
+    MAX_RESPONSE_BYTES,
 };
 use crate::api::routes;
 use crate::engine::{Engine, EngineError, RerankOutput, Reranker};
@@ -319,9 +319,7 @@ async fn run(
         s.input_tokens += tokens as u64;
         s.engine += t.elapsed();
     });
-    if text_bytes > TRIM_ABOVE_BYTES || out.scores.len() > 256 {
-        trim_heap();
-    }
+    trim_after(text_bytes, out.scores.len(), tokens);
     Ok(out)
 }
 
