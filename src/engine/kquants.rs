@@ -495,12 +495,37 @@ pub mod avx2 {
         )
     }
 
+    /// [`dot_signed`] with AVX-512 VNNI's `vpdpbusd` (on 256-bit vectors): the same i32 lanes
+    /// (no pair of products comes near i16 saturation: |w| <= 16 here), one instruction for two.
+    #[inline(always)]
+    unsafe fn dot_signed_vnni(w: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(
+            _mm256_setzero_si256(),
+            _mm256_sign_epi8(w, w),
+            _mm256_sign_epi8(y, w),
+        )
+    }
+
     /// One legacy block (Q4_0, Q5_0, Q5_1) times one 32-value activation block: the i32 lanes.
     #[inline(always)]
     unsafe fn legacy_dot(f: Format, u: __m256i, y: __m256i) -> __m256i {
+        legacy_dot_with::<false>(f, u, y)
+    }
+
+    /// [`legacy_dot`], by `vpdpbusd` when `VNNI` (the caller enables AVX-512 VNNI).
+    #[inline(always)]
+    unsafe fn legacy_dot_with<const VNNI: bool>(f: Format, u: __m256i, y: __m256i) -> __m256i {
+        let signed = |w| {
+            if VNNI {
+                dot_signed_vnni(w, y)
+            } else {
+                dot_signed(w, y)
+            }
+        };
         match f {
-            Format::Q4_0 => dot_signed(_mm256_sub_epi8(u, _mm256_set1_epi8(8)), y),
-            Format::Q5_0 => dot_signed(_mm256_sub_epi8(u, _mm256_set1_epi8(16)), y),
+            Format::Q4_0 => signed(_mm256_sub_epi8(u, _mm256_set1_epi8(8))),
+            Format::Q5_0 => signed(_mm256_sub_epi8(u, _mm256_set1_epi8(16))),
+            _ if VNNI => _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, y),
             _ => _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1)),
         }
     }
@@ -552,6 +577,26 @@ pub mod avx2 {
     #[inline(never)]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn legacy_pair(f: Format, w0: &[u8], w1: &[u8], a: &Acts) -> [f32; 2] {
+        legacy_pair_with::<false>(f, w0, w1, a)
+    }
+
+    /// [`legacy_pair`] on AVX-512 VNNI: the same bits.
+    ///
+    /// # Safety
+    /// As [`legacy_pair`], and the CPU has AVX-512 F, VL and VNNI.
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn legacy_pair_vnni(f: Format, w0: &[u8], w1: &[u8], a: &Acts) -> [f32; 2] {
+        legacy_pair_with::<true>(f, w0, w1, a)
+    }
+
+    #[inline(always)]
+    unsafe fn legacy_pair_with<const VNNI: bool>(
+        f: Format,
+        w0: &[u8],
+        w1: &[u8],
+        a: &Acts,
+    ) -> [f32; 2] {
         let kb = a.k / 32;
         let bb = f.block_bytes();
         let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
@@ -563,7 +608,7 @@ pub mod avx2 {
             let dx = *a.d.get_unchecked(b);
             for (i, p) in [p0, p1].into_iter().enumerate() {
                 let blk = p.add(b * bb);
-                let prod = legacy_dot(f, legacy_u(f, blk), y);
+                let prod = legacy_dot_with::<VNNI>(f, legacy_u(f, blk), y);
                 let d = _mm256_set1_ps(f16_at(blk) * dx);
                 acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc[i]);
                 if f == Format::Q5_1 {

@@ -586,16 +586,55 @@ fn quantize_row_scalar(x: &[f32], q: &mut [i8], mut scale: impl FnMut(usize, f32
     }
 }
 
-/// One block of [`quantize_row_scalar`] in four 8-lane registers: `max|x|` by `vmaxps` on the
-/// values with their sign cleared, `x * (1/d)` rounded to nearest even by `vcvtps2dq` (the
-/// default rounding mode), packed to i8 with saturation (|q| <= 127, so it never saturates).
-/// Returns `d`.
+/// One block of [`quantize_row_scalar`]. Returns `d`.
 ///
 /// # Safety
 /// The CPU must have AVX2; `x` and `q` hold BLOCK values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8]) -> f32 {
+    let (amax, _) = quantize_block_by(x, q, |amax| {
+        let d = amax / 127.0;
+        if d > 0.0 {
+            1.0 / d
+        } else {
+            0.0
+        }
+    });
+    amax / 127.0
+}
+
+/// One block the way llama.cpp's AVX2 `quantize_row_q8_1` does it (the generation kernels'
+/// activations, [`super::qmatmul::QActs`]): `x * (127 / max|x|)` rounded to nearest even.
+/// Returns `(max|x|, Σq)`.
+///
+/// # Safety
+/// The CPU must have AVX2; `x` and `q` hold BLOCK values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_block_q8_1_avx2(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    let (amax, sums) = quantize_block_by(x, q, |amax| if amax > 0.0 { 127.0 / amax } else { 0.0 });
+    let s = _mm_add_epi32(
+        _mm256_castsi256_si128(sums),
+        _mm256_extracti128_si256(sums, 1),
+    );
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    (amax, _mm_cvtsi128_si32(s))
+}
+
+/// A block of 32 in four 8-lane registers: `max|x|` by `vmaxps` on the values with their sign
+/// cleared, `x * inv(max|x|)` rounded to nearest even by `vcvtps2dq` (the default rounding
+/// mode), packed to i8 with saturation (|q| <= 127, so it never saturates). Returns `max|x|` and
+/// the quants' sums in 8 i32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn quantize_block_by(
+    x: &[f32],
+    q: &mut [i8],
+    inv: impl FnOnce(f32) -> f32,
+) -> (f32, std::arch::x86_64::__m256i) {
     use std::arch::x86_64::*;
     debug_assert!(x.len() >= BLOCK && q.len() >= BLOCK);
     let p = x.as_ptr();
@@ -614,8 +653,7 @@ unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8]) -> f32 {
     let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     let m = _mm_max_ss(m, _mm_movehdup_ps(m));
     let amax = _mm_cvtss_f32(m);
-    let d = amax / 127.0;
-    let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let id = _mm256_set1_ps(inv(amax));
     let i = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, id)));
     // packs interleave 128-bit lanes: [0a 1a 0b 1b] then [lo hi] per lane; the permute puts the
     // 32 bytes back in order.
@@ -624,7 +662,8 @@ unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8]) -> f32 {
     let b = _mm256_packs_epi16(w01, w23);
     let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b);
-    d
+    let sums = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    (amax, sums)
 }
 
 /// f32 -> bf16 bits, rounded to nearest even (activations and weights are finite).

@@ -227,8 +227,18 @@ pub struct QActs {
 }
 
 impl QActs {
-    /// Quantizes `x` (`m` rows of `k`).
+    /// Quantizes `x` (`m` rows of `k`), with the Q8_K rows whenever `k` allows them.
     pub fn quantize(x: &[f32], k: usize) -> Self {
+        Self::build(x, k, true)
+    }
+
+    /// Quantizes `x` for `mats` only: the Q8_K rows just when one of them is a K-quant (for a
+    /// Q4_1 model they were a sixth of the quantization's time in decode, for nothing).
+    pub fn quantize_for(x: &[f32], k: usize, mats: &[&QMatrix]) -> Self {
+        Self::build(x, k, mats.iter().any(|w| kquants::is_k_quant(w.format)))
+    }
+
+    fn build(x: &[f32], k: usize, with_k8: bool) -> Self {
         let m = x.len() / k;
         let nb = m * k / QK;
         let mut a = QActs {
@@ -237,27 +247,26 @@ impl QActs {
             qs: vec![0; m * k],
             d: vec![0.0; nb],
             s: vec![0.0; nb],
-            k8: k
-                .is_multiple_of(kquants::QK_K)
-                .then(|| kquants::Q8K::quantize(x)),
+            k8: (with_k8 && k.is_multiple_of(kquants::QK_K)).then(|| kquants::Q8K::quantize(x)),
             runs: std::sync::OnceLock::new(),
         };
+        let simd = use_avx2();
         for (((xb, qb), d), s) in x
             .chunks_exact(QK)
             .zip(a.qs.chunks_exact_mut(QK))
             .zip(a.d.iter_mut())
             .zip(a.s.iter_mut())
         {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            #[cfg(target_arch = "x86_64")]
+            let (amax, sum) = if simd {
+                // SAFETY: AVX2 is present (use_avx2); both blocks hold QK values.
+                unsafe { super::qgemm::quantize_block_q8_1_avx2(xb, qb) }
+            } else {
+                quantize_block_scalar(xb, qb)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (amax, sum) = quantize_block_scalar(xb, qb);
             let dd = amax / 127.0;
-            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                // llama.cpp's AVX2 path rounds half to even (_mm256_round_ps, nearest).
-                let r = (v * id).round_ties_even() as i8;
-                *q = r;
-                sum += r as i32;
-            }
             *d = half::f16::from_f32(dd).to_f32();
             *s = half::f16::from_f32(dd * sum as f32).to_f32();
         }
@@ -284,6 +293,21 @@ impl QActs {
             k8: self.k8.as_ref(),
         }
     }
+}
+
+/// One block of 32 as llama.cpp's `quantize_row_q8_1` does it: `x * (127 / max|x|)` rounded
+/// half to even (its AVX2 path's `_mm256_round_ps`). Returns `(max|x|, Σq)`; the reference for
+/// the AVX2 version in `qgemm`.
+fn quantize_block_scalar(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qb.iter_mut().zip(xb) {
+        let r = (v * id).round_ties_even() as i8;
+        *q = r;
+        sum += r as i32;
+    }
+    (amax, sum)
 }
 
 /// Input rows per kernel call: each weight block decoded is reused across this many rows.
@@ -381,6 +405,15 @@ fn matmul_with(simd: Simd, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f3
                     }
                     (_, Format::Q8_0) => {
                         x86::q8_0_decode_avx2::<DECODE_ROWS>(data, rb, acts, &mut out[..whole])
+                    }
+                    (Simd::Vnni, f) if !kquants::is_k_quant(f) => {
+                        let v = acts.view();
+                        for (g, o) in out[..whole].chunks_exact_mut(2).enumerate() {
+                            let row = |j: usize| &data[j * rb..(j + 1) * rb];
+                            let r =
+                                kquants::avx2::legacy_pair_vnni(f, row(2 * g), row(2 * g + 1), &v);
+                            o.copy_from_slice(&r);
+                        }
                     }
                     (_, f) => {
                         let v = acts.view();
@@ -1137,6 +1170,37 @@ mod tests {
             "prefill 116 x 4 layers: avx2 {:.2} ms, vnni {:.2} ms (min of 5)",
             bestp[0], bestp[1]
         );
+    }
+
+    /// The AVX2 activation quantizer gives the scalar reference's quants, scales and sums, bit
+    /// for bit: exact halves (where rounding modes differ), zero blocks, tiny and large values.
+    #[test]
+    fn activation_quantization_simd_equals_scalar() {
+        let mut r = rng(0x9e37_79b9_7f4a_7c15);
+        for k in [32usize, 576, 1536] {
+            for scale in [0.0f32, 1e-7, 1.0, 413.0] {
+                let mut x: Vec<f32> = (0..3 * k).map(|_| r() * scale).collect();
+                // Every third block: max|x| = 127, so the scale is exactly 1 and the other
+                // values, n + 0.5, sit where half-to-even and half-away-from-zero differ.
+                for xb in x.chunks_exact_mut(QK).step_by(3) {
+                    xb[0] = 127.0;
+                    for (j, v) in xb.iter_mut().enumerate().skip(1) {
+                        *v = j as f32 * 2.0 - 31.5;
+                    }
+                }
+                x[..QK].iter_mut().for_each(|v| *v = 0.0);
+                let a = QActs::quantize(&x, k);
+                for (b, xb) in x.chunks_exact(QK).enumerate() {
+                    let mut q = [0i8; QK];
+                    let (amax, sum) = quantize_block_scalar(xb, &mut q);
+                    assert_eq!(&a.qs[b * QK..(b + 1) * QK], &q, "k {k} block {b}");
+                    let dd = amax / 127.0;
+                    assert_eq!(a.d[b].to_bits(), half::f16::from_f32(dd).to_f32().to_bits());
+                    let sd = half::f16::from_f32(dd * sum as f32).to_f32();
+                    assert_eq!(a.s[b].to_bits(), sd.to_bits(), "k {k} block {b}");
+                }
+            }
+        }
     }
 
     #[test]
