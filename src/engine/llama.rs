@@ -484,7 +484,16 @@ impl LlamaModel {
 
     /// Runs `tokens` (positions `state.len..`) through the model as one batch, appends their
     /// keys and values to `state`, and returns the logits of the last token.
+    ///
+    /// The pass runs on a compute-pool thread (`rayon::scope` moves it there from any other
+    /// thread): its ~5 parallel ops per layer then fork from inside the pool, the forking thread
+    /// working on its share while the others steal theirs, instead of each op parking the caller
+    /// and waking it through a futex when done (13% of a decode profile was that scheduling).
     pub fn forward(&self, state: &mut State, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        rayon::scope(|_| self.forward_in_pool(state, tokens))
+    }
+
+    fn forward_in_pool(&self, state: &mut State, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
         let cfg = &self.cfg;
         let (t, d, qd, kvd) = (tokens.len(), cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
         if t == 0 {
@@ -517,12 +526,9 @@ impl LlamaModel {
         let mut up = vec![0f32; t * cfg.n_ff];
         for (l, b) in self.blocks.iter().enumerate() {
             rms_norm(&x, &b.attn_norm, cfg.rms_eps, &mut h);
-            let a = QActs::quantize(&h, d);
-            matmul_many(
-                &[&b.attn_q, &b.attn_k, &b.attn_v],
-                &a,
-                &mut [&mut q, &mut k, &mut v],
-            );
+            let qkv = [&b.attn_q, &b.attn_k, &b.attn_v];
+            let a = QActs::quantize_for(&h, d, &qkv);
+            matmul_many(&qkv, &a, &mut [&mut q, &mut k, &mut v]);
             if let Some([bq, bk, bv]) = &b.qkv_bias {
                 add_bias(&mut q, bq);
                 add_bias(&mut k, bk);
@@ -538,17 +544,18 @@ impl LlamaModel {
             state.k[l].extend(k.iter().map(|&x| round_f16(x)));
             state.v[l].extend(v.iter().map(|&x| round_f16(x)));
             attention(cfg, &q, &state.k[l], &state.v[l], pos0, &mut att);
-            let a = QActs::quantize(&att, qd);
+            let a = QActs::quantize_for(&att, qd, &[&b.attn_output]);
             matmul_many(&[&b.attn_output], &a, &mut [&mut o]);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
 
             rms_norm(&x, &b.ffn_norm, cfg.rms_eps, &mut h);
-            let a = QActs::quantize(&h, d);
-            matmul_many(&[&b.ffn_gate, &b.ffn_up], &a, &mut [&mut gate, &mut up]);
+            let gate_up = [&b.ffn_gate, &b.ffn_up];
+            let a = QActs::quantize_for(&h, d, &gate_up);
+            matmul_many(&gate_up, &a, &mut [&mut gate, &mut up]);
             gate.iter_mut()
                 .zip(&up)
                 .for_each(|(g, u)| *g = silu(*g) * u);
-            let a = QActs::quantize(&gate, cfg.n_ff);
+            let a = QActs::quantize_for(&gate, cfg.n_ff, &[&b.ffn_down]);
             matmul_many(&[&b.ffn_down], &a, &mut [&mut o]);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         }
@@ -560,7 +567,7 @@ impl LlamaModel {
         let mut logits = vec![0f32; cfg.vocab_size];
         matmul_many(
             &[&self.output],
-            &QActs::quantize(&hn, d),
+            &QActs::quantize_for(&hn, d, &[&self.output]),
             &mut [&mut logits],
         );
         Ok(logits)
@@ -851,6 +858,80 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// [`dot`] of `a` with four vectors: each result is the same sum in the same order, bit for bit;
+/// the four chains of adds overlap instead of each waiting on its own (attention's scores).
+fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    assert!(b.iter().all(|b| b.len() == a.len()));
+    let n = a.len() / 8 * 8;
+    let mut lanes = [[0f32; 8]; 4];
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    // SAFETY: AVX is enabled for the whole build (target_feature); every load reads 8 values
+    // below `n`, within all five slices (same length, asserted).
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in (0..n).step_by(8) {
+            let x = _mm256_loadu_ps(a.as_ptr().add(c));
+            for (acc, b) in acc.iter_mut().zip(&b) {
+                // Not fused: `dot` rounds the product, then the sum.
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, _mm256_loadu_ps(b.as_ptr().add(c))));
+            }
+        }
+        for (l, acc) in lanes.iter_mut().zip(acc) {
+            _mm256_storeu_ps(l.as_mut_ptr(), acc);
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    for c in (0..n).step_by(8) {
+        for (l, b) in lanes.iter_mut().zip(&b) {
+            for i in 0..8 {
+                l[i] += a[c + i] * b[c + i];
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for ((o, l), b) in out.iter_mut().zip(&lanes).zip(&b) {
+        let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
+        *o = l.iter().sum::<f32>() + tail;
+    }
+    out
+}
+
+/// `r += (s * inv) * v_j` over the rows `v_j` (row `j` at `v[j * stride..][..r.len()]`) for
+/// each score `s_j`, in that order for every element (bit for bit the plain loop), with `r`
+/// held in registers 32 values at a time instead of loaded and stored once per row.
+fn weighted_rows(r: &mut [f32], scores: &[f32], inv: f32, v: &[f32], stride: usize) {
+    let hd = r.len();
+    assert!(scores.is_empty() || (scores.len() - 1) * stride + hd <= v.len());
+    let mut e = 0;
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    // SAFETY: AVX is enabled for the whole build; loads and stores stay within `r` (e + 32 or
+    // e + 8 <= hd) and within row j of `v` (asserted above).
+    unsafe {
+        use std::arch::x86_64::*;
+        while e + 32 <= hd {
+            let mut acc = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(r.as_ptr().add(e + o)));
+            for (j, &s) in scores.iter().enumerate() {
+                let p = _mm256_set1_ps(s * inv);
+                let vj = v.as_ptr().add(j * stride + e);
+                for (o, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(p, _mm256_loadu_ps(vj.add(8 * o))));
+                }
+            }
+            for (o, acc) in acc.into_iter().enumerate() {
+                _mm256_storeu_ps(r.as_mut_ptr().add(e + 8 * o), acc);
+            }
+            e += 32;
+        }
+    }
+    let r = &mut r[e..];
+    for (j, &s) in scores.iter().enumerate() {
+        let p = s * inv;
+        let vj = &v[j * stride + e..j * stride + hd];
+        r.iter_mut().zip(vj).for_each(|(r, v)| *r += p * v);
+    }
+}
+
 #[inline(never)] // a profile line of its own
 /// Causal grouped-query attention of `t` new queries (positions `pos0..pos0 + t`) over the cache
 /// (`pos0 + t` positions). One task per head; `out` is `[t, n_head * head_dim]`.
@@ -869,9 +950,19 @@ fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, out: 
             for i in 0..t {
                 let n = pos0 + i + 1;
                 let qh = &q[i * d + h * hd..i * d + (h + 1) * hd];
+                let key = |j: usize| &kc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
                 let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores[..n].iter_mut().enumerate() {
-                    *s = dot(qh, &kc[j * kvd + g * hd..j * kvd + (g + 1) * hd]) * scale;
+                let whole = n / 4 * 4;
+                for (j, s) in scores[..whole].chunks_exact_mut(4).enumerate() {
+                    let j = 4 * j;
+                    let d4 = dot4(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+                    for (s, d) in s.iter_mut().zip(d4) {
+                        *s = d * scale;
+                        max = max.max(*s);
+                    }
+                }
+                for (j, s) in scores[whole..n].iter_mut().enumerate() {
+                    *s = dot(qh, key(whole + j)) * scale;
                     max = max.max(*s);
                 }
                 let mut sum = 0f32;
@@ -881,11 +972,7 @@ fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, out: 
                 }
                 let inv = 1.0 / sum;
                 let r = &mut res[i * hd..(i + 1) * hd];
-                for (j, s) in scores[..n].iter().enumerate() {
-                    let p = s * inv;
-                    let vj = &vc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                    r.iter_mut().zip(vj).for_each(|(r, v)| *r += p * v);
-                }
+                weighted_rows(r, &scores[..n], inv, &vc[g * hd..], kvd);
             }
             res
         })
@@ -913,6 +1000,59 @@ mod tests {
         assert!((n0 - n1).abs() < 1e-4);
         assert!((x[0] - (1.0 * 1f32.cos() - 2.0 * 1f32.sin())).abs() < 1e-6);
         assert_eq!(&x[4..], &[5.0, 6.0, 7.0, 8.0]);
+    }
+
+    /// dot4 is four `dot`s, bit for bit, on lengths with and without a tail.
+    #[test]
+    fn dot4_is_four_dots() {
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut r = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        };
+        for n in [1usize, 8, 13, 64, 67, 128] {
+            let a: Vec<f32> = (0..n).map(|_| r()).collect();
+            let b: Vec<Vec<f32>> = (0..4).map(|_| (0..n).map(|_| r()).collect()).collect();
+            let got = dot4(&a, [&b[0], &b[1], &b[2], &b[3]]);
+            for (g, b) in got.iter().zip(&b) {
+                assert_eq!(g.to_bits(), dot(&a, b).to_bits(), "n {n}");
+            }
+        }
+    }
+
+    /// weighted_rows is the plain loop, bit for bit, on widths with and without a tail.
+    #[test]
+    fn weighted_rows_is_the_plain_loop() {
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut r = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        };
+        for (hd, stride, n) in [
+            (64usize, 192usize, 37usize),
+            (72, 72, 5),
+            (7, 9, 3),
+            (128, 128, 1),
+        ] {
+            let v: Vec<f32> = (0..n * stride).map(|_| r()).collect();
+            let scores: Vec<f32> = (0..n).map(|_| r().abs()).collect();
+            let init: Vec<f32> = (0..hd).map(|_| r()).collect();
+            let mut got = init.clone();
+            weighted_rows(&mut got, &scores, 0.37, &v, stride);
+            let mut want = init;
+            for (j, s) in scores.iter().enumerate() {
+                let p = s * 0.37;
+                for (e, w) in want.iter_mut().enumerate() {
+                    *w += p * v[j * stride + e];
+                }
+            }
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "hd {hd}");
+        }
     }
 
     #[test]
