@@ -486,6 +486,33 @@ pub mod avx2 {
         }
     }
 
+    /// [`legacy_u`] with AVX-512 BW: the fifth bits (bit i of `qh` is value i's) set by one
+    /// masked move instead of a broadcast, shuffle and compare (Q5_0 decode was the slowest
+    /// format per value).
+    ///
+    /// # Safety
+    /// As [`legacy_u`], and the caller enables AVX-512 BW and VL.
+    #[inline(always)]
+    unsafe fn legacy_u_bw(f: Format, blk: *const u8) -> __m256i {
+        let (qs, qh) = match f {
+            Format::Q4_0 => (blk.add(2), None),
+            Format::Q5_0 => (blk.add(6), Some(blk.add(2))),
+            _ => (blk.add(8), Some(blk.add(4))),
+        };
+        let t = _mm_loadu_si128(qs as *const __m128i);
+        let u = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(t, 4), t),
+            _mm256_set1_epi8(0x0F),
+        );
+        match qh {
+            Some(h) => {
+                let bits = (h as *const u32).read_unaligned();
+                _mm256_or_si256(u, _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10)))
+            }
+            None => u,
+        }
+    }
+
     /// Signed block values (`u - off`) against signed activations: the sign trick, as for Q8_0.
     #[inline(always)]
     unsafe fn dot_signed(w: __m256i, y: __m256i) -> __m256i {
@@ -580,12 +607,12 @@ pub mod avx2 {
         legacy_pair_with::<false>(f, w0, w1, a)
     }
 
-    /// [`legacy_pair`] on AVX-512 VNNI: the same bits.
+    /// [`legacy_pair`] on AVX-512 VNNI and BW: the same bits.
     ///
     /// # Safety
-    /// As [`legacy_pair`], and the CPU has AVX-512 F, VL and VNNI.
+    /// As [`legacy_pair`], and the CPU has AVX-512 F, VL, BW and VNNI.
     #[inline(never)]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
     pub unsafe fn legacy_pair_vnni(f: Format, w0: &[u8], w1: &[u8], a: &Acts) -> [f32; 2] {
         legacy_pair_with::<true>(f, w0, w1, a)
     }
@@ -608,7 +635,12 @@ pub mod avx2 {
             let dx = *a.d.get_unchecked(b);
             for (i, p) in [p0, p1].into_iter().enumerate() {
                 let blk = p.add(b * bb);
-                let prod = legacy_dot_with::<VNNI>(f, legacy_u(f, blk), y);
+                let u = if VNNI {
+                    legacy_u_bw(f, blk)
+                } else {
+                    legacy_u(f, blk)
+                };
+                let prod = legacy_dot_with::<VNNI>(f, u, y);
                 let d = _mm256_set1_ps(f16_at(blk) * dx);
                 acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc[i]);
                 if f == Format::Q5_1 {

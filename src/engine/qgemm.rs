@@ -540,6 +540,7 @@ pub(crate) fn use_vnni() -> bool {
         use_avx2()
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vnni")
             && cap() >= Kernel::Vnni
     }
