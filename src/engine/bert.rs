@@ -557,7 +557,8 @@ impl Layer {
         })?;
         let attn = self.attn_output.forward(&ctx)?;
         let x = self.attn_output_norm.forward_add(&attn, x)?;
-        let up = self.ffn_up.forward(&x)?.apply_op1_no_bwd(&GeluErf)?;
+        let up = self.ffn_up.forward(&x)?;
+        up.inplace_op1(&GeluErf)?;
         let down = self.ffn_down.forward(&up)?;
         self.layer_output_norm.forward_add(&down, &x)
     }
