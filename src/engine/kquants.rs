@@ -464,12 +464,10 @@ pub mod avx2 {
         _mm256_and_si256(_mm256_cmpeq_epi8(sel, bit), _mm256_set1_epi8(0x10))
     }
 
-    /// The 32 unsigned values of a legacy block (nibbles | fifth bit), as bytes.
-    ///
-    /// # Safety
-    /// AVX2; `blk` points at one whole block of `f` (Q4_0, Q5_0 or Q5_1).
+    /// The 32 nibbles of a legacy block (values 0..16 low, 16..32 high), as bytes, and where its
+    /// fifth bits are (Q5_0, Q5_1).
     #[inline(always)]
-    pub(in crate::engine) unsafe fn legacy_u(f: Format, blk: *const u8) -> __m256i {
+    unsafe fn legacy_nibbles(f: Format, blk: *const u8) -> (__m256i, Option<*const u8>) {
         let (qs, qh) = match f {
             Format::Q4_0 => (blk.add(2), None),
             Format::Q5_0 => (blk.add(6), Some(blk.add(2))),
@@ -480,9 +478,18 @@ pub mod avx2 {
             _mm256_set_m128i(_mm_srli_epi16(t, 4), t),
             _mm256_set1_epi8(0x0F),
         );
-        match qh {
-            Some(h) => _mm256_or_si256(u, bits_to_0x10(h)),
-            None => u,
+        (u, qh)
+    }
+
+    /// The 32 unsigned values of a legacy block (nibbles | fifth bit), as bytes.
+    ///
+    /// # Safety
+    /// AVX2; `blk` points at one whole block of `f` (Q4_0, Q5_0 or Q5_1).
+    #[inline(always)]
+    pub(in crate::engine) unsafe fn legacy_u(f: Format, blk: *const u8) -> __m256i {
+        match legacy_nibbles(f, blk) {
+            (u, Some(h)) => _mm256_or_si256(u, bits_to_0x10(h)),
+            (u, None) => u,
         }
     }
 
@@ -494,22 +501,12 @@ pub mod avx2 {
     /// As [`legacy_u`], and the caller enables AVX-512 BW and VL.
     #[inline(always)]
     unsafe fn legacy_u_bw(f: Format, blk: *const u8) -> __m256i {
-        let (qs, qh) = match f {
-            Format::Q4_0 => (blk.add(2), None),
-            Format::Q5_0 => (blk.add(6), Some(blk.add(2))),
-            _ => (blk.add(8), Some(blk.add(4))),
-        };
-        let t = _mm_loadu_si128(qs as *const __m128i);
-        let u = _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16(t, 4), t),
-            _mm256_set1_epi8(0x0F),
-        );
-        match qh {
-            Some(h) => {
+        match legacy_nibbles(f, blk) {
+            (u, Some(h)) => {
                 let bits = (h as *const u32).read_unaligned();
                 _mm256_or_si256(u, _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10)))
             }
-            None => u,
+            (u, None) => u,
         }
     }
 

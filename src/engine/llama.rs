@@ -987,6 +987,7 @@ fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, out: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::qmatmul::tests::rng;
 
     #[test]
     fn rope_rotates_pairs_and_keeps_norms() {
@@ -1005,13 +1006,7 @@ mod tests {
     /// dot4 is four `dot`s, bit for bit, on lengths with and without a tail.
     #[test]
     fn dot4_is_four_dots() {
-        let mut s = 0x2545_f491_4f6c_dd1du64;
-        let mut r = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % 2001) as f32 / 1000.0 - 1.0
-        };
+        let mut r = rng(0x2545_f491_4f6c_dd1d);
         for n in [1usize, 8, 13, 64, 67, 128] {
             let a: Vec<f32> = (0..n).map(|_| r()).collect();
             let b: Vec<Vec<f32>> = (0..4).map(|_| (0..n).map(|_| r()).collect()).collect();
@@ -1025,13 +1020,7 @@ mod tests {
     /// weighted_rows is the plain loop, bit for bit, on widths with and without a tail.
     #[test]
     fn weighted_rows_is_the_plain_loop() {
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut r = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % 2001) as f32 / 1000.0 - 1.0
-        };
+        let mut r = rng(0x9e37_79b9_7f4a_7c15);
         for (hd, stride, n) in [
             (64usize, 192usize, 37usize),
             (72, 72, 5),

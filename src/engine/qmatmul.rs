@@ -953,10 +953,11 @@ pub(super) mod x86 {
     }
 }
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rng(seed: u64) -> impl FnMut() -> f32 {
+    /// xorshift64 values in [-1, 1] (the engine's kernel tests share it).
+    pub(crate) fn rng(seed: u64) -> impl FnMut() -> f32 {
         let mut s = seed;
         move || {
             s ^= s << 13;
