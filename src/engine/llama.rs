@@ -903,12 +903,13 @@ fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
 fn weighted_rows(r: &mut [f32], scores: &[f32], inv: f32, v: &[f32], stride: usize) {
     let hd = r.len();
     assert!(scores.is_empty() || (scores.len() - 1) * stride + hd <= v.len());
-    let mut e = 0;
+    // The values the AVX loop did (whole groups of 32); the rest by the plain loop below.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    // SAFETY: AVX is enabled for the whole build; loads and stores stay within `r` (e + 32 or
-    // e + 8 <= hd) and within row j of `v` (asserted above).
-    unsafe {
+    // SAFETY: AVX is enabled for the whole build; loads and stores stay within `r`
+    // (e + 32 <= hd) and within row j of `v` (asserted above).
+    let e = unsafe {
         use std::arch::x86_64::*;
+        let mut e = 0;
         while e + 32 <= hd {
             let mut acc = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(r.as_ptr().add(e + o)));
             for (j, &s) in scores.iter().enumerate() {
@@ -923,7 +924,10 @@ fn weighted_rows(r: &mut [f32], scores: &[f32], inv: f32, v: &[f32], stride: usi
             }
             e += 32;
         }
-    }
+        e
+    };
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    let e = 0;
     let r = &mut r[e..];
     for (j, &s) in scores.iter().enumerate() {
         let p = s * inv;
