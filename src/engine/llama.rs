@@ -385,17 +385,22 @@ pub struct State {
     v: Vec<Vec<f32>>,
     /// Positions filled.
     pub len: usize,
+    /// Floats per position in each layer's `k` and `v` (the model's kv width; 0 until the first
+    /// forward pass).
+    width: usize,
 }
 
 impl State {
-    /// Forgets the cache (keeps the allocation unless it grew past ~1k positions' worth, so one
-    /// long request does not pin its memory for the environment's lifetime).
+    /// Forgets the cache, keeping at most 1,024 positions' worth of its allocation, so that one
+    /// long request does not pin its memory for the environment's lifetime (a 4,831-token
+    /// prompt on SmolLM2-135M left 446 MB resident when this kept a fixed 1M floats per layer).
     pub fn reset(&mut self) {
-        const KEEP_FLOATS: usize = 1024 * 1024;
+        const KEEP_POSITIONS: usize = 1024;
+        let keep = KEEP_POSITIONS * self.width;
         for c in self.k.iter_mut().chain(self.v.iter_mut()) {
             c.clear();
-            if c.capacity() > KEEP_FLOATS {
-                c.shrink_to(KEEP_FLOATS);
+            if c.capacity() > keep {
+                c.shrink_to(keep);
             }
         }
         self.len = 0;
@@ -486,9 +491,10 @@ impl LlamaModel {
     /// keys and values to `state`, and returns the logits of the last token.
     ///
     /// The pass runs on a compute-pool thread (`rayon::scope` moves it there from any other
-    /// thread): its ~5 parallel ops per layer then fork from inside the pool, the forking thread
-    /// working on its share while the others steal theirs, instead of each op parking the caller
-    /// and waking it through a futex when done (13% of a decode profile was that scheduling).
+    /// thread; the generator already calls it from one): its ~5 parallel ops per layer then fork
+    /// from inside the pool, the forking thread working on its share while the others steal
+    /// theirs, instead of each op parking the caller and waking it through a futex when done
+    /// (13% of a decode profile of `bench generate`, which calls this directly, was that).
     pub fn forward(&self, state: &mut State, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
         rayon::scope(|_| self.forward_in_pool(state, tokens))
     }
@@ -510,6 +516,7 @@ impl LlamaModel {
             state.v = vec![Vec::new(); cfg.n_layer];
             state.len = 0;
         }
+        state.width = kvd;
         let pos0 = state.len;
         let mut x = vec![0f32; t * d];
         for (row, &id) in x.chunks_exact_mut(d).zip(tokens) {
@@ -763,7 +770,12 @@ impl Generator for LlamaGenerator {
             pieces: &self.vocab.pieces,
             stop_ids: &self.vocab.stop_ids,
         };
-        on_compute_pool(|| generate::generate(&mut session, &detok, prompt, params, on_text))
+        let out =
+            on_compute_pool(|| generate::generate(&mut session, &detok, prompt, params, on_text));
+        // The cache is not reused by the next request: shrink it now rather than when that
+        // request starts, so that a long prompt's cache is not resident in between.
+        guard.reset();
+        out
     }
 }
 
@@ -1005,6 +1017,31 @@ mod tests {
         assert!((n0 - n1).abs() < 1e-4);
         assert!((x[0] - (1.0 * 1f32.cos() - 2.0 * 1f32.sin())).abs() < 1e-6);
         assert_eq!(&x[4..], &[5.0, 6.0, 7.0, 8.0]);
+    }
+
+    /// A reset keeps at most 1,024 positions of cache whatever the kv width, and empties it.
+    #[test]
+    fn reset_keeps_at_most_1024_positions_of_cache() {
+        for width in [8usize, 192] {
+            let filled = vec![0.5f32; 5000 * width];
+            let mut st = State {
+                k: vec![filled.clone(); 2],
+                v: vec![filled; 2],
+                len: 5000,
+                width,
+            };
+            st.reset();
+            assert_eq!(st.len, 0);
+            for c in st.k.iter().chain(&st.v) {
+                assert!(c.is_empty());
+                assert!(
+                    c.capacity() <= 1024 * width,
+                    "{} > {}",
+                    c.capacity(),
+                    1024 * width
+                );
+            }
+        }
     }
 
     /// dot4 is four `dot`s, bit for bit, on lengths with and without a tail.

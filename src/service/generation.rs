@@ -119,6 +119,7 @@ async fn run(
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("generation task failed: {e}")))?
         .map_err(engine_error)?;
+    trim_after(0, 0, out.prompt_tokens);
     cost.observe_prefill(out.prefill, out.prompt_tokens);
     cost.observe_decode(out.decode, out.token_ids.len().saturating_sub(1));
     // With a budget (a job) a deadline stop is counted by `not_started` below.
@@ -719,6 +720,9 @@ fn run_stream(
                 cancel.store(true, Ordering::Relaxed);
             }
         });
+        if let Ok(out) = &res {
+            trim_after(0, 0, out.prompt_tokens);
+        }
         match res {
             Ok(out) => {
                 if let Some(m) = &meter {
