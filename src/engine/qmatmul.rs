@@ -250,6 +250,7 @@ impl QActs {
             k8: (with_k8 && k.is_multiple_of(kquants::QK_K)).then(|| kquants::Q8K::quantize(x)),
             runs: std::sync::OnceLock::new(),
         };
+        #[cfg(target_arch = "x86_64")]
         let simd = use_avx2();
         for (((xb, qb), d), s) in x
             .chunks_exact(QK)
