@@ -490,13 +490,13 @@ impl LlamaModel {
     /// Runs `tokens` (positions `state.len..`) through the model as one batch, appends their
     /// keys and values to `state`, and returns the logits of the last token.
     ///
-    /// The pass runs on a compute-pool thread (`rayon::scope` moves it there from any other
+    /// The pass runs on a compute-pool thread ([`on_compute_pool`] moves it there from any other
     /// thread; the generator already calls it from one): its ~5 parallel ops per layer then fork
     /// from inside the pool, the forking thread working on its share while the others steal
     /// theirs, instead of each op parking the caller and waking it through a futex when done
     /// (13% of a decode profile of `bench generate`, which calls this directly, was that).
     pub fn forward(&self, state: &mut State, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        rayon::scope(|_| self.forward_in_pool(state, tokens))
+        on_compute_pool(|| self.forward_in_pool(state, tokens))
     }
 
     fn forward_in_pool(&self, state: &mut State, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
