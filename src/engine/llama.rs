@@ -25,6 +25,7 @@
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
 use rayon::prelude::*;
 
 use std::sync::Mutex;
@@ -33,6 +34,7 @@ use super::chat::{ChatMessage, ChatTemplate};
 use super::generate::{self, Detokenizer, GenerateOutput, GenerateParams, TokenModel};
 use super::ggml_tokenizer::{self, GgmlVocab};
 use super::gguf::{self, Meta};
+use super::ops;
 use super::qmatmul::{matmul_many, Format, QActs, QMatrix, SharedBytes};
 use super::{EngineError, Generator, ModelInfo, ModelKind};
 
@@ -380,9 +382,11 @@ pub struct LlamaModel {
 /// Per-request mutable state: the KV cache. Reset between requests.
 #[derive(Default)]
 pub struct State {
-    /// Per layer, `[pos, kv_dim]` keys and values (f16-rounded f32s).
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// Per layer and kv head (`[layer * n_head_kv + head]`), `[pos, head_dim]` keys and values,
+    /// in f16 as llama.cpp's cache holds them (half the memory and the bytes each decoded token
+    /// reads of f32); one vector per head, so that attention streams contiguous rows.
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
     /// Positions filled.
     pub len: usize,
     /// Floats per position in each layer's `k` and `v` (the model's kv width; 0 until the first
@@ -511,12 +515,13 @@ impl LlamaModel {
                 cfg.vocab_size
             )));
         }
-        if state.k.len() != cfg.n_layer {
-            state.k = vec![Vec::new(); cfg.n_layer];
-            state.v = vec![Vec::new(); cfg.n_layer];
+        let nkv = cfg.n_head_kv;
+        if state.k.len() != cfg.n_layer * nkv {
+            state.k = vec![Vec::new(); cfg.n_layer * nkv];
+            state.v = vec![Vec::new(); cfg.n_layer * nkv];
             state.len = 0;
         }
-        state.width = kvd;
+        state.width = cfg.head_dim;
         let pos0 = state.len;
         let mut x = vec![0f32; t * d];
         for (row, &id) in x.chunks_exact_mut(d).zip(tokens) {
@@ -548,9 +553,26 @@ impl LlamaModel {
             let style = self.variant.rope;
             rope(&mut q, style, cfg.head_dim, cfg.rope_dim, &cos, &sin);
             rope(&mut k, style, cfg.head_dim, cfg.rope_dim, &cos, &sin);
-            state.k[l].extend(k.iter().map(|&x| round_f16(x)));
-            state.v[l].extend(v.iter().map(|&x| round_f16(x)));
-            attention(cfg, &q, &state.k[l], &state.v[l], pos0, &mut att);
+            let hd = cfg.head_dim;
+            let layer = l * nkv..(l + 1) * nkv;
+            for (cache, new) in [
+                (&mut state.k[layer.clone()], &k),
+                (&mut state.v[layer.clone()], &v),
+            ] {
+                for (g, c) in cache.iter_mut().enumerate() {
+                    for pos in new.chunks_exact(kvd) {
+                        c.extend(pos[g * hd..(g + 1) * hd].iter().map(|&x| f16::from_f32(x)));
+                    }
+                }
+            }
+            attention(
+                cfg,
+                &q,
+                &state.k[layer.clone()],
+                &state.v[layer],
+                pos0,
+                &mut att,
+            );
             let a = QActs::quantize_for(&att, qd, &[&b.attn_output]);
             matmul_many(&[&b.attn_output], &a, &mut [&mut o]);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
@@ -787,10 +809,6 @@ fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
-fn round_f16(x: f32) -> f32 {
-    half::f16::from_f32(x).to_f32()
-}
-
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
@@ -855,149 +873,348 @@ fn rope(
     }
 }
 
-/// Dot product with 8 independent accumulators (vectorizes; a plain `sum()` would not).
+/// Positions per attention task in a prefill: each block of keys and values, widened to f32
+/// once, serves this many positions of every head of its group from L1, instead of each query
+/// streaming the whole cache.
+const Q_TILE: usize = 16;
+/// Keys per block: 64 rows of a 64-wide head are 16 KB of f32 keys and 16 KB of values.
+const K_BLOCK: usize = 64;
+/// Attention tasks wanted per call: when the kv heads and tiles of positions make fewer (a
+/// decode step makes one per kv head), each task takes a range of the keys instead, and the
+/// ranges' softmax states are merged.
+const MIN_TASKS: usize = 16;
+/// Keys per range at least: below that, a range's fixed costs (its buffers, its share of the
+/// merge) outweigh what a second thread gains on a short context.
+const MIN_RANGE: usize = 256;
+
+/// `Σ a·b` in 8 fused lanes, the lanes then summed pairwise; the scalar form of [`dot4`]'s sums.
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .fold(0f32, |t, (x, y)| x.mul_add(*y, t));
+    let mut acc = [0f32; 8];
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] = x[i].mul_add(y[i], acc[i]);
         }
     }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+    lane_sum(acc) + tail
 }
 
-/// [`dot`] of `a` with four vectors: each result is the same sum in the same order, bit for bit;
-/// the four chains of adds overlap instead of each waiting on its own (attention's scores).
+/// The eight lanes summed as [`dot4`]'s horizontal adds do: ((0+1)+(2+3)) + ((4+5)+(6+7)).
+#[inline(always)]
+fn lane_sum(l: [f32; 8]) -> f32 {
+    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+}
+
+/// [`dot`] of `a` with four vectors at once, the same sums bit for bit: the four chains of
+/// fused multiply-adds overlap, and the lanes are summed by three horizontal adds for all four.
 fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     assert!(b.iter().all(|b| b.len() == a.len()));
     let n = a.len() / 8 * 8;
-    let mut lanes = [[0f32; 8]; 4];
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    // SAFETY: AVX is enabled for the whole build (target_feature); every load reads 8 values
-    // below `n`, within all five slices (same length, asserted).
-    unsafe {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    // SAFETY: AVX and FMA are enabled for the whole build (target_feature); every load reads 8
+    // values below `n`, within all five slices (same length, asserted).
+    let mut out = unsafe {
         use std::arch::x86_64::*;
         let mut acc = [_mm256_setzero_ps(); 4];
         for c in (0..n).step_by(8) {
             let x = _mm256_loadu_ps(a.as_ptr().add(c));
             for (acc, b) in acc.iter_mut().zip(&b) {
-                // Not fused: `dot` rounds the product, then the sum.
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, _mm256_loadu_ps(b.as_ptr().add(c))));
+                *acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(b.as_ptr().add(c)), *acc);
             }
         }
-        for (l, acc) in lanes.iter_mut().zip(acc) {
-            _mm256_storeu_ps(l.as_mut_ptr(), acc);
-        }
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-    for c in (0..n).step_by(8) {
-        for (l, b) in lanes.iter_mut().zip(&b) {
+        // hadd(x, y) = [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7]; twice, then
+        // the halves: ((0+1)+(2+3)) + ((4+5)+(6+7)) of each accumulator, in `lane_sum`'s order.
+        let h = _mm256_hadd_ps(
+            _mm256_hadd_ps(acc[0], acc[1]),
+            _mm256_hadd_ps(acc[2], acc[3]),
+        );
+        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), s);
+        out
+    };
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    let mut out = b.map(|b| {
+        let mut l = [0f32; 8];
+        for c in (0..n).step_by(8) {
             for i in 0..8 {
-                l[i] += a[c + i] * b[c + i];
+                l[i] = a[c + i].mul_add(b[c + i], l[i]);
             }
         }
-    }
-    let mut out = [0f32; 4];
-    for ((o, l), b) in out.iter_mut().zip(&lanes).zip(&b) {
-        let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
-        *o = l.iter().sum::<f32>() + tail;
+        lane_sum(l)
+    });
+    for (o, b) in out.iter_mut().zip(&b) {
+        *o += a[n..]
+            .iter()
+            .zip(&b[n..])
+            .fold(0f32, |t, (x, y)| x.mul_add(*y, t));
     }
     out
 }
 
-/// `r += (s * inv) * v_j` over the rows `v_j` (row `j` at `v[j * stride..][..r.len()]`) for
-/// each score `s_j`, in that order for every element (bit for bit the plain loop), with `r`
-/// held in registers 32 values at a time instead of loaded and stored once per row.
-fn weighted_rows(r: &mut [f32], scores: &[f32], inv: f32, v: &[f32], stride: usize) {
+/// A block of cache rows (f16) widened into `dst` (f32, exact): once per block, whatever the
+/// number of queries reading it.
+fn widen(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    let n = src.len() / 8 * 8;
+    #[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
+    // SAFETY: F16C is enabled for the whole build; each step reads and writes 8 values below
+    // `n`, within both slices (same length, asserted).
+    unsafe {
+        use std::arch::x86_64::*;
+        for c in (0..n).step_by(8) {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(c).cast()));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(c), x);
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "f16c")))]
+    dst[..n]
+        .iter_mut()
+        .zip(&src[..n])
+        .for_each(|(d, s)| *d = s.to_f32());
+    dst[n..]
+        .iter_mut()
+        .zip(&src[n..])
+        .for_each(|(d, s)| *d = s.to_f32());
+}
+
+/// `r = fma(s_j * inv, v_j, r)` over the rows `v_j` of `v` (`[scores.len(), r.len()]`) in
+/// order, for every element (bit for bit that plain loop), with `r` held in registers up to 64
+/// values at a time instead of loaded and stored once per row.
+fn weighted_rows(r: &mut [f32], scores: &[f32], inv: f32, v: &[f32]) {
     let hd = r.len();
-    assert!(scores.is_empty() || (scores.len() - 1) * stride + hd <= v.len());
-    // The values the AVX loop did (whole groups of 32); the rest by the plain loop below.
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    // SAFETY: AVX is enabled for the whole build; loads and stores stay within `r`
-    // (e + 32 <= hd) and within row j of `v` (asserted above).
+    assert!(v.len() >= scores.len() * hd);
+    // Where the vector loops stopped; the rest by the plain loop below.
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    // SAFETY: AVX and FMA are enabled for the whole build; loads and stores stay within `r`
+    // (e + 8 * W <= hd) and within row j of `v` (asserted above).
     let e = unsafe {
         use std::arch::x86_64::*;
-        let mut e = 0;
-        while e + 32 <= hd {
-            let mut acc = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(r.as_ptr().add(e + o)));
-            for (j, &s) in scores.iter().enumerate() {
-                let p = _mm256_set1_ps(s * inv);
-                let vj = v.as_ptr().add(j * stride + e);
+        #[inline(always)]
+        unsafe fn run<const W: usize>(
+            r: &mut [f32],
+            scores: &[f32],
+            inv: f32,
+            v: &[f32],
+            mut e: usize,
+        ) -> usize {
+            let hd = r.len();
+            while e + 8 * W <= hd {
+                let mut acc = [0; W].map(|_| _mm256_setzero_ps());
                 for (o, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(p, _mm256_loadu_ps(vj.add(8 * o))));
+                    *acc = _mm256_loadu_ps(r.as_ptr().add(e + 8 * o));
                 }
+                for (j, &s) in scores.iter().enumerate() {
+                    let p = _mm256_set1_ps(s * inv);
+                    let vj = v.as_ptr().add(j * hd + e);
+                    for (o, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj.add(8 * o)), *acc);
+                    }
+                }
+                for (o, acc) in acc.into_iter().enumerate() {
+                    _mm256_storeu_ps(r.as_mut_ptr().add(e + 8 * o), acc);
+                }
+                e += 8 * W;
             }
-            for (o, acc) in acc.into_iter().enumerate() {
-                _mm256_storeu_ps(r.as_mut_ptr().add(e + 8 * o), acc);
-            }
-            e += 32;
+            e
         }
-        e
+        let e = run::<8>(r, scores, inv, v, 0);
+        run::<1>(r, scores, inv, v, e)
     };
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
     let e = 0;
     let r = &mut r[e..];
     for (j, &s) in scores.iter().enumerate() {
         let p = s * inv;
-        let vj = &v[j * stride + e..j * stride + hd];
-        r.iter_mut().zip(vj).for_each(|(r, v)| *r += p * v);
+        let vj = &v[j * hd + e..(j + 1) * hd];
+        r.iter_mut()
+            .zip(vj)
+            .for_each(|(r, v)| *r = p.mul_add(*v, *r));
     }
+}
+
+/// One attention task's result for each of its queries (`[position, head of the group]`): the
+/// online softmax state over its range of keys (as FlashAttention keeps it): the largest score,
+/// `Σ e^(s - max)` and `Σ e^(s - max) · v`.
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// Which queries and keys one task covers: kv head `g`, positions `i0..i0 + m` of the batch,
+/// keys `j0..j1` (each position sees at most its own and earlier ones).
+#[derive(Clone, Copy)]
+struct AttnTask {
+    g: usize,
+    i0: usize,
+    m: usize,
+    j0: usize,
+    j1: usize,
 }
 
 #[inline(never)] // a profile line of its own
 /// Causal grouped-query attention of `t` new queries (positions `pos0..pos0 + t`) over the cache
-/// (`pos0 + t` positions). One task per head; `out` is `[t, n_head * head_dim]`.
-fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, out: &mut [f32]) {
-    let (hd, nh, kvd) = (cfg.head_dim, cfg.n_head, cfg.kv_dim());
-    let d = nh * hd;
-    let t = q.len() / d;
-    let group = nh / cfg.n_head_kv;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let per_head: Vec<Vec<f32>> = (0..nh)
-        .into_par_iter()
-        .map(|h| {
-            let g = h / group;
-            let mut res = vec![0f32; t * hd];
-            let mut scores = vec![0f32; pos0 + t];
-            for i in 0..t {
-                let n = pos0 + i + 1;
-                let qh = &q[i * d + h * hd..i * d + (h + 1) * hd];
-                let key = |j: usize| &kc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                let mut max = f32::NEG_INFINITY;
-                let whole = n / 4 * 4;
-                for (j, s) in scores[..whole].chunks_exact_mut(4).enumerate() {
-                    let j = 4 * j;
-                    let d4 = dot4(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
-                    for (s, d) in s.iter_mut().zip(d4) {
-                        *s = d * scale;
-                        max = max.max(*s);
-                    }
-                }
-                for (j, s) in scores[whole..n].iter_mut().enumerate() {
-                    *s = dot(qh, key(whole + j)) * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in scores[..n].iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                let r = &mut res[i * hd..(i + 1) * hd];
-                weighted_rows(r, &scores[..n], inv, &vc[g * hd..], kvd);
+/// (`pos0 + t` positions, `[pos, head_dim]` f16 per kv head). One task per kv head and tile of [`Q_TILE`]
+/// positions (split further into key ranges when that makes fewer than [`MIN_TASKS`]);
+/// keys and values walked in blocks of [`K_BLOCK`], each widened to f32 once for every query of
+/// the task. Scores by [`dot4`], softmax online per block with the vectorized exp
+/// (`ops::exp_nonpositive`, within 1e-6 of libm), values weighted by fused multiply-adds; the
+/// key ranges' states merged at the end. `out` is `[t, n_head * head_dim]`.
+fn attention(
+    cfg: &Config,
+    q: &[f32],
+    kc: &[Vec<f16>],
+    vc: &[Vec<f16>],
+    pos0: usize,
+    out: &mut [f32],
+) {
+    let (hd, nh) = (cfg.head_dim, cfg.n_head);
+    let (d, t, group) = (nh * hd, q.len() / (nh * hd), nh / cfg.n_head_kv);
+    let tiles = t.div_ceil(Q_TILE);
+    // Too few (kv head, tile) tasks to keep the pool busy (a decode step has one per kv head):
+    // split each tile's keys into ranges of whole blocks. Depends on the shapes only, never on
+    // the thread count: the same request gives the same numbers on any machine.
+    let ranges = MIN_TASKS.div_ceil(cfg.n_head_kv * tiles);
+    let split = (pos0 + t)
+        .div_ceil(ranges)
+        .next_multiple_of(K_BLOCK)
+        .max(MIN_RANGE);
+    let mut tasks = Vec::new();
+    for g in 0..cfg.n_head_kv {
+        for i0 in (0..t).step_by(Q_TILE) {
+            let m = Q_TILE.min(t - i0);
+            let width = pos0 + i0 + m;
+            let mut j0 = 0;
+            while j0 < width {
+                let j1 = j0.saturating_add(split).min(width);
+                tasks.push(AttnTask { g, i0, m, j0, j1 });
+                j0 = j1;
             }
-            res
-        })
-        .collect();
-    for (h, res) in per_head.iter().enumerate() {
-        for i in 0..t {
-            out[i * d + h * hd..i * d + (h + 1) * hd].copy_from_slice(&res[i * hd..(i + 1) * hd]);
         }
     }
+    let parts: Vec<Partial> = tasks
+        .par_iter()
+        .map(|task| attend(cfg, q, kc, vc, pos0, task))
+        .collect();
+    // Merge the key ranges of each (kv head, tile): consecutive tasks.
+    let mut first = 0;
+    while first < tasks.len() {
+        let AttnTask { g, i0, m, .. } = tasks[first];
+        let last = first
+            + tasks[first..]
+                .iter()
+                .take_while(|x| x.g == g && x.i0 == i0)
+                .count();
+        let ranges = &parts[first..last];
+        for qi in 0..m * group {
+            let (i, h) = (i0 + qi / group, g * group + qi % group);
+            let max = ranges
+                .iter()
+                .fold(f32::NEG_INFINITY, |a, p| a.max(p.max[qi]));
+            let o = &mut out[i * d + h * hd..i * d + (h + 1) * hd];
+            o.fill(0.0);
+            let mut sum = 0f32;
+            for p in ranges.iter().filter(|p| p.sum[qi] > 0.0) {
+                let f = ops::exp_nonpositive(p.max[qi] - max);
+                sum += f * p.sum[qi];
+                let acc = &p.acc[qi * hd..(qi + 1) * hd];
+                o.iter_mut()
+                    .zip(acc)
+                    .for_each(|(o, a)| *o = f.mul_add(*a, *o));
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|o| *o *= inv);
+        }
+        first = last;
+    }
+}
+
+/// One [`AttnTask`]: the softmax state of each of its queries over its keys.
+fn attend(
+    cfg: &Config,
+    q: &[f32],
+    kc: &[Vec<f16>],
+    vc: &[Vec<f16>],
+    pos0: usize,
+    task: &AttnTask,
+) -> Partial {
+    let (hd, nh) = (cfg.head_dim, cfg.n_head);
+    let (d, group) = (nh * hd, nh / cfg.n_head_kv);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let AttnTask { g, i0, m, j0, j1 } = *task;
+    let nq = m * group;
+    let mut p = Partial {
+        max: vec![f32::NEG_INFINITY; nq],
+        sum: vec![0f32; nq],
+        acc: vec![0f32; nq * hd],
+    };
+    let mut kb = vec![0f32; K_BLOCK * hd];
+    let mut vb = vec![0f32; K_BLOCK * hd];
+    let mut s = [0f32; K_BLOCK];
+    for jb in (j0..j1).step_by(K_BLOCK) {
+        let nb = K_BLOCK.min(j1 - jb);
+        widen(&kc[g][jb * hd..(jb + nb) * hd], &mut kb[..nb * hd]);
+        widen(&vc[g][jb * hd..(jb + nb) * hd], &mut vb[..nb * hd]);
+        for qi in 0..nq {
+            let (i, h) = (i0 + qi / group, g * group + qi % group);
+            // Keys this position sees in the block: up to its own.
+            let n = (jb + nb).min(pos0 + i + 1).saturating_sub(jb);
+            if n == 0 {
+                continue;
+            }
+            let qh = &q[i * d + h * hd..i * d + (h + 1) * hd];
+            let s = &mut s[..n];
+            let mut quads = s.chunks_exact_mut(4);
+            for (j, s4) in (&mut quads).enumerate() {
+                let k = |x: usize| &kb[(4 * j + x) * hd..(4 * j + x + 1) * hd];
+                for (s, d) in s4.iter_mut().zip(dot4(qh, [k(0), k(1), k(2), k(3)])) {
+                    *s = d * scale;
+                }
+            }
+            let done = n / 4 * 4;
+            for (j, s) in quads.into_remainder().iter_mut().enumerate() {
+                *s = dot(qh, &kb[(done + j) * hd..(done + j + 1) * hd]) * scale;
+            }
+            let block_max = s.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let acc = &mut p.acc[qi * hd..(qi + 1) * hd];
+            if block_max > p.max[qi] {
+                // A larger maximum: what was summed so far shrinks by e^(old - new).
+                let f = ops::exp_nonpositive(p.max[qi] - block_max);
+                p.sum[qi] *= f;
+                acc.iter_mut().for_each(|a| *a *= f);
+                p.max[qi] = block_max;
+            }
+            let max = p.max[qi];
+            s.iter_mut()
+                .for_each(|x| *x = ops::exp_nonpositive(*x - max));
+            p.sum[qi] += ops::sum(s);
+            weighted_rows(acc, s, 1.0, &vb);
+        }
+    }
+    p
 }
 
 #[cfg(test)]
@@ -1023,7 +1240,7 @@ mod tests {
     #[test]
     fn reset_keeps_at_most_1024_positions_of_cache() {
         for width in [8usize, 192] {
-            let filled = vec![0.5f32; 5000 * width];
+            let filled = vec![f16::from_f32(0.5); 5000 * width];
             let mut st = State {
                 k: vec![filled.clone(); 2],
                 v: vec![filled; 2],
@@ -1058,30 +1275,38 @@ mod tests {
         }
     }
 
-    /// weighted_rows is the plain loop, bit for bit, on widths with and without a tail.
+    /// weighted_rows is the plain loop of fused multiply-adds, bit for bit, on widths with and
+    /// without a tail (64 and 8 at a time in registers, then one by one).
     #[test]
     fn weighted_rows_is_the_plain_loop() {
         let mut r = rng(0x9e37_79b9_7f4a_7c15);
-        for (hd, stride, n) in [
-            (64usize, 192usize, 37usize),
-            (72, 72, 5),
-            (7, 9, 3),
-            (128, 128, 1),
-        ] {
-            let v: Vec<f32> = (0..n * stride).map(|_| r()).collect();
+        for (hd, n) in [(64usize, 37usize), (72, 5), (7, 3), (128, 1), (136, 9)] {
+            let v: Vec<f32> = (0..n * hd).map(|_| r()).collect();
             let scores: Vec<f32> = (0..n).map(|_| r().abs()).collect();
             let init: Vec<f32> = (0..hd).map(|_| r()).collect();
             let mut got = init.clone();
-            weighted_rows(&mut got, &scores, 0.37, &v, stride);
+            weighted_rows(&mut got, &scores, 0.37, &v);
             let mut want = init;
             for (j, s) in scores.iter().enumerate() {
                 let p = s * 0.37;
                 for (e, w) in want.iter_mut().enumerate() {
-                    *w += p * v[j * stride + e];
+                    *w = p.mul_add(v[j * hd + e], *w);
                 }
             }
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "hd {hd}");
+        }
+    }
+
+    /// Widening f16 to f32 is exact, tails included.
+    #[test]
+    fn widen_is_exact() {
+        let mut r = rng(0x3c6e_f372_fe94_f82b);
+        for n in [0usize, 7, 8, 64, 203] {
+            let src: Vec<f16> = (0..n).map(|_| f16::from_f32(r())).collect();
+            let mut dst = vec![0f32; n];
+            widen(&src, &mut dst);
+            assert!(dst.iter().zip(&src).all(|(d, s)| *d == s.to_f32()), "n {n}");
         }
     }
 
@@ -1102,10 +1327,106 @@ mod tests {
             vocab_size: 1,
         };
         let q = vec![0.3, -0.2, 1.0, 0.5];
-        let (k, v) = (vec![0.7, 0.1], vec![0.25, -1.5]);
+        let (k, v) = (
+            [0.7, 0.1].map(f16::from_f32),
+            [0.25, -1.5].map(f16::from_f32),
+        );
         let mut out = vec![0f32; 4];
-        attention(&cfg, &q, &k, &v, 0, &mut out);
+        attention(&cfg, &q, &[k.to_vec()], &[v.to_vec()], 0, &mut out);
         // A single key gets all the weight: every head returns the (shared) value.
         assert_eq!(out, vec![0.25, -1.5, 0.25, -1.5]);
+    }
+
+    /// Softmax attention in f64 on the same (f16) cache, within 1e-5: prefills longer than a
+    /// tile with and without a cached prefix, decode steps split into key ranges (one at a
+    /// range's edge, one past several ranges), grouped heads, head widths with tails; and a
+    /// prefill gives the same numbers as the same positions decoded one by one, to 1e-6.
+    #[test]
+    fn attention_is_softmax_attention() {
+        let mut r = rng(0x6a09_e667_f3bc_c909);
+        for (n_head, n_head_kv, head_dim, pos0, t) in [
+            (4usize, 2usize, 64usize, 0usize, 37usize),
+            (3, 1, 72, 70, 21),
+            (2, 2, 7, 130, 1),
+            (6, 3, 64, 200, 16),
+            (9, 3, 64, 255, 1),
+            (9, 3, 64, 700, 2),
+        ] {
+            let cfg = Config {
+                n_layer: 1,
+                n_embd: n_head * head_dim,
+                n_head,
+                n_head_kv,
+                head_dim,
+                n_ff: 4,
+                rope_dim: head_dim,
+                rope_base: 10000.0,
+                rope_freq_scale: 1.0,
+                rms_eps: 1e-5,
+                context_length: 1024,
+                vocab_size: 1,
+            };
+            let (d, kvd, n) = (n_head * head_dim, n_head_kv * head_dim, pos0 + t);
+            let q: Vec<f32> = (0..t * d).map(|_| 2.0 * r()).collect();
+            let kc: Vec<f16> = (0..n * kvd).map(|_| f16::from_f32(2.0 * r())).collect();
+            let vc: Vec<f16> = (0..n * kvd).map(|_| f16::from_f32(r())).collect();
+            // The cache as the model keeps it: per kv head, the first `upto` positions.
+            let heads = |c: &[f16], upto: usize| -> Vec<Vec<f16>> {
+                (0..n_head_kv)
+                    .map(|g| {
+                        (0..upto)
+                            .flat_map(|j| c[j * kvd + g * head_dim..][..head_dim].to_vec())
+                            .collect()
+                    })
+                    .collect()
+            };
+            let mut got = vec![0f32; t * d];
+            attention(&cfg, &q, &heads(&kc, n), &heads(&vc, n), pos0, &mut got);
+            let label = format!("{n_head}/{n_head_kv} x {head_dim}, {pos0} + {t}");
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            let at =
+                |c: &[f16], j: usize, g: usize, e: usize| c[j * kvd + g * head_dim + e].to_f64();
+            for i in 0..t {
+                let seen = pos0 + i + 1;
+                for h in 0..n_head {
+                    let g = h / (n_head / n_head_kv);
+                    let qh = &q[i * d + h * head_dim..][..head_dim];
+                    let s: Vec<f64> = (0..seen)
+                        .map(|j| {
+                            let dot: f64 =
+                                (0..head_dim).map(|e| qh[e] as f64 * at(&kc, j, g, e)).sum();
+                            dot * scale
+                        })
+                        .collect();
+                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                    let z: f64 = w.iter().sum();
+                    for e in 0..head_dim {
+                        let want: f64 = (0..seen).map(|j| w[j] / z * at(&vc, j, g, e)).sum();
+                        let o = got[i * d + h * head_dim + e] as f64;
+                        assert!(
+                            (o - want).abs() < 1e-5,
+                            "{label}, position {i}, head {h}: {o} vs {want}"
+                        );
+                    }
+                }
+                // The same position as a decode step over the cache up to it.
+                let mut one = vec![0f32; d];
+                attention(
+                    &cfg,
+                    &q[i * d..(i + 1) * d],
+                    &heads(&kc, seen),
+                    &heads(&vc, seen),
+                    pos0 + i,
+                    &mut one,
+                );
+                for (a, b) in one.iter().zip(&got[i * d..(i + 1) * d]) {
+                    assert!(
+                        (a - b).abs() < 1e-6,
+                        "{label}, position {i}: decoded {a}, prefilled {b}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -129,7 +129,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `Σ a` in 8 independent lanes: the compiler keeps f32 sums in order, so a plain iterator sum
 /// stays scalar; lanes make it one vector add per 8 values.
 #[inline(always)]
-fn sum(a: &[f32]) -> f32 {
+pub(crate) fn sum(a: &[f32]) -> f32 {
     let c = a.chunks_exact(8);
     let tail: f32 = c.remainder().iter().sum();
     let mut acc = [0f32; 8];
