@@ -287,9 +287,10 @@ async fn api_gateway_deadline_stop_is_counted() {
     meter::scope(m.clone(), events::handle_call(&service, event, Some(inv))).await;
     drop(m);
     let r = check_emf(&lines.lock().unwrap()[0]);
+    // No token came before the deadline: 503 `deadline_not_started`, counted once.
     assert_eq!(
         (r["DeadlineStops"].as_u64(), r["Status"].as_u64()),
-        (Some(1), Some(200))
+        (Some(1), Some(503))
     );
 }
 

@@ -171,6 +171,60 @@ async fn generation_stops_before_the_deadline_with_length() {
     assert!(FAKE_REPLY.starts_with(content(&r)));
 }
 
+/// A deadline that leaves no time for the prompt: no empty 200, the embeddings' deadline error,
+/// in the full answer and in a stream alike.
+#[tokio::test]
+async fn a_prompt_the_deadline_stops_gets_503_not_an_empty_answer() {
+    let s = fake_generator_service(Limits::default(), Duration::from_millis(10));
+    let body = json!({"messages": user("hi"), "temperature": 0});
+    let opts = CallOptions {
+        deadline: Some(Instant::now() + DEADLINE_MARGIN),
+        streaming: Streaming::Unsupported("test"),
+        budget: None,
+    };
+    let Reply::Full(r) = s
+        .handle_call(req("/v1/chat/completions", &body), &opts)
+        .await
+    else {
+        panic!("a stream")
+    };
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(
+        r.body["error"]["code"], "deadline_not_started",
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shorter prompt"),
+        "{}",
+        r.body
+    );
+    let opts = CallOptions {
+        streaming: Streaming::Supported,
+        ..opts
+    };
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let Reply::Stream(st) = s
+        .handle_call(req("/v1/chat/completions", &streamed), &opts)
+        .await
+    else {
+        panic!("not a stream")
+    };
+    let events = sse_events(&st.collect().await);
+    let last = events.last().unwrap();
+    assert_eq!(last["error"]["code"], "deadline_not_started", "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["choices"][0]["finish_reason"].is_null()),
+        "{events:?}"
+    );
+}
+
 /// Parses an SSE body into its JSON events; checks the framing and the final `[DONE]`.
 fn sse_events(body: &str) -> Vec<Value> {
     let frames: Vec<&str> = body.split("\n\n").filter(|f| !f.is_empty()).collect();

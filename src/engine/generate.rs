@@ -64,8 +64,8 @@ pub struct GenerateParams {
     /// Set by the caller to stop at the next token (a streaming client went away).
     pub cancel: Option<Arc<AtomicBool>>,
     /// The caller's estimate of one prompt token's prefill time (measured on earlier requests),
-    /// so that even the first prefill chunk is not started when it would end past the deadline.
-    /// `None`: no estimate yet; the first chunk always starts.
+    /// so that no prefill starts when the whole prompt at that rate would end past the deadline,
+    /// nor a chunk that would. `None`: no estimate yet; the first chunk always starts.
     pub prefill_per_token: Option<Duration>,
 }
 
@@ -129,7 +129,12 @@ pub fn generate(
     let mut text = TextStream::new(&params.stop);
     let past_deadline =
         |step: Duration| params.deadline.is_some_and(|d| Instant::now() + step >= d);
-    if params.max_tokens == 0 || past_deadline(Duration::ZERO) {
+    // Not one token of an answer can come before the deadline: the whole prompt, at the
+    // measured rate per token (a lower bound: attention grows with the context), would pass it.
+    let hopeless = params
+        .prefill_per_token
+        .is_some_and(|p| past_deadline(p * prompt.len() as u32));
+    if params.max_tokens == 0 || past_deadline(Duration::ZERO) || hopeless {
         out.hit_deadline = params.max_tokens > 0;
         return Ok(out);
     }
@@ -680,6 +685,26 @@ mod tests {
         q.prefill_per_token = Some(Duration::from_micros(10));
         let out = generate(&mut m, &v, &prompt, &q, &mut |_| {}).unwrap();
         assert_eq!(out.token_ids.len(), 2);
+    }
+
+    /// A prompt whose first chunk would fit but whose whole prefill at the measured rate would
+    /// not: nothing starts (the request would pay to the deadline for no token).
+    #[test]
+    fn no_prefill_starts_when_the_whole_prompt_passes_the_deadline() {
+        let mut m = fake(&[0]);
+        let prompt: Vec<u32> = (0..PREFILL_CHUNK as u32 * 2 + 3).map(|i| i % 8).collect();
+        let p = pieces();
+        let v = Detokenizer {
+            pieces: &p,
+            stop_ids: &[5],
+        };
+        // 1 ms per token: the first chunk (512 ms) fits in 800 ms, the prompt (1,027 ms) not.
+        let mut q = params(2);
+        q.deadline = Some(Instant::now() + Duration::from_millis(800));
+        q.prefill_per_token = Some(Duration::from_millis(1));
+        let out = generate(&mut m, &v, &prompt, &q, &mut |_| {}).unwrap();
+        assert!(m.forwards.is_empty(), "{:?}", m.forwards);
+        assert!(out.hit_deadline && out.token_ids.is_empty());
     }
 
     #[test]

@@ -122,8 +122,12 @@ async fn run(
     trim_after(0, 0, out.prompt_tokens);
     cost.observe_prefill(out.prefill, out.prompt_tokens);
     cost.observe_decode(out.decode, out.token_ids.len().saturating_sub(1));
-    // With a budget (a job) a deadline stop is counted by `not_started` below.
-    meter::record(|s| count_generation(s, &out, !job));
+    // With a budget (a job), or with no answer, a deadline stop is counted by `not_started`.
+    let unanswered = unanswered(&out).filter(|_| !job);
+    meter::record(|s| count_generation(s, &out, !job && unanswered.is_none()));
+    if let Some(why) = unanswered {
+        return Err(not_started(&why));
+    }
     if job && out.hit_deadline {
         // A job must finish: a partial answer is not its result. Handed back, it runs again
         // in a fresh invocation, planned with the rates this run has just measured.
@@ -724,6 +728,15 @@ fn run_stream(
             trim_after(0, 0, out.prompt_tokens);
         }
         match res {
+            Ok(out) if unanswered(&out).is_some() => {
+                if let Some(m) = &meter {
+                    m.update(|s| count_generation(s, &out, true));
+                }
+                let why = unanswered(&out).unwrap_or_default();
+                let e =
+                    ApiError::new(ErrorKind::Unavailable, why).with_code(limits::NOT_STARTED_CODE);
+                let _ = tx.blocking_send(sse(&e.to_body()));
+            }
             Ok(out) => {
                 if let Some(m) = &meter {
                     m.update(|s| count_generation(s, &out, true));
@@ -748,6 +761,19 @@ fn run_stream(
         let _ = tx.blocking_send("data: [DONE]\n\n".to_owned());
     });
     SseStream::new(rx, held)
+}
+
+/// Why a request (not a job: see [`run`]) has no answer to give, when the deadline stopped it
+/// before its prompt was read: then it gets the embeddings' deadline error (503
+/// `deadline_not_started`), not an empty 200.
+fn unanswered(out: &GenerateOutput) -> Option<String> {
+    (out.hit_deadline && out.token_ids.is_empty()).then(|| {
+        format!(
+            "the deadline came before the prompt's {} tokens were read; send a shorter prompt \
+             or give the function a longer timeout",
+            out.prompt_tokens
+        )
+    })
 }
 
 /// A finished generation's counts; `deadline_stop`: whether a deadline stop counts here (not for
