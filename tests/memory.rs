@@ -14,6 +14,13 @@
 //! Peak RSS of the function stays under [`PEAK_BOUND_MB`], and after the requests RSS is back
 //! within 20 MB of where it was after the first (warm-up) request.
 //!
+//! On SmolLM2-135M Q4_1 (the generator `scripts/fetch-models` fetches), the longest prompt the
+//! limits allow: the model's context less the one token the answer needs (8,191 tokens, under
+//! `MAX_INPUT_TOKENS`' 8,192), the most KV cache and prefill work a request can make. Peak RSS
+//! stays under [`GEN_PEAK_BOUND_MB`], and after it the cache and heap go back to within
+//! [`GEN_KEPT_MB`] of where they were. The wall time is printed: it is what `ApiTimeout` must
+//! allow for such a prompt at this memory size.
+//!
 //! Needs root (cgroup v1 memory and cpu controllers), the emulator and the model; skips without
 //! them, fails under CI=true.
 
@@ -28,6 +35,15 @@ use common::emulator::Emulator;
 const MEMORY_MB: u64 = 2048;
 /// The bound asserted on the function's peak RSS (model mapping included).
 const PEAK_BOUND_MB: f64 = 400.0;
+/// The same for the longest prompt on SmolLM2-135M Q4_1 (98 MB file, 8,191 positions of f16
+/// cache at 23 KB each: 189 MB, prefill activations of one 512-token chunk).
+const GEN_PEAK_BOUND_MB: f64 = 500.0;
+/// What a finished generation may keep: the cache's first 1,024 positions (23.6 MB on this
+/// model) and what glibc keeps below its trim threshold.
+const GEN_KEPT_MB: f64 = 40.0;
+
+/// The tests share the process, so its cgroup: one at a time, each timed alone.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn status_kb(pid: u32, field: &str) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -81,6 +97,7 @@ fn words(n_bytes: usize, seed: usize) -> String {
 
 #[test]
 fn worst_requests_stay_bounded_under_the_template_memory_and_memory_goes_back() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(rie) = common::needed_file(".cache/bin/aws-lambda-rie", "scripts/fetch-tools") else {
         return;
     };
@@ -154,5 +171,68 @@ fn worst_requests_stay_bounded_under_the_template_memory_and_memory_goes_back() 
     assert!(
         after - before < 20.0,
         "RSS {after:.1} MB after the requests, {before:.1} MB before: memory not given back"
+    );
+}
+
+#[test]
+fn the_longest_prompt_stays_bounded_under_the_template_memory_and_the_cache_goes_back() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(rie) = common::needed_file(".cache/bin/aws-lambda-rie", "scripts/fetch-tools") else {
+        return;
+    };
+    let Some(model) = common::needed_file(
+        "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "scripts/fetch-models",
+    ) else {
+        return;
+    };
+    if enter_lambda_cgroup().is_none() {
+        return;
+    }
+    let env = [
+        ("MODEL_URI", model.display().to_string()),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", MEMORY_MB.to_string()),
+        ("AWS_LAMBDA_FUNCTION_TIMEOUT", "900".to_string()),
+    ];
+    let emu = Emulator::start(&rie, &env);
+    let chat = |content: &str, max_tokens: u32| {
+        json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
+            .to_string()
+    };
+    let warm = emu.invoke(chat("hi", 1).as_bytes());
+    assert_eq!(warm["usage"]["completion_tokens"], 1, "{warm}");
+    let pid = emu
+        .function_pid()
+        .expect("bootstrap runs under the emulator");
+    let before = status_kb(pid, "VmRSS:") / 1024.0;
+
+    // 1,669 of these words and the chat template are 8,191 tokens: the context less one.
+    let words: Vec<String> = (0..1669)
+        .map(|i| format!("word{}", (i * 7919) % 10007))
+        .collect();
+    let t = Instant::now();
+    let out = emu.invoke_within(
+        chat(&words.join(" "), 512).as_bytes(),
+        std::time::Duration::from_secs(900),
+    );
+    let wall = t.elapsed().as_secs_f64();
+    assert_eq!(out["usage"]["prompt_tokens"], 8191, "{}", out["usage"]);
+    // max_tokens is cut to the context left: one token.
+    assert_eq!(out["usage"]["completion_tokens"], 1, "{}", out["usage"]);
+
+    let peak = status_kb(pid, "VmHWM:") / 1024.0;
+    let after = status_kb(pid, "VmRSS:") / 1024.0;
+    eprintln!(
+        "memory (SmolLM2-135M Q4_1, {MEMORY_MB} MB cgroup, {:.2} vCPU): RSS before {before:.1} MB, \
+         peak {peak:.1} MB, after {after:.1} MB; 8,191-token prompt answered in {wall:.1} s",
+        MEMORY_MB as f64 / 1769.0
+    );
+    assert!(
+        peak < GEN_PEAK_BOUND_MB,
+        "peak RSS {peak:.1} MB over {GEN_PEAK_BOUND_MB} MB"
+    );
+    assert!(
+        after - before < GEN_KEPT_MB,
+        "RSS {after:.1} MB after the prompt, {before:.1} MB before: the cache was not given back"
     );
 }

@@ -83,8 +83,13 @@ impl Emulator {
     /// One synchronous invoke, as `aws lambda invoke` makes it: the HTTP head and the (de-chunked)
     /// body the emulator answers.
     pub fn invoke_http(&self, payload: &[u8]) -> (String, String) {
+        self.invoke_http_within(payload, Duration::from_secs(120))
+    }
+
+    /// [`Self::invoke_http`], waiting up to `limit` for the answer.
+    pub fn invoke_http_within(&self, payload: &[u8], limit: Duration) -> (String, String) {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        s.set_read_timeout(Some(limit)).unwrap();
         write!(
             s,
             "POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n\
@@ -117,7 +122,12 @@ impl Emulator {
 
     /// The JSON an invoke answers (a function error is `{"errorType", "errorMessage"}`).
     pub fn invoke(&self, payload: &[u8]) -> Value {
-        let (head, body) = self.invoke_http(payload);
+        self.invoke_within(payload, Duration::from_secs(120))
+    }
+
+    /// [`Self::invoke`], waiting up to `limit` for the answer (a long generation).
+    pub fn invoke_within(&self, payload: &[u8], limit: Duration) -> Value {
+        let (head, body) = self.invoke_http_within(payload, limit);
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {head}\n{body}"))
     }
 
