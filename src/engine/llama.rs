@@ -389,15 +389,15 @@ pub struct State {
     v: Vec<Vec<f16>>,
     /// Positions filled.
     pub len: usize,
-    /// Floats per position in each layer's `k` and `v` (the model's kv width; 0 until the first
-    /// forward pass).
+    /// Values per position in each cache vector (the head width; 0 until the first forward
+    /// pass).
     width: usize,
 }
 
 impl State {
     /// Forgets the cache, keeping at most 1,024 positions' worth of its allocation, so that one
-    /// long request does not pin its memory for the environment's lifetime (a 4,831-token
-    /// prompt on SmolLM2-135M left 446 MB resident when this kept a fixed 1M floats per layer).
+    /// long request does not pin its memory for the environment's lifetime (tests/memory.rs
+    /// checks what the longest prompt leaves behind).
     pub fn reset(&mut self) {
         const KEEP_POSITIONS: usize = 1024;
         let keep = KEEP_POSITIONS * self.width;
