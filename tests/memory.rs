@@ -85,6 +85,21 @@ fn enter_lambda_cgroup() -> Option<()> {
     }
 }
 
+/// The real bootstrap on `model` under the emulator, in the Lambda cgroup, with the template's
+/// memory size and a timeout that lets the slowest request finish. `None`: skipped (no
+/// emulator, model or cgroup here).
+fn function_in_lambda_cgroup(model: &str) -> Option<Emulator> {
+    let rie = common::needed_file(".cache/bin/aws-lambda-rie", "scripts/fetch-tools")?;
+    let model = common::needed_file(model, "scripts/fetch-models")?;
+    enter_lambda_cgroup()?;
+    let env = [
+        ("MODEL_URI", model.display().to_string()),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", MEMORY_MB.to_string()),
+        ("AWS_LAMBDA_FUNCTION_TIMEOUT", "900".to_string()),
+    ];
+    Some(Emulator::start(&rie, &env))
+}
+
 fn words(n_bytes: usize, seed: usize) -> String {
     let mut s = String::new();
     let mut i = seed;
@@ -98,21 +113,9 @@ fn words(n_bytes: usize, seed: usize) -> String {
 #[test]
 fn worst_requests_stay_bounded_under_the_template_memory_and_memory_goes_back() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(rie) = common::needed_file(".cache/bin/aws-lambda-rie", "scripts/fetch-tools") else {
+    let Some(emu) = function_in_lambda_cgroup("models/default.gguf") else {
         return;
     };
-    let Some(model) = common::needed_file("models/default.gguf", "scripts/fetch-models") else {
-        return;
-    };
-    if enter_lambda_cgroup().is_none() {
-        return;
-    }
-    let env = [
-        ("MODEL_URI", model.display().to_string()),
-        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", MEMORY_MB.to_string()),
-        ("AWS_LAMBDA_FUNCTION_TIMEOUT", "600".to_string()),
-    ];
-    let emu = Emulator::start(&rie, &env);
     let warm = emu.invoke(br#"{"input": "warm up"}"#);
     assert_eq!(warm["data"][0]["embedding"].as_array().unwrap().len(), 384);
     let pid = emu
@@ -177,24 +180,9 @@ fn worst_requests_stay_bounded_under_the_template_memory_and_memory_goes_back() 
 #[test]
 fn the_longest_prompt_stays_bounded_under_the_template_memory_and_the_cache_goes_back() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(rie) = common::needed_file(".cache/bin/aws-lambda-rie", "scripts/fetch-tools") else {
+    let Some(emu) = function_in_lambda_cgroup("models/SmolLM2-135M-Instruct.Q4_1.gguf") else {
         return;
     };
-    let Some(model) = common::needed_file(
-        "models/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "scripts/fetch-models",
-    ) else {
-        return;
-    };
-    if enter_lambda_cgroup().is_none() {
-        return;
-    }
-    let env = [
-        ("MODEL_URI", model.display().to_string()),
-        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", MEMORY_MB.to_string()),
-        ("AWS_LAMBDA_FUNCTION_TIMEOUT", "900".to_string()),
-    ];
-    let emu = Emulator::start(&rie, &env);
     let chat = |content: &str, max_tokens: u32| {
         json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
             .to_string()

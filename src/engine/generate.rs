@@ -666,7 +666,7 @@ mod tests {
     }
 
     #[test]
-    fn first_prefill_chunk_waits_for_an_estimate_that_fits() {
+    fn prefill_waits_for_an_estimate_that_fits() {
         let mut m = fake(&[0]);
         let prompt: Vec<u32> = (0..100).map(|i| i % 8).collect();
         let p = pieces();
@@ -685,24 +685,13 @@ mod tests {
         q.prefill_per_token = Some(Duration::from_micros(10));
         let out = generate(&mut m, &v, &prompt, &q, &mut |_| {}).unwrap();
         assert_eq!(out.token_ids.len(), 2);
-    }
-
-    /// A prompt whose first chunk would fit but whose whole prefill at the measured rate would
-    /// not: nothing starts (the request would pay to the deadline for no token).
-    #[test]
-    fn no_prefill_starts_when_the_whole_prompt_passes_the_deadline() {
+        // A first chunk that fits (512 ms of 800) in a prompt that does not (1,027 ms): nothing
+        // starts either, rather than paying to the deadline for no token.
         let mut m = fake(&[0]);
-        let prompt: Vec<u32> = (0..PREFILL_CHUNK as u32 * 2 + 3).map(|i| i % 8).collect();
-        let p = pieces();
-        let v = Detokenizer {
-            pieces: &p,
-            stop_ids: &[5],
-        };
-        // 1 ms per token: the first chunk (512 ms) fits in 800 ms, the prompt (1,027 ms) not.
-        let mut q = params(2);
+        let long: Vec<u32> = (0..PREFILL_CHUNK as u32 * 2 + 3).map(|i| i % 8).collect();
         q.deadline = Some(Instant::now() + Duration::from_millis(800));
         q.prefill_per_token = Some(Duration::from_millis(1));
-        let out = generate(&mut m, &v, &prompt, &q, &mut |_| {}).unwrap();
+        let out = generate(&mut m, &v, &long, &q, &mut |_| {}).unwrap();
         assert!(m.forwards.is_empty(), "{:?}", m.forwards);
         assert!(out.hit_deadline && out.token_ids.is_empty());
     }
