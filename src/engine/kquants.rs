@@ -447,7 +447,7 @@ pub mod avx2 {
     //! AVX2 versions of the kernels above (the same integer sums; f32 partial sums per lane).
 
     use super::{is_k_quant, Acts, Format, MR, QK_K};
-    use crate::engine::qmatmul::x86::{f16_at, hsum};
+    use crate::engine::qmatmul::x86::{f16_at, hsum, prefetch_ahead};
     use std::arch::x86_64::*;
 
     /// 32 bytes, byte i = 0x10 where bit i of the u32 at `p` is set, else 0.
@@ -493,23 +493,6 @@ pub mod avx2 {
         }
     }
 
-    /// [`legacy_u`] with AVX-512 BW: the fifth bits (bit i of `qh` is value i's) set by one
-    /// masked move instead of a broadcast, shuffle and compare (Q5_0 decode was the slowest
-    /// format per value).
-    ///
-    /// # Safety
-    /// As [`legacy_u`], and the caller enables AVX-512 BW and VL.
-    #[inline(always)]
-    unsafe fn legacy_u_bw(f: Format, blk: *const u8) -> __m256i {
-        match legacy_nibbles(f, blk) {
-            (u, Some(h)) => {
-                let bits = (h as *const u32).read_unaligned();
-                _mm256_or_si256(u, _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10)))
-            }
-            (u, None) => u,
-        }
-    }
-
     /// Signed block values (`u - off`) against signed activations: the sign trick, as for Q8_0.
     #[inline(always)]
     unsafe fn dot_signed(w: __m256i, y: __m256i) -> __m256i {
@@ -519,37 +502,12 @@ pub mod avx2 {
         )
     }
 
-    /// [`dot_signed`] with AVX-512 VNNI's `vpdpbusd` (on 256-bit vectors): the same i32 lanes
-    /// (no pair of products comes near i16 saturation: |w| <= 16 here), one instruction for two.
-    #[inline(always)]
-    unsafe fn dot_signed_vnni(w: __m256i, y: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(
-            _mm256_setzero_si256(),
-            _mm256_sign_epi8(w, w),
-            _mm256_sign_epi8(y, w),
-        )
-    }
-
     /// One legacy block (Q4_0, Q5_0, Q5_1) times one 32-value activation block: the i32 lanes.
     #[inline(always)]
     unsafe fn legacy_dot(f: Format, u: __m256i, y: __m256i) -> __m256i {
-        legacy_dot_with::<false>(f, u, y)
-    }
-
-    /// [`legacy_dot`], by `vpdpbusd` when `VNNI` (the caller enables AVX-512 VNNI).
-    #[inline(always)]
-    unsafe fn legacy_dot_with<const VNNI: bool>(f: Format, u: __m256i, y: __m256i) -> __m256i {
-        let signed = |w| {
-            if VNNI {
-                dot_signed_vnni(w, y)
-            } else {
-                dot_signed(w, y)
-            }
-        };
         match f {
-            Format::Q4_0 => signed(_mm256_sub_epi8(u, _mm256_set1_epi8(8))),
-            Format::Q5_0 => signed(_mm256_sub_epi8(u, _mm256_set1_epi8(16))),
-            _ if VNNI => _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, y),
+            Format::Q4_0 => dot_signed(_mm256_sub_epi8(u, _mm256_set1_epi8(8)), y),
+            Format::Q5_0 => dot_signed(_mm256_sub_epi8(u, _mm256_set1_epi8(16)), y),
             _ => _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1)),
         }
     }
@@ -601,26 +559,6 @@ pub mod avx2 {
     #[inline(never)]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn legacy_pair(f: Format, w0: &[u8], w1: &[u8], a: &Acts) -> [f32; 2] {
-        legacy_pair_with::<false>(f, w0, w1, a)
-    }
-
-    /// [`legacy_pair`] on AVX-512 VNNI and BW: the same bits.
-    ///
-    /// # Safety
-    /// As [`legacy_pair`], and the CPU has AVX-512 F, VL, BW and VNNI.
-    #[inline(never)]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub unsafe fn legacy_pair_vnni(f: Format, w0: &[u8], w1: &[u8], a: &Acts) -> [f32; 2] {
-        legacy_pair_with::<true>(f, w0, w1, a)
-    }
-
-    #[inline(always)]
-    unsafe fn legacy_pair_with<const VNNI: bool>(
-        f: Format,
-        w0: &[u8],
-        w1: &[u8],
-        a: &Acts,
-    ) -> [f32; 2] {
         let kb = a.k / 32;
         let bb = f.block_bytes();
         let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
@@ -632,12 +570,8 @@ pub mod avx2 {
             let dx = *a.d.get_unchecked(b);
             for (i, p) in [p0, p1].into_iter().enumerate() {
                 let blk = p.add(b * bb);
-                let u = if VNNI {
-                    legacy_u_bw(f, blk)
-                } else {
-                    legacy_u(f, blk)
-                };
-                let prod = legacy_dot_with::<VNNI>(f, u, y);
+                prefetch_ahead(blk);
+                let prod = legacy_dot(f, legacy_u(f, blk), y);
                 let d = _mm256_set1_ps(f16_at(blk) * dx);
                 acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc[i]);
                 if f == Format::Q5_1 {
@@ -753,6 +687,12 @@ pub mod avx2 {
         let mut accm = [0f32; MR];
         for b in 0..kb {
             let blk = &row[b * bb..(b + 1) * bb];
+            if nr == 1 {
+                // Decode: one row read once (prefill reuses each block across the rows).
+                for line in (0..bb).step_by(64) {
+                    prefetch_ahead(blk.as_ptr().add(line));
+                }
+            }
             let (sc, min, d, dmin, off) = super::super_head(f, blk);
             let w = unpack(f, blk.as_ptr(), &sc);
             for r in 0..nr {

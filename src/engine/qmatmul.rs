@@ -15,7 +15,9 @@
 //!
 //! The x86 kernels are written once and compiled for AVX2 and for AVX-512 VNNI (chosen at run
 //! time; INT8_KERNEL=avx2 keeps AVX2): both sum the same exact integers in the same float order,
-//! so they give the same bits. VNNI pays in prefill (compute-bound); decode waits on memory.
+//! so they give the same bits. On AVX-512, decode runs two weight rows per 512-bit vector; every
+//! decode kernel prefetches the weights well ahead of the block it reads, since a decode step
+//! streams them all from beyond the caches once.
 //!
 //! Must not: allocate per output element, depend on the thread count or the instruction set for
 //! its results (every output is summed in a fixed order), or use an instruction set the CPU lacks
@@ -342,7 +344,7 @@ const GROUP: usize = 16;
 const MIN_GROUP_ROWS: usize = 8;
 
 /// Weight rows per decode kernel call: two independent FMA chains overlap (one alone waits on
-/// its accumulator every block); four measured no faster (decode waits on memory).
+/// its accumulator every block), or the two halves of one 512-bit vector.
 const DECODE_ROWS: usize = 2;
 
 /// `outs[i] = acts · mats[i]^T` (`[m, n_i]` row-major each), all matrices in one parallel
@@ -383,6 +385,15 @@ fn matmul_with(simd: Simd, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f3
             }
         }
     }
+    if m == 1
+        && simd == Simd::Vnni
+        && mats
+            .iter()
+            .any(|w| matches!(w.format, Format::Q8_0 | Format::Q4_0 | Format::Q5_0))
+    {
+        // Once, before the tasks share it (the 512-bit decode kernel's offset term).
+        acts.run_sums();
+    }
     tasks.into_par_iter().for_each(|(i, j0, out)| {
         let w = mats[i];
         let rows = out.len() / m;
@@ -395,26 +406,14 @@ fn matmul_with(simd: Simd, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f3
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 match (simd, w.format) {
-                    (Simd::Vnni, Format::Q4_1) => {
-                        x86::q4_1_decode_vnni::<DECODE_ROWS>(data, rb, acts, &mut out[..whole])
-                    }
-                    (Simd::Vnni, Format::Q8_0) => {
-                        x86::q8_0_decode_vnni::<DECODE_ROWS>(data, rb, acts, &mut out[..whole])
+                    (Simd::Vnni, f) if x86::groups16(f) => {
+                        x86::decode_pairs_512(f, data, rb, acts, &mut out[..whole])
                     }
                     (_, Format::Q4_1) => {
                         x86::q4_1_decode_avx2::<DECODE_ROWS>(data, rb, acts, &mut out[..whole])
                     }
                     (_, Format::Q8_0) => {
                         x86::q8_0_decode_avx2::<DECODE_ROWS>(data, rb, acts, &mut out[..whole])
-                    }
-                    (Simd::Vnni, f) if !kquants::is_k_quant(f) => {
-                        let v = acts.view();
-                        for (g, o) in out[..whole].chunks_exact_mut(2).enumerate() {
-                            let row = |j: usize| &data[j * rb..(j + 1) * rb];
-                            let r =
-                                kquants::avx2::legacy_pair_vnni(f, row(2 * g), row(2 * g + 1), &v);
-                            o.copy_from_slice(&r);
-                        }
                     }
                     (_, f) => {
                         let v = acts.view();
@@ -636,6 +635,19 @@ pub(super) mod x86 {
         _mm_cvtss_f32(s)
     }
 
+    /// How far ahead of the block it reads a decode kernel asks for the weights, in bytes. A
+    /// decode step streams every weight once, from beyond the caches, through short rows (360
+    /// bytes for a Q4_1 row of 576): the hardware prefetcher alone left the kernels waiting on
+    /// memory (docs/performance.md has the measured gain and the distances tried).
+    pub(in crate::engine) const PREFETCH_AHEAD: usize = 3072;
+
+    /// Prefetches the cache line [`PREFETCH_AHEAD`] bytes past `p` (a hint: never faults,
+    /// whatever lies there).
+    #[inline(always)]
+    pub(in crate::engine) unsafe fn prefetch_ahead(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD) as *const i8);
+    }
+
     /// The 32 values of a Q4_1 block's nibbles, low nibbles (values 0..16) then high.
     #[inline(always)]
     unsafe fn nibbles(blk: *const u8) -> __m256i {
@@ -715,6 +727,7 @@ pub(super) mod x86 {
                 let (dx, sx) = (*a.d.get_unchecked(b), *a.s.get_unchecked(b));
                 for i in 0..R {
                     let blk = p0.add(i * rb + b * 20);
+                    prefetch_ahead(blk);
                     let prod = P::dot(nibbles(blk), y);
                     let d = _mm256_set1_ps(f16_at(blk) * dx);
                     acc[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc[i]);
@@ -740,6 +753,7 @@ pub(super) mod x86 {
                 let dx = *a.d.get_unchecked(b);
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let blk = p0.add(i * rb + b * 34);
+                    prefetch_ahead(blk);
                     let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
                     let prod = P::dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(y, wv));
                     let d = _mm256_set1_ps(f16_at(blk) * dx);
@@ -931,26 +945,124 @@ pub(super) mod x86 {
         }
     }
 
+    /// Decode on AVX-512: two weight rows of a 32-value block format per 512-bit vector (row 0
+    /// in the low 256 bits, row 1 in the high), against the one activation row broadcast to both
+    /// halves. Each half runs what the 256-bit kernels run for its row, lane for lane: the same
+    /// i32 sums of 4 products (`vpdpbusd` on unsigned `u = q + off`, started at `-off · Σ4 y`),
+    /// the same `d_w·d_x` products, the same FMA per block, the same `hsum` and `Σ m_w·s_x`, so
+    /// the same bits; half the vector instructions per block, and the two rows' scales converted
+    /// in one instruction instead of four scalar ones. `out.len()` is even.
+    ///
+    /// # Safety
+    /// AVX-512 F/VL/BW/VNNI, AVX2, FMA, F16C; `f` passes [`groups16`]; `w` holds `out.len()`
+    /// rows of `rb` bytes (blocks of `f`, `a.k` values); `a` has one row.
     #[inline(never)]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn q4_1_decode_vnni<const R: usize>(
-        w: &[u8],
-        rb: usize,
-        a: &QActs,
-        out: &mut [f32],
-    ) {
-        q4_1_decode::<Dpbusd, R>(w, rb, a, out)
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn decode_pairs_512(f: Format, w: &[u8], rb: usize, a: &QActs, out: &mut [f32]) {
+        // One loop per format, its layout constant (no branch per block).
+        match f {
+            Format::Q4_1 => pairs_512(Format::Q4_1, w, rb, a, out),
+            Format::Q8_0 => pairs_512(Format::Q8_0, w, rb, a, out),
+            Format::Q4_0 => pairs_512(Format::Q4_0, w, rb, a, out),
+            Format::Q5_0 => pairs_512(Format::Q5_0, w, rb, a, out),
+            _ => pairs_512(Format::Q5_1, w, rb, a, out),
+        }
     }
 
-    #[inline(never)]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn q8_0_decode_vnni<const R: usize>(
-        w: &[u8],
-        rb: usize,
-        a: &QActs,
-        out: &mut [f32],
-    ) {
-        q8_0_decode::<Dpbusd, R>(w, rb, a, out)
+    #[inline(always)]
+    unsafe fn pairs_512(f: Format, w: &[u8], rb: usize, a: &QActs, out: &mut [f32]) {
+        let kb = a.k / QK;
+        let bb = f.block_bytes();
+        debug_assert!(out.len().is_multiple_of(2) && w.len() >= out.len() * rb && a.m == 1);
+        // The shift that multiplies a run sum by the format's offset (0: none).
+        let (shift, has_min) = match f {
+            Format::Q8_0 => (7, false),
+            Format::Q4_0 => (3, false),
+            Format::Q5_0 => (4, false),
+            _ => (0, true),
+        };
+        let runs: &[i32] = if shift == 0 { &[] } else { a.run_sums() };
+        let xq = a.qs.as_ptr();
+        let low = _mm512_set1_epi8(0x0F);
+        let top = _mm512_set1_epi8(-128);
+        let fifth = _mm512_set1_epi8(0x10);
+        // Lanes 0..8 take the first row's block scale, 8..16 the second's ([d0, m0, d1, m1]).
+        let pick_d = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+        for (g, o) in out.chunks_exact_mut(2).enumerate() {
+            let p0 = w.as_ptr().add(2 * g * rb);
+            let p1 = p0.add(rb);
+            let mut acc = _mm512_setzero_ps();
+            let mut summ = _mm_setzero_ps();
+            for b in 0..kb {
+                let (b0, b1) = (p0.add(b * bb), p1.add(b * bb));
+                prefetch_ahead(b0);
+                prefetch_ahead(b1);
+                let y = _mm512_broadcast_i64x4(_mm256_loadu_si256(xq.add(b * QK) as *const _));
+                let u = if f == Format::Q8_0 {
+                    let lo = _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2) as *const _));
+                    let both = _mm512_inserti64x4(lo, _mm256_loadu_si256(b1.add(2) as *const _), 1);
+                    _mm512_xor_si512(both, top)
+                } else {
+                    let qs = match f {
+                        Format::Q4_0 => 2,
+                        Format::Q4_1 => 4,
+                        Format::Q5_0 => 6,
+                        _ => 8,
+                    };
+                    let t = _mm256_set_m128i(
+                        _mm_loadu_si128(b1.add(qs) as *const _),
+                        _mm_loadu_si128(b0.add(qs) as *const _),
+                    );
+                    let t = _mm512_castsi256_si512(t);
+                    // [row 0's 16 bytes twice, row 1's twice]; the second copy of each shifted
+                    // to its high nibbles: values 0..16 then 16..32 of each row, as `y` holds them.
+                    let z = _mm512_shuffle_i64x2(t, t, 0b01_01_00_00);
+                    let z = _mm512_and_si512(_mm512_mask_srli_epi16(z, 0xFF00_FF00, z, 4), low);
+                    if matches!(f, Format::Q5_0 | Format::Q5_1) {
+                        let h = |p: *const u8| (p.add(qs - 4) as *const u32).read_unaligned();
+                        let bits = (h(b1) as u64) << 32 | h(b0) as u64;
+                        _mm512_or_si512(z, _mm512_maskz_mov_epi8(bits, fifth))
+                    } else {
+                        z
+                    }
+                };
+                let start = if shift == 0 {
+                    _mm512_setzero_si512()
+                } else {
+                    let r = _mm256_loadu_si256(runs.as_ptr().add(b * 8) as *const _);
+                    let r = _mm512_broadcast_i64x4(r);
+                    _mm512_sub_epi32(
+                        _mm512_setzero_si512(),
+                        _mm512_sll_epi32(r, _mm_cvtsi32_si128(shift)),
+                    )
+                };
+                let p = _mm512_dpbusd_epi32(start, u, y);
+                // [d0, m0, d1, m1] of the two blocks (f16), times [d_x, s_x, d_x, s_x].
+                let h = |p: *const u8| (p as *const i32).read_unaligned();
+                let dm = _mm_cvtph_ps(_mm_setr_epi32(h(b0), h(b1), 0, 0));
+                let (dx, sx) = (*a.d.get_unchecked(b), *a.s.get_unchecked(b));
+                let dm = _mm_mul_ps(dm, _mm_setr_ps(dx, sx, dx, sx));
+                if has_min {
+                    summ = _mm_add_ps(summ, dm);
+                }
+                let d = _mm512_permutexvar_ps(pick_d, _mm512_castps128_ps512(dm));
+                acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc);
+            }
+            let mut sm = [0f32; 4];
+            _mm_storeu_ps(sm.as_mut_ptr(), summ);
+            let lo = hsum(_mm512_castps512_ps256(acc));
+            let hi = hsum(_mm256_castpd_ps(_mm512_extractf64x4_pd(
+                _mm512_castps_pd(acc),
+                1,
+            )));
+            if has_min {
+                o[0] = lo + sm[1];
+                o[1] = hi + sm[3];
+            } else {
+                o[0] = lo;
+                o[1] = hi;
+            }
+        }
     }
 }
 #[cfg(test)]
@@ -969,7 +1081,12 @@ pub(crate) mod tests {
     }
 
     /// Random blocks of `format` with sane f16 scales.
-    fn random_matrix(format: Format, n: usize, k: usize, r: &mut impl FnMut() -> f32) -> Vec<u8> {
+    pub(crate) fn random_matrix(
+        format: Format,
+        n: usize,
+        k: usize,
+        r: &mut impl FnMut() -> f32,
+    ) -> Vec<u8> {
         let mut out = Vec::new();
         for _ in 0..n * k / QK {
             out.extend(half::f16::from_f32(0.01 + r().abs() * 0.05).to_le_bytes());
