@@ -409,6 +409,15 @@ fn matmul_with(simd: Simd, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f3
                     (Simd::Vnni, f) if x86::groups16(f) => {
                         x86::decode_pairs_512(f, data, rb, acts, &mut out[..whole])
                     }
+                    (Simd::Vnni, f) if kquants::is_k_quant(f) => {
+                        let v = acts.view();
+                        for (j, o) in out[..whole].iter_mut().enumerate() {
+                            let mut r = [0f32; kquants::MR];
+                            let row = &data[j * rb..(j + 1) * rb];
+                            kquants::avx2::k_rows_512(f, row, &v, 0, 1, &mut r);
+                            *o = r[0];
+                        }
+                    }
                     (_, Format::Q4_1) => {
                         x86::q4_1_decode_avx2::<DECODE_ROWS>(data, rb, acts, &mut out[..whole])
                     }
@@ -500,6 +509,11 @@ fn dot_rows(
             (Simd::Vnni, Format::Q8_0) => return x86::q8_0_rows_vnni(row, a, r0, nr, res),
             (Simd::Avx2, Format::Q4_1) => return x86::q4_1_rows_avx2(row, a, r0, nr, res),
             (Simd::Avx2, Format::Q8_0) => return x86::q8_0_rows_avx2(row, a, r0, nr, res),
+            (Simd::Vnni, f) if kquants::is_k_quant(f) => {
+                return in_kquant_chunks(nr, res, |r, n, part| {
+                    kquants::avx2::k_rows_512(f, row, &a.view(), r0 + r, n, part)
+                })
+            }
             (_, f) => {
                 return in_kquant_chunks(nr, res, |r, n, part| {
                     kquants::avx2::dot_rows(f, row, &a.view(), r0 + r, n, part)
@@ -1081,12 +1095,7 @@ pub(crate) mod tests {
     }
 
     /// Random blocks of `format` with sane f16 scales.
-    pub(crate) fn random_matrix(
-        format: Format,
-        n: usize,
-        k: usize,
-        r: &mut impl FnMut() -> f32,
-    ) -> Vec<u8> {
+    fn random_matrix(format: Format, n: usize, k: usize, r: &mut impl FnMut() -> f32) -> Vec<u8> {
         let mut out = Vec::new();
         for _ in 0..n * k / QK {
             out.extend(half::f16::from_f32(0.01 + r().abs() * 0.05).to_le_bytes());
