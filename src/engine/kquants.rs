@@ -681,45 +681,7 @@ pub mod avx2 {
     #[inline(never)]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn k_rows(f: Format, row: &[u8], a: &Acts, r0: usize, nr: usize, res: &mut [f32; MR]) {
-        let y = a.q8k();
-        let kb = a.k / QK_K;
-        let bb = f.block_bytes();
-        let mut acc = [_mm256_setzero_ps(); MR];
-        let mut accm = [0f32; MR];
-        for b in 0..kb {
-            let blk = &row[b * bb..(b + 1) * bb];
-            if nr == 1 {
-                // Decode: one row read once (prefill reuses each block across the rows).
-                for line in (0..bb).step_by(64) {
-                    prefetch_ahead(blk.as_ptr().add(line));
-                }
-            }
-            let (sc, min, d, dmin, off) = super::super_head(f, blk);
-            let w = unpack(f, blk.as_ptr(), &sc);
-            for r in 0..nr {
-                let yi = (r0 + r) * kb + b;
-                let q8 = y.qs.as_ptr().add(yi * QK_K);
-                let mut sumi = _mm256_setzero_si256();
-                for v in 0..8 {
-                    let yv = _mm256_loadu_si256(q8.add(v * 32) as *const __m256i);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w.u[v], yv), w.sc[v]);
-                    sumi = _mm256_add_epi32(sumi, p);
-                }
-                let bs = y.bsums.get_unchecked(yi * 16..(yi + 1) * 16);
-                let yd = *y.d.get_unchecked(yi);
-                if off != 0 {
-                    let corr: i32 = (0..16).map(|g| sc[g] * bs[g]).sum::<i32>() * off;
-                    sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(corr, 0, 0, 0, 0, 0, 0, 0));
-                } else {
-                    let corr: i32 = (0..16).map(|g| min[g] * bs[g]).sum();
-                    accm[r] -= dmin * yd * corr as f32;
-                }
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * yd), _mm256_cvtepi32_ps(sumi), acc[r]);
-            }
-        }
-        for r in 0..nr {
-            res[r] = hsum(acc[r]) + accm[r];
-        }
+        k_rows_with::<false>(f, row, a, r0, nr, res)
     }
 
     /// [`k_rows`] on AVX-512 BW: the eight 32-value vectors of a super-block paired into four
@@ -739,6 +701,18 @@ pub mod avx2 {
         nr: usize,
         res: &mut [f32; MR],
     ) {
+        k_rows_with::<true>(f, row, a, r0, nr, res)
+    }
+
+    #[inline(always)]
+    unsafe fn k_rows_with<const WIDE: bool>(
+        f: Format,
+        row: &[u8],
+        a: &Acts,
+        r0: usize,
+        nr: usize,
+        res: &mut [f32; MR],
+    ) {
         let y = a.q8k();
         let kb = a.k / QK_K;
         let bb = f.block_bytes();
@@ -747,39 +721,62 @@ pub mod avx2 {
         for b in 0..kb {
             let blk = &row[b * bb..(b + 1) * bb];
             if nr == 1 {
+                // Decode: one row read once (prefill reuses each block across the rows).
                 for line in (0..bb).step_by(64) {
                     prefetch_ahead(blk.as_ptr().add(line));
                 }
             }
             let (sc, min, d, dmin, off) = super::super_head(f, blk);
             let w = unpack(f, blk.as_ptr(), &sc);
+            // The 512-bit forms: vectors 2i and 2i + 1 side by side, and the coefficients of the
+            // min / offset term (unused by the 256-bit form).
             let pair = |v: &[__m256i; 8], i: usize| {
                 _mm512_inserti64x4(_mm512_castsi256_si512(v[2 * i]), v[2 * i + 1], 1)
             };
-            let u = [pair(&w.u, 0), pair(&w.u, 1), pair(&w.u, 2), pair(&w.u, 3)];
-            let scv = [
-                pair(&w.sc, 0),
-                pair(&w.sc, 1),
-                pair(&w.sc, 2),
-                pair(&w.sc, 3),
-            ];
-            let coef =
-                _mm512_loadu_si512(if off != 0 { sc.as_ptr() } else { min.as_ptr() } as *const _);
+            let (u, scv, coef) = if WIDE {
+                let coef = if off != 0 { sc.as_ptr() } else { min.as_ptr() };
+                (
+                    [pair(&w.u, 0), pair(&w.u, 1), pair(&w.u, 2), pair(&w.u, 3)],
+                    [
+                        pair(&w.sc, 0),
+                        pair(&w.sc, 1),
+                        pair(&w.sc, 2),
+                        pair(&w.sc, 3),
+                    ],
+                    _mm512_loadu_si512(coef as *const _),
+                )
+            } else {
+                // Never read; zeroed memory, not an AVX-512 instruction, on this path.
+                let z: __m512i = std::mem::zeroed();
+                ([z; 4], [z; 4], z)
+            };
             for r in 0..nr {
                 let yi = (r0 + r) * kb + b;
                 let q8 = y.qs.as_ptr().add(yi * QK_K);
-                let mut sum = _mm512_setzero_si512();
-                for i in 0..4 {
-                    let yv = _mm512_loadu_si512(q8.add(i * 64) as *const _);
-                    let p = _mm512_madd_epi16(_mm512_maddubs_epi16(u[i], yv), scv[i]);
-                    sum = _mm512_add_epi32(sum, p);
-                }
-                let mut sumi = _mm256_add_epi32(
-                    _mm512_castsi512_si256(sum),
-                    _mm512_extracti64x4_epi64(sum, 1),
-                );
-                let bs = _mm512_loadu_si512(y.bsums.as_ptr().add(yi * 16) as *const _);
-                let corr = _mm512_reduce_add_epi32(_mm512_mullo_epi32(coef, bs));
+                let bs = y.bsums.get_unchecked(yi * 16..(yi + 1) * 16);
+                let (mut sumi, corr) = if WIDE {
+                    let mut sum = _mm512_setzero_si512();
+                    for i in 0..4 {
+                        let yv = _mm512_loadu_si512(q8.add(i * 64) as *const _);
+                        let p = _mm512_madd_epi16(_mm512_maddubs_epi16(u[i], yv), scv[i]);
+                        sum = _mm512_add_epi32(sum, p);
+                    }
+                    let sumi = _mm256_add_epi32(
+                        _mm512_castsi512_si256(sum),
+                        _mm512_extracti64x4_epi64(sum, 1),
+                    );
+                    let bsv = _mm512_loadu_si512(bs.as_ptr() as *const _);
+                    (sumi, _mm512_reduce_add_epi32(_mm512_mullo_epi32(coef, bsv)))
+                } else {
+                    let mut sumi = _mm256_setzero_si256();
+                    for v in 0..8 {
+                        let yv = _mm256_loadu_si256(q8.add(v * 32) as *const __m256i);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w.u[v], yv), w.sc[v]);
+                        sumi = _mm256_add_epi32(sumi, p);
+                    }
+                    let c = if off != 0 { &sc } else { &min };
+                    (sumi, (0..16).map(|g| c[g] * bs[g]).sum::<i32>())
+                };
                 let yd = *y.d.get_unchecked(yi);
                 if off != 0 {
                     let corr = corr * off;
