@@ -15,7 +15,9 @@ use super::EngineError;
 /// A next-token model with its own state (the KV cache): `forward` appends tokens and returns
 /// the logits after the last one.
 pub trait TokenModel {
-    fn reset(&mut self);
+    /// Forgets the sequence; the next one may fill up to `reach` positions (prompt and answer:
+    /// LongRoPE picks its factors by it).
+    fn reset(&mut self, reach: usize);
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError>;
 }
 
@@ -124,7 +126,7 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(EngineError::Tokenizer("the prompt has no tokens".into()));
     }
-    model.reset();
+    model.reset(prompt.len().saturating_add(params.max_tokens));
     let mut sampler = Sampler::new(&params.sampling, prompt);
     let mut text = TextStream::new(&params.stop);
     let past_deadline =
@@ -453,7 +455,7 @@ mod tests {
     }
 
     impl TokenModel for FakeScript {
-        fn reset(&mut self) {
+        fn reset(&mut self, _reach: usize) {
             self.step = 0;
         }
         fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {

@@ -6,7 +6,8 @@
 //! per-pair RoPE divisors llama.cpp's converter writes for Llama 3.1+'s `llama3` rope scaling);
 //! what a [`Variant`] requires is checked at load (`attn_{q,k}_norm` for Qwen3, the fused
 //! `attn_qkv` and gate+up `ffn_up` for Phi-3, cut into their parts at load). LongRoPE
-//! (`rope_factors_long/short`, Phi-3-*-128k) is refused at load.
+//! (`rope_factors_long/short` and an attention factor, Phi-3-*-128k and Phi-3.5) as llama.cpp
+//! runs it: the short factors unless the request may run past the original context.
 //!
 //! The shape of candle-transformers' quantized_llama (Config from GGUF metadata, `load` +
 //! `forward` per block, checkpoint names), but the forward pass runs on f32 slices with the
@@ -89,6 +90,12 @@ pub struct Config {
     pub rope_base: f32,
     /// `1 / {arch}.rope.scaling.factor` for linear RoPE scaling, else 1.
     pub rope_freq_scale: f32,
+    /// `{arch}.rope.scaling.attn_factor` (LongRoPE's `sqrt(1 + ln(s) / ln(original))`), else 1:
+    /// multiplies RoPE's cos and sin, as ggml's `rope_yarn` does with its `mscale`.
+    pub rope_attn_factor: f32,
+    /// `{arch}.rope.scaling.original_context_length`, else the context length: a request that
+    /// may fill more positions than this runs LongRoPE's long factors.
+    pub rope_original_context: usize,
     pub rms_eps: f32,
     pub context_length: usize,
     pub vocab_size: usize,
@@ -128,19 +135,26 @@ impl Config {
             )));
         }
         // llama.cpp's `rope.scaling.type`: none and linear are a factor on every angle; Llama
-        // 3.1+'s scaling is not a type but the `rope_freqs` tensor (read at load).
+        // 3.1+'s scaling is not a type but the `rope_freqs` tensor, LongRoPE's the
+        // `rope_factors_*` tensors (read at load). llama.cpp applies `rope.scaling.factor` to
+        // any type but none, so does this.
         let rope_freq_scale = match meta.str(&key("rope.scaling.type")).unwrap_or("none") {
             "none" => 1.0,
-            "linear" => match meta.f32(&key("rope.scaling.factor")) {
+            "linear" | "longrope" => match meta.f32(&key("rope.scaling.factor")) {
                 Ok(f) if f > 0.0 => 1.0 / f,
                 _ => 1.0,
             },
             other => {
                 return Err(EngineError::InvalidModel(format!(
                     "{arch}: RoPE scaling {other:?} is not supported (supported: none, linear, \
-                     and llama3's rope_freqs)"
+                     longrope, and llama3's rope_freqs)"
                 )))
             }
+        };
+        let context_length = if meta.has(&key("context_length")) {
+            meta.usize(&key("context_length"))?
+        } else {
+            2048
         };
         let rope_dim = if meta.has(&key("rope.dimension_count")) {
             meta.usize(&key("rope.dimension_count"))?
@@ -156,6 +170,14 @@ impl Config {
             n_ff: meta.usize(&key("feed_forward_length"))?,
             rope_dim: rope_dim.min(head_dim),
             rope_freq_scale,
+            rope_attn_factor: match meta.f32(&key("rope.scaling.attn_factor")) {
+                Ok(f) if f > 0.0 => f,
+                _ => 1.0,
+            },
+            rope_original_context: match meta.usize(&key("rope.scaling.original_context_length")) {
+                Ok(n) if n > 0 => n,
+                _ => context_length,
+            },
             rope_base: if meta.has(&key("rope.freq_base")) {
                 meta.f32(&key("rope.freq_base"))?
             } else {
@@ -166,11 +188,7 @@ impl Config {
             } else {
                 1e-5
             },
-            context_length: if meta.has(&key("context_length")) {
-                meta.usize(&key("context_length"))?
-            } else {
-                2048
-            },
+            context_length,
             vocab_size: 0, // from the embedding matrix below
         })
     }
@@ -184,6 +202,9 @@ impl Config {
         self.n_head * self.head_dim
     }
 }
+
+/// RoPE's per-pair divisors: the ones every sequence uses, and LongRoPE's long ones.
+type RopeFactors = (Option<Vec<f32>>, Option<Vec<f32>>);
 
 /// Reads tensors from the GGUF: quantized matrices in place, small vectors as f32.
 struct Tensors<'a> {
@@ -260,6 +281,26 @@ impl Tensors<'_> {
             self.content.tensor_data_offset,
             &candle_core::Device::Cpu,
         )?)
+    }
+
+    /// The per-pair RoPE divisors, as llama.cpp picks them: `rope_freqs` (Llama 3.1+) when the
+    /// file has it; else LongRoPE's `(rope_factors_short, rope_factors_long)`, which come as a
+    /// pair; else none.
+    fn rope_factors(&self, n: usize) -> Result<RopeFactors, EngineError> {
+        const LONG: &str = "rope_factors_long.weight";
+        const SHORT: &str = "rope_factors_short.weight";
+        if self.has("rope_freqs.weight") {
+            return Ok((Some(self.vector("rope_freqs.weight", n)?), None));
+        }
+        match (self.has(SHORT), self.has(LONG)) {
+            (true, true) => Ok((Some(self.vector(SHORT, n)?), Some(self.vector(LONG, n)?))),
+            (false, false) => Ok((None, None)),
+            (short, _) => Err(EngineError::InvalidModel(format!(
+                "GGUF has {} but not {}: LongRoPE needs both",
+                if short { SHORT } else { LONG },
+                if short { LONG } else { SHORT }
+            ))),
+        }
     }
 
     fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>, EngineError> {
@@ -373,9 +414,12 @@ pub struct LlamaModel {
     output: QMatrix,
     /// RoPE `theta_scale = base^(-2 / rope_dim)`, llama.cpp's iteration factor.
     theta_scale: f32,
-    /// `rope_freqs` (`[rope_dim / 2]`): pair `i`'s angle is divided by `freq_factors[i]`
-    /// (Llama 3.1+); absent: all 1.
+    /// `rope_freqs` (`[rope_dim / 2]`, Llama 3.1+) or LongRoPE's `rope_factors_short`: pair
+    /// `i`'s angle is divided by `freq_factors[i]`; absent: all 1.
     freq_factors: Option<Vec<f32>>,
+    /// LongRoPE's `rope_factors_long`, used instead of the short ones when the request may run
+    /// past [`Config::rope_original_context`] ([`State::long_context`]).
+    long_factors: Option<Vec<f32>>,
     variant: Variant,
 }
 
@@ -389,6 +433,10 @@ pub struct State {
     v: Vec<Vec<f16>>,
     /// Positions filled.
     pub len: usize,
+    /// Whether this sequence runs LongRoPE's long factors ([`LlamaModel::long_context`] of the
+    /// positions the request may fill; the generation loop sets it when it starts a request).
+    /// Fixed for a sequence: keys already cached were rotated with one set.
+    pub long_context: bool,
     /// Values per position in each cache vector (the head width; 0 until the first forward
     /// pass).
     width: usize,
@@ -408,6 +456,7 @@ impl State {
             }
         }
         self.len = 0;
+        self.long_context = false;
     }
 }
 
@@ -422,18 +471,6 @@ impl LlamaModel {
         let meta = Meta::of(content);
         let mut cfg = Config::from_gguf(&meta, arch)?;
         let t = Tensors { content, bytes };
-        // LongRoPE (Phi-3-*-128k): per-pair factors that switch from short to long past the
-        // original context, and an attention scale. Running without them would be a different
-        // model, so the file is refused rather than served wrong.
-        if let Some(name) = ["rope_factors_long.weight", "rope_factors_short.weight"]
-            .into_iter()
-            .find(|n| t.has(n))
-        {
-            return Err(EngineError::InvalidModel(format!(
-                "{arch}: the file has {name}: LongRoPE (Phi-3-*-128k's rope_factors_long/short and \
-                 {arch}.rope.scaling.attn_factor) is not supported; the 4k-context models are"
-            )));
-        }
         let embd_info = content
             .tensor_infos
             .get("token_embd.weight")
@@ -452,11 +489,7 @@ impl LlamaModel {
             .collect::<Result<Vec<_>, _>>()?;
         let output_norm = t.vector("output_norm.weight", cfg.n_embd)?;
         let theta_scale = cfg.rope_base.powf(-2.0 / cfg.rope_dim as f32);
-        let freq_factors = if t.has("rope_freqs.weight") {
-            Some(t.vector("rope_freqs.weight", cfg.rope_dim / 2)?)
-        } else {
-            None
-        };
+        let (freq_factors, long_factors) = t.rope_factors(cfg.rope_dim / 2)?;
         Ok(Self {
             cfg,
             token_embd,
@@ -465,6 +498,7 @@ impl LlamaModel {
             output,
             theta_scale,
             freq_factors,
+            long_factors,
             variant,
         })
     }
@@ -527,7 +561,7 @@ impl LlamaModel {
         for (row, &id) in x.chunks_exact_mut(d).zip(tokens) {
             self.token_embd.row_f32(id as usize, row);
         }
-        let (cos, sin) = self.rope_tables(pos0, t);
+        let (cos, sin) = self.rope_tables(pos0, t, state.long_context);
         let mut h = vec![0f32; t * d];
         let mut q = vec![0f32; t * qd];
         let mut k = vec![0f32; t * kvd];
@@ -602,21 +636,32 @@ impl LlamaModel {
         Ok(logits)
     }
 
+    /// Whether a sequence of `reach` positions runs LongRoPE's long factors: llama.cpp's rule
+    /// (`n_ctx > n_ctx_orig`) with the context being what the request may fill.
+    pub fn long_context(&self, reach: usize) -> bool {
+        self.long_factors.is_some() && reach > self.cfg.rope_original_context
+    }
+
     /// `cos`/`sin` `[t, rope_dim / 2]` for positions `pos0..pos0 + t`, computed as llama.cpp does
     /// (`theta = p; theta *= theta_scale` per pair, in f32; the angle used is
-    /// `freq_scale * theta / freq_factor[i]`, ggml's `rope_yarn` without its YaRN part).
-    fn rope_tables(&self, pos0: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+    /// `freq_scale * theta / freq_factor[i]`, and both are multiplied by the attention factor:
+    /// ggml's `rope_yarn` without its YaRN part). `long` picks LongRoPE's long factors.
+    fn rope_tables(&self, pos0: usize, t: usize, long: bool) -> (Vec<f32>, Vec<f32>) {
         let half = self.cfg.rope_dim / 2;
-        let scale = self.cfg.rope_freq_scale;
+        let (scale, mscale) = (self.cfg.rope_freq_scale, self.cfg.rope_attn_factor);
+        let factors = match (long, &self.long_factors) {
+            (true, Some(f)) => Some(f),
+            _ => self.freq_factors.as_ref(),
+        };
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for p in pos0..pos0 + t {
             let mut theta = p as f32;
             for i in 0..half {
-                let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
+                let ff = factors.map_or(1.0, |f| f[i]);
                 let angle = scale * (theta / ff);
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * mscale);
+                sin.push(angle.sin() * mscale);
                 theta *= self.theta_scale;
             }
         }
@@ -728,8 +773,9 @@ struct Session<'a> {
 }
 
 impl TokenModel for Session<'_> {
-    fn reset(&mut self) {
+    fn reset(&mut self, reach: usize) {
         self.state.reset();
+        self.state.long_context = self.model.long_context(reach);
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
@@ -1245,10 +1291,12 @@ mod tests {
                 k: vec![filled.clone(); 2],
                 v: vec![filled; 2],
                 len: 5000,
+                long_context: true,
                 width,
             };
             st.reset();
             assert_eq!(st.len, 0);
+            assert!(!st.long_context, "the next request picks its own factors");
             for c in st.k.iter().chain(&st.v) {
                 assert!(c.is_empty());
                 assert!(
@@ -1322,6 +1370,8 @@ mod tests {
             rope_dim: 2,
             rope_base: 10000.0,
             rope_freq_scale: 1.0,
+            rope_attn_factor: 1.0,
+            rope_original_context: 8,
             rms_eps: 1e-5,
             context_length: 8,
             vocab_size: 1,
@@ -1362,6 +1412,8 @@ mod tests {
                 rope_dim: head_dim,
                 rope_base: 10000.0,
                 rope_freq_scale: 1.0,
+                rope_attn_factor: 1.0,
+                rope_original_context: 1024,
                 rms_eps: 1e-5,
                 context_length: 1024,
                 vocab_size: 1,

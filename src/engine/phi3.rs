@@ -3,8 +3,8 @@
 //! into their parts at load; NEOX RoPE (llama.cpp's converter keeps Hugging Face's rotate-half
 //! layout, as for Qwen2), RMSNorm, no biases, untied output head. Vocabulary: SentencePiece
 //! (`tokenizer.ggml.model = llama`) with `<|user|>`, `<|assistant|>`, `<|end|>` as control tokens.
-//! The 128k-context models' LongRoPE (`rope_factors_long/short`) is refused at load. Must not do
-//! I/O.
+//! The 128k-context models' LongRoPE (`rope_factors_long/short`, Phi-3.5-mini's) is the shared
+//! decoder's ([`super::llama`]). Must not do I/O.
 
 use super::llama::{RopeStyle, Variant};
 

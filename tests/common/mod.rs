@@ -380,7 +380,7 @@ struct FakeScriptModel {
 }
 
 impl TokenModel for FakeScriptModel {
-    fn reset(&mut self) {
+    fn reset(&mut self, _reach: usize) {
         self.pos = 0;
     }
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
