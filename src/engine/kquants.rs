@@ -123,6 +123,32 @@ impl Q8K {
     }
 }
 
+/// [`Q8K`] rows widened for `vpdpwssd`: each two neighbouring quants as the i16 pair of one i32
+/// (the first in the low half), and the 16-value sums paired the same way (each at most 16 · 127
+/// in magnitude). Built once per matrix product, for the 16-column prefill kernel.
+pub struct Q8KWide {
+    qs: Vec<i32>,
+    bsums: Vec<i32>,
+}
+
+impl Q8K {
+    pub fn widen(&self) -> Q8KWide {
+        let pair = |a: i32, b: i32| (a as u16 as u32 | ((b as u16 as u32) << 16)) as i32;
+        Q8KWide {
+            qs: self
+                .qs
+                .chunks_exact(2)
+                .map(|p| pair(p[0] as i32, p[1] as i32))
+                .collect(),
+            bsums: self
+                .bsums
+                .chunks_exact(2)
+                .map(|p| pair(p[0], p[1]))
+                .collect(),
+        }
+    }
+}
+
 /// The quantized activations a kernel reads: Q8_0/Q8_1 blocks of 32 (`qs`, `d`, `s` as
 /// [`super::qmatmul::QActs`] holds them) and, when the row length allows, Q8_K.
 #[derive(Clone, Copy)]
@@ -792,6 +818,175 @@ pub mod avx2 {
         }
     }
 
+    /// `acc += vpdpwssd(w, the i32 at p broadcast)`, in assembly: through the intrinsic, LLVM
+    /// (tuning for Haswell) splits it into `vpmaddwd` + `vpaddd` plus a separate broadcast, three
+    /// instructions where one with an embedded broadcast does.
+    macro_rules! dpwssd_bcst {
+        ($acc:expr, $w:expr, $p:expr) => {
+            std::arch::asm!(
+                "vpdpwssd {acc}, {w}, dword ptr [{p}]{{1to16}}",
+                acc = inout(zmm_reg) $acc,
+                w = in(zmm_reg) $w,
+                p = in(reg) $p,
+                options(pure, readonly, nostack, preserves_flags),
+            )
+        };
+    }
+
+    /// Prefill on AVX-512 VNNI: 16 K-quant weight rows (output columns) times all `m` activation
+    /// rows, into `out` (`[16][m]`, the transposed buffer's rows).
+    ///
+    /// Each super-block of the 16 rows is unpacked once, its quants multiplied by their 16-value
+    /// scale (`u · sc` fits an i16: at most 63 · 127), and laid out as i16 pairs of the 16 columns
+    /// side by side, so that one `vpdpwssd` against a broadcast pair of activation quants adds 32
+    /// products into the 16 column lanes. The integers are [`k_rows`]' own: its lane `j` holds, per
+    /// 32-value vector `v`, `sc · Σ u·y` over values `4j..4j + 3` of `v`; here accumulator `j`
+    /// gathers the same products (exact in i32, in any order), the offset term comes off lane 0,
+    /// and the float steps (`d·y_d` times the lane, fused into that lane's accumulator; the lanes
+    /// summed in `hsum`'s order; `dmin·y_d·Σ min·bsum` subtracted) are the same operations per
+    /// column: the same bits as the per-row kernel.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI, AVX2, FMA, F16C; `f` is a K-quant; `w` holds 16 rows of `rb` bytes
+    /// (`a.k / 256` super-blocks each); `wide` is `a`'s Q8_K widened; `out` holds `16 · m`
+    /// values for the `m` rows of `a`.
+    #[inline(never)]
+    #[allow(clippy::needless_range_loop)] // rows and lanes index several arrays each
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn group16_k(
+        f: Format,
+        w: &[u8],
+        rb: usize,
+        a: &Acts,
+        wide: &super::Q8KWide,
+        out: &mut [f32],
+    ) {
+        const RT: usize = 3;
+        let y = a.q8k();
+        let kb = a.k / QK_K;
+        let m = out.len() / 16;
+        let bb = f.block_bytes();
+        debug_assert!(w.len() >= 16 * rb && m > 0 && y.d.len() == m * kb);
+        // Per super-block: 128 runs of [16 columns] i16 pairs (vector v, pair q = 2j + p), then
+        // 8 runs of the min / offset coefficients' pairs; and [16 columns] d, dmin.
+        const RUNS: usize = 8 * 16 + 8;
+        let mut wq = vec![0u32; kb * RUNS * 16];
+        let mut dw = vec![0f32; kb * 16];
+        let mut dm = vec![0f32; kb * 16];
+        let mut off = 0;
+        let mut pairs = [0u32; 16];
+        // Super-block by super-block, so that the 16 columns' stores fill one super-block's runs
+        // (8.7 KB) while they are in L1: column by column, every store missed it.
+        for b in 0..kb {
+            for c in 0..16 {
+                let blk = &w[c * rb + b * bb..c * rb + (b + 1) * bb];
+                let (sc, min, d, dmin, o) = super::super_head(f, blk);
+                off = o;
+                dw[b * 16 + c] = d;
+                dm[b * 16 + c] = dmin;
+                let u = unpack(f, blk.as_ptr(), &sc).u;
+                let base = b * RUNS * 16;
+                for (v, uv) in u.iter().enumerate() {
+                    for h in 0..2 {
+                        let half = if h == 0 {
+                            _mm256_castsi256_si128(*uv)
+                        } else {
+                            _mm256_extracti128_si256(*uv, 1)
+                        };
+                        let scaled = _mm256_mullo_epi16(
+                            _mm256_cvtepu8_epi16(half),
+                            _mm256_set1_epi16(sc[2 * v + h] as i16),
+                        );
+                        _mm256_storeu_si256(pairs.as_mut_ptr().add(8 * h) as *mut __m256i, scaled);
+                    }
+                    for (q, &pq) in pairs.iter().enumerate() {
+                        *wq.get_unchecked_mut(base + (v * 16 + q) * 16 + c) = pq;
+                    }
+                }
+                let coef = if o != 0 { &sc } else { &min };
+                for q in 0..8 {
+                    let pq = (coef[2 * q] as u16 as u32) | ((coef[2 * q + 1] as u16 as u32) << 16);
+                    *wq.get_unchecked_mut(base + (128 + q) * 16 + c) = pq;
+                }
+            }
+        }
+        let has_min = off == 0;
+        let (yq, ybs) = (wide.qs.as_ptr(), wide.bsums.as_ptr());
+        for r0 in (0..m).step_by(RT) {
+            let nr = (m - r0).min(RT);
+            // Rows past `m` repeat the last one; their results are not written.
+            let row = |r: usize| (r0 + r).min(m - 1);
+            let mut accf = [[_mm512_setzero_ps(); 8]; RT];
+            let mut accm = [_mm512_setzero_ps(); RT];
+            for b in 0..kb {
+                let wb = wq.as_ptr().add(b * RUNS * 16);
+                let dv = _mm512_loadu_ps(dw.as_ptr().add(b * 16));
+                let mut dyd = [_mm512_setzero_ps(); RT];
+                let mut corr = [_mm512_setzero_si512(); RT];
+                for r in 0..RT {
+                    let yi = row(r) * kb + b;
+                    let yd = *y.d.get_unchecked(yi);
+                    dyd[r] = _mm512_mul_ps(dv, _mm512_set1_ps(yd));
+                    for q in 0..8 {
+                        let cv = _mm512_loadu_si512(wb.add((128 + q) * 16) as *const _);
+                        dpwssd_bcst!(corr[r], cv, ybs.add(yi * 8 + q));
+                    }
+                    if has_min {
+                        // Not fused, as the per-row kernel does it.
+                        let t = _mm512_mul_ps(
+                            _mm512_loadu_ps(dm.as_ptr().add(b * 16)),
+                            _mm512_set1_ps(yd),
+                        );
+                        let t = _mm512_mul_ps(t, _mm512_cvtepi32_ps(corr[r]));
+                        accm[r] = _mm512_sub_ps(accm[r], t);
+                    }
+                }
+                // Each row's widened quants of this super-block, as i32 pairs.
+                let yp: [*const i32; RT] = std::array::from_fn(|r| yq.add((row(r) * kb + b) * 128));
+                for j in 0..8 {
+                    // Two accumulators per row (even and odd pairs): independent chains, so
+                    // that `vpdpwssd`'s latency overlaps; their sum is the same i32.
+                    let (mut a0, mut a1) =
+                        ([_mm512_setzero_si512(); RT], [_mm512_setzero_si512(); RT]);
+                    for v in 0..8 {
+                        let q = v * 16 + 2 * j;
+                        let w0 = _mm512_loadu_si512(wb.add(q * 16) as *const _);
+                        let w1 = _mm512_loadu_si512(wb.add((q + 1) * 16) as *const _);
+                        for r in 0..RT {
+                            dpwssd_bcst!(a0[r], w0, yp[r].add(q));
+                            dpwssd_bcst!(a1[r], w1, yp[r].add(q + 1));
+                        }
+                    }
+                    let mut acc: [__m512i; RT] =
+                        std::array::from_fn(|r| _mm512_add_epi32(a0[r], a1[r]));
+                    for r in 0..RT {
+                        if j == 0 && !has_min {
+                            acc[r] = _mm512_sub_epi32(
+                                acc[r],
+                                _mm512_mullo_epi32(corr[r], _mm512_set1_epi32(off)),
+                            );
+                        }
+                        accf[r][j] =
+                            _mm512_fmadd_ps(dyd[r], _mm512_cvtepi32_ps(acc[r]), accf[r][j]);
+                    }
+                }
+            }
+            for r in 0..nr {
+                let l = &accf[r];
+                // `hsum`'s order over the 8 lanes: ((0+4) + (2+6)) + ((1+5) + (3+7)).
+                let h = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6])),
+                    _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7])),
+                );
+                let mut res = [0f32; 16];
+                _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(h, accm[r]));
+                for (c, v) in res.iter().enumerate() {
+                    *out.get_unchecked_mut(c * m + r0 + r) = *v;
+                }
+            }
+        }
+    }
+
     /// Any format of this module: weight row x activation rows `r0..r0 + nr`.
     ///
     /// # Safety
@@ -1019,6 +1214,52 @@ mod tests {
                         (got - s[0]).abs() <= 1e-4 * (1.0 + s[0].abs()),
                         "{f:?} pair"
                     );
+                }
+            }
+        }
+    }
+
+    /// The 16-column prefill kernel gives the per-row kernel's bits for every K-quant, on row
+    /// counts that leave a partial tile (1, 2, 4, 17 rows; tiles of 3) and one to three
+    /// super-blocks per row.
+    #[test]
+    fn the_16_column_k_quant_kernel_gives_the_per_row_kernels_bits() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !crate::engine::qgemm::use_vnni() {
+                eprintln!("skipped: no AVX-512 VNNI on this CPU (or INT8_KERNEL below vnni)");
+                return;
+            }
+            let mut r = rng(17);
+            for f in ALL.into_iter().filter(|&f| is_k_quant(f)) {
+                for (m, k) in [(1, 256), (2, 512), (4, 768), (17, 512)] {
+                    let bytes = random_matrix(f, 16, k, &mut r);
+                    let rb = f.row_bytes(k);
+                    let x: Vec<f32> = (0..m * k)
+                        .map(|_| (r() % 2001) as f32 / 1000.0 - 1.0)
+                        .collect();
+                    let qa = QActs::quantize(&x, k);
+                    let a = qa.view();
+                    let wide = a.q8k().widen();
+                    let mut got = vec![0f32; 16 * m];
+                    // SAFETY: AVX-512 F/BW/VNNI checked (use_vnni); 16 rows of `rb` bytes; `m`
+                    // activation rows with their Q8_K rows.
+                    unsafe { avx2::group16_k(f, &bytes, rb, &a, &wide, &mut got) };
+                    for c in 0..16 {
+                        let row = &bytes[c * rb..(c + 1) * rb];
+                        for r0 in 0..m {
+                            let mut want = [0f32; MR];
+                            // SAFETY: as above; row `r0` exists.
+                            unsafe { avx2::k_rows_512(f, row, &a, r0, 1, &mut want) };
+                            assert_eq!(
+                                got[c * m + r0].to_bits(),
+                                want[0].to_bits(),
+                                "{f:?} m={m} k={k} column {c} row {r0}: {} vs {}",
+                                got[c * m + r0],
+                                want[0]
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -226,6 +226,8 @@ pub struct QActs {
     /// `[m, k / 4]` sums of 4 consecutive quants: the offset correction of the 16-column prefill
     /// kernel for formats stored with an offset. Computed on its first use (never in decode).
     runs: std::sync::OnceLock<Vec<i32>>,
+    /// The Q8_K rows widened for the 16-column K-quant prefill kernel, on its first use.
+    wide: std::sync::OnceLock<kquants::Q8KWide>,
 }
 
 impl QActs {
@@ -251,6 +253,7 @@ impl QActs {
             s: vec![0.0; nb],
             k8: (with_k8 && k.is_multiple_of(kquants::QK_K)).then(|| kquants::Q8K::quantize(x)),
             runs: std::sync::OnceLock::new(),
+            wide: std::sync::OnceLock::new(),
         };
         #[cfg(target_arch = "x86_64")]
         let simd = use_avx2();
@@ -283,6 +286,16 @@ impl QActs {
                 .chunks_exact(4)
                 .map(|q| q.iter().map(|&v| v as i32).sum())
                 .collect()
+        })
+    }
+
+    /// The Q8_K rows widened ([`kquants::Q8KWide`]).
+    fn k_wide(&self) -> &kquants::Q8KWide {
+        self.wide.get_or_init(|| {
+            self.k8
+                .as_ref()
+                .expect("invariant: Q8_K activations exist whenever a K-quant matrix is multiplied")
+                .widen()
         })
     }
 
@@ -394,6 +407,13 @@ fn matmul_with(simd: Simd, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f3
         // Once, before the tasks share it (the 512-bit decode kernel's offset term).
         acts.run_sums();
     }
+    if m >= MIN_GROUP_ROWS
+        && simd == Simd::Vnni
+        && mats.iter().any(|w| kquants::is_k_quant(w.format))
+    {
+        // Likewise for the 16-column K-quant kernel's widened activations.
+        acts.k_wide();
+    }
     tasks.into_par_iter().for_each(|(i, j0, out)| {
         let w = mats[i];
         let rows = out.len() / m;
@@ -449,17 +469,28 @@ fn matmul_with(simd: Simd, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f3
             }
             return;
         }
-        // Prefill on AVX-512 VNNI: rows of the 32-value block formats 16 at a time through the
-        // 16-column kernel.
+        // Prefill on AVX-512 VNNI: rows 16 at a time through the 16-column kernels.
         let mut first = 0;
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Vnni && x86::groups16(w.format) && m >= MIN_GROUP_ROWS {
-            first = rows / GROUP * GROUP;
+        if simd == Simd::Vnni && m >= MIN_GROUP_ROWS {
+            let k_quant = kquants::is_k_quant(w.format);
+            if x86::groups16(w.format) || k_quant {
+                first = rows / GROUP * GROUP;
+            }
             for (g, o) in out[..first * m].chunks_exact_mut(GROUP * m).enumerate() {
-                // SAFETY: `simd` came from `simd()`, which saw AVX-512 F/VNNI; `data` holds
+                let group = &data[g * GROUP * rb..];
+                // SAFETY: `simd` came from `simd()`, which saw AVX-512 F/BW/VNNI; `data` holds
                 // `rows` whole rows of `rb` bytes, so group `g`'s 16 rows exist; `o` is their
-                // `[16, m]` slice of the transposed buffer.
-                unsafe { x86::group16_vnni(w.format, &data[g * GROUP * rb..], rb, acts, o) };
+                // `[16, m]` slice of the transposed buffer; a K-quant's activations have Q8_K
+                // rows, widened above.
+                unsafe {
+                    if k_quant {
+                        let v = acts.view();
+                        kquants::avx2::group16_k(w.format, group, rb, &v, acts.k_wide(), o)
+                    } else {
+                        x86::group16_vnni(w.format, group, rb, acts, o)
+                    }
+                };
             }
         }
         for jj in first..rows {
