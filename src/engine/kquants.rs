@@ -474,7 +474,7 @@ pub mod avx2 {
     //! AVX2 versions of the kernels above (the same integer sums; f32 partial sums per lane).
 
     use super::{is_k_quant, Acts, Format, MR, QK_K};
-    use crate::engine::qmatmul::x86::{f16_at, hsum, prefetch_ahead};
+    use crate::engine::qmatmul::x86::{f16_at, hsum, prefetch_ahead, store_columns};
     use std::arch::x86_64::*;
 
     /// 32 bytes, byte i = 0x10 where bit i of the u32 at `p` is set, else 0.
@@ -972,17 +972,8 @@ pub mod avx2 {
                 }
             }
             for r in 0..nr {
-                let l = &accf[r];
-                // `hsum`'s order over the 8 lanes: ((0+4) + (2+6)) + ((1+5) + (3+7)).
-                let h = _mm512_add_ps(
-                    _mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6])),
-                    _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7])),
-                );
-                let mut res = [0f32; 16];
-                _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(h, accm[r]));
-                for (c, v) in res.iter().enumerate() {
-                    *out.get_unchecked_mut(c * m + r0 + r) = *v;
-                }
+                // The per-row kernel adds its (zero or minimum) term always; so does this.
+                store_columns(&accf[r], Some(accm[r]), out, m, r0 + r);
             }
         }
     }

@@ -975,18 +975,35 @@ pub(super) mod x86 {
                 }
             }
             for (r, (l, sm)) in accf.iter().zip(&summ).enumerate().take(nr) {
-                // `hsum`'s order over the 8 lanes: ((0+4) + (2+6)) + ((1+5) + (3+7)).
-                let h = _mm512_add_ps(
-                    _mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6])),
-                    _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7])),
-                );
-                let mut res = [0f32; 16];
-                let h = if has_min { _mm512_add_ps(h, *sm) } else { h };
-                _mm512_storeu_ps(res.as_mut_ptr(), h);
-                for (c, v) in res.iter().enumerate() {
-                    *out.get_unchecked_mut(c * m + r0 + r) = *v;
-                }
+                store_columns(l, has_min.then_some(*sm), out, m, r0 + r);
             }
+        }
+    }
+
+    /// The end of a 16-column prefill kernel for one activation row `r`: each column's eight
+    /// lane accumulators `l` summed in `hsum`'s order, ((0+4) + (2+6)) + ((1+5) + (3+7)), plus
+    /// `extra` (the minimum term) where given, as the per-row kernels end; column `c` goes to
+    /// `out[c * m + r]`.
+    ///
+    /// # Safety
+    /// AVX-512 F (the caller's); `out` holds `16 * m` values and `r < m`.
+    #[inline(always)]
+    pub(in crate::engine) unsafe fn store_columns(
+        l: &[__m512; 8],
+        extra: Option<__m512>,
+        out: &mut [f32],
+        m: usize,
+        r: usize,
+    ) {
+        let h = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6])),
+            _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7])),
+        );
+        let h = extra.map_or(h, |e| _mm512_add_ps(h, e));
+        let mut res = [0f32; 16];
+        _mm512_storeu_ps(res.as_mut_ptr(), h);
+        for (c, v) in res.iter().enumerate() {
+            *out.get_unchecked_mut(c * m + r) = *v;
         }
     }
 
