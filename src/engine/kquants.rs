@@ -1031,6 +1031,11 @@ mod tests {
     }
 
     /// Random bytes with every f16 scale of the format set to a sane small value.
+    /// `n` activation values in [-1, 1], in steps of 1/1000.
+    fn random_values(n: usize, r: &mut impl FnMut() -> u64) -> Vec<f32> {
+        (0..n).map(|_| (r() % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
     fn random_matrix(f: Format, n: usize, k: usize, r: &mut impl FnMut() -> u64) -> Vec<u8> {
         let per = if is_k_quant(f) { QK_K } else { 32 };
         let bb = f.block_bytes();
@@ -1069,9 +1074,7 @@ mod tests {
     #[test]
     fn q8k_round_trips_within_half_a_step() {
         let mut r = rng(11);
-        let x: Vec<f32> = (0..512)
-            .map(|_| (r() % 2001) as f32 / 1000.0 - 1.0)
-            .collect();
+        let x = random_values(512, &mut r);
         let q = Q8K::quantize(&x);
         for b in 0..2 {
             let d = q.d[b];
@@ -1103,9 +1106,7 @@ mod tests {
             let w = QMatrix::new(f, n, k, Arc::new(bytes.clone()), 0..len).unwrap();
             let rb = f.row_bytes(k);
             for m in [1, 2, 5] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|_| (r() % 2001) as f32 / 1000.0 - 1.0)
-                    .collect();
+                let x = random_values(m * k, &mut r);
                 let qa = QActs::quantize(&x, k);
                 let a = qa.view();
                 let mut y = vec![0f32; m * n];
@@ -1160,9 +1161,7 @@ mod tests {
                 let k = 768;
                 let bytes = random_matrix(f, 2, k, &mut r);
                 let rb = f.row_bytes(k);
-                let x: Vec<f32> = (0..MR * k)
-                    .map(|_| (r() % 2001) as f32 / 1000.0 - 1.0)
-                    .collect();
+                let x = random_values(MR * k, &mut r);
                 let qa = QActs::quantize(&x, k);
                 let a = qa.view();
                 for nr in 1..=MR {
@@ -1226,9 +1225,7 @@ mod tests {
                 for (m, k) in [(1, 256), (2, 512), (4, 768), (17, 512)] {
                     let bytes = random_matrix(f, 16, k, &mut r);
                     let rb = f.row_bytes(k);
-                    let x: Vec<f32> = (0..m * k)
-                        .map(|_| (r() % 2001) as f32 / 1000.0 - 1.0)
-                        .collect();
+                    let x = random_values(m * k, &mut r);
                     let qa = QActs::quantize(&x, k);
                     let a = qa.view();
                     let wide = a.q8k().widen();
